@@ -1,0 +1,154 @@
+"""Export: base + adapters -> package (compile side).
+
+The flow, one stage per line, is in :func:`export`. Only the base weights go into model.onnx;
+each adapter goes into its own ``adapters/NAME.onnx_adapter`` whose tensors are named after the
+graph inputs they override (``<module>.lora_A`` / ``<module>.lora_B``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .adapters import Adapter, read_adapter
+from .config import ExportConfig, Mode
+from .models import Slot, family_for
+from .models.spec import BaseModel
+from .package import check_output, staged_output, write_manifest
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: dict
+
+
+def plan_slots(base: BaseModel, adapters: list[Adapter]) -> dict[str, Slot]:
+    """One slot per module targeted by any adapter, in the base's module order."""
+    wanted = {m for a in adapters for m in a.modules}
+    return {
+        path: Slot(path, lin.in_features, lin.out_features)
+        for path, lin in base.linear_modules.items()
+        if path in wanted
+    }
+
+
+def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
+    """W + s*B*A in float32 for every adapted module (PEFT's merge_and_unload)."""
+    weights = dict(base.weights)
+    for module, lora in adapter.modules.items():
+        key = f"{module}.weight"
+        if key not in weights and module == "lm_head":  # tied head: merging unties it
+            weights[key] = weights["model.embed_tokens.weight"]
+        weights[key] = (weights[key] + lora.delta_weight()).astype(np.float32)
+    return weights
+
+
+def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int) -> None:
+    import onnxruntime as ort
+
+    params = {}
+    for module in sorted(adapter.modules):
+        lora, slot = adapter.modules[module], slots[module]
+        params[slot.a_name] = ort.OrtValue.ortvalue_from_numpy(lora.a)
+        params[slot.b_name] = ort.OrtValue.ortvalue_from_numpy(lora.b)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters(params)
+    fmt.export_adapter(str(path))
+
+
+def _graph_io(model) -> dict:
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    names = {i.name for i in model.graph.initializer}
+    return {
+        "inputs": [{"name": i.name, "shape": dims(i)} for i in model.graph.input if i.name not in names],
+        "outputs": [{"name": o.name, "shape": dims(o)} for o in model.graph.output],
+    }
+
+
+def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportResult:
+    """Compile ``cfg.base`` and ``cfg.adapters`` into a package at ``cfg.output``."""
+    import onnx
+
+    from .models.loader import load_base
+
+    check_output(cfg.output, cfg.force)  # fail before the slow part
+    progress(f"loading base model {cfg.base}")
+    base, _ = load_base(cfg.base)
+    family = family_for(base.spec.architecture)
+    adapters = []
+    for spec in cfg.adapters:
+        progress(f"reading adapter {spec.name} from {spec.path}")
+        adapters.append(read_adapter(spec.name, spec.path, base))
+    slots = plan_slots(base, adapters) if cfg.mode is Mode.BRANCH else {}
+    weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights
+    progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
+    model, overridable = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank)
+    onnx.checker.check_model(model, full_check=False)
+
+    with staged_output(cfg.output, cfg.force) as tmp:
+        progress("writing model.onnx")
+        io = _graph_io(model)
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)  # fmt: skip
+        del model
+        if cfg.mode is Mode.BRANCH and adapters:
+            (tmp / "adapters").mkdir()
+            for a in adapters:
+                progress(f"writing adapters/{a.name}.onnx_adapter")
+                write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity)
+        for fname, blob in sorted(base.tokenizer_files.items()):
+            (tmp / fname).write_bytes(blob)
+        (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
+        manifest = {
+            "lora_edge_version": __version__,
+            "base": {
+                "source": str(base.source),
+                "sha256": base.sha256,
+                "identity": base.identity,
+                "spec": base.spec.to_json(),
+            },
+            "mode": cfg.mode.value,
+            "quantization": {"method": "none", "weights": "float32"},
+            "graph": {
+                "file": "model.onnx",
+                "opset": cfg.opset,
+                "dtype": "float32",
+                "null_rank": cfg.null_rank,
+                **io,
+            },
+            "slots": [
+                {
+                    "module": s.module,
+                    "in_features": s.in_features,
+                    "out_features": s.out_features,
+                    "lora_A": s.a_name,
+                    "lora_B": s.b_name,
+                    "adapters": [a.name for a in adapters if s.module in a.modules],
+                }
+                for s in slots.values()
+            ],
+            "adapters": {
+                a.name: {
+                    **a.summary(),
+                    "file": f"adapters/{a.name}.onnx_adapter" if cfg.mode is Mode.BRANCH else None,
+                    "merged": cfg.mode is Mode.MERGE,
+                }
+                for a in adapters
+            },
+            "tokenizer": {"files": sorted(base.tokenizer_files)},
+        }
+        progress("writing manifest.json")
+        manifest = write_manifest(tmp, manifest)
+    return ExportResult(path=Path(cfg.output), manifest=manifest)

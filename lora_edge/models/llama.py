@@ -1,0 +1,210 @@
+"""Llama-family decoders (LlamaForCausalLM: SmolLM2, TinyLlama, Llama 2/3 shapes), float32.
+
+Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
+``input_ids, attention_mask, position_ids, past_key_values.{i}.key/value`` ->
+``logits, present.{i}.key/value``, with the KV cache laid out (batch, kv_heads, seq, head_dim).
+
+Each linear layer ``y = x @ W.T`` is a MatMul against the transposed weight; a module targeted by
+an adapter also gets ``y += (x @ A) @ B`` with A, B overridable graph inputs (``<module>.lora_A``:
+(in, r), ``<module>.lora_B``: (r, out), the LoRA scaling already folded into B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import GraphBuilder
+from .spec import BaseModel, DecoderSpec, LinearModule, Slot
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class LlamaFamily:
+    name = "llama"
+    architectures = ("LlamaForCausalLM",)
+
+    # -- reading the PyTorch model (compile side) ------------------------------------------
+    def spec_from_hf(self, hf_model) -> tuple[DecoderSpec, np.ndarray]:
+        cfg = hf_model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rotary = hf_model.model.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type == "dynamic":
+            from ..errors import ModelError
+
+            raise ModelError("rope_scaling type 'dynamic' depends on the sequence length at run time; not supported yet")
+        inv_freq = rotary.inv_freq.detach().float().cpu().numpy().astype(np.float32)
+        spec = DecoderSpec(
+            family=self.name,
+            architecture=type(hf_model).__name__,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.max_position_embeddings),
+            rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        )
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            from ..errors import ModelError
+
+            raise ModelError("Llama models with attention_bias or mlp_bias are not supported yet")
+        return spec, inv_freq
+
+    def linear_modules(self, spec: DecoderSpec) -> dict[str, LinearModule]:
+        h, q, kv, ff = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+        dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h)}  # fmt: skip
+        out: dict[str, LinearModule] = {}
+        for i in range(spec.num_layers):
+            for name in _ATTN + _MLP:
+                path = f"model.layers.{i}.{'self_attn' if name in _ATTN else 'mlp'}.{name}"
+                out[path] = LinearModule(path, *dims[name])
+        out["lm_head"] = LinearModule("lm_head", h, spec.vocab_size)
+        return out
+
+    def other_modules(self, spec: DecoderSpec) -> frozenset[str]:
+        """Modules that exist in the model but are not linear layers (targeting them is refused)."""
+        names = {"model", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.layers"}
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            names |= {p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm", f"{p}.post_attention_layernorm"}
+        return frozenset(names)
+
+    # -- writing the graph -------------------------------------------------------------------
+    def build_graph(self, base: BaseModel, weights: dict[str, np.ndarray], slots: dict[str, Slot], opset: int, null_rank: int):
+        """Return (ModelProto, {input name: (default, shape)} of the LoRA inputs)."""
+        spec = base.spec
+        g = GraphBuilder(f"lora-edge {spec.architecture}")
+        B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+        H, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        f32 = np.float32
+
+        input_ids = g.input("input_ids", np.int64, [B, S])
+        attn_mask = g.input("attention_mask", np.int64, [B, T])
+        position_ids = g.input("position_ids", np.int64, [B, S])
+        past = []
+        for i in range(spec.num_layers):
+            k = g.input(f"past_key_values.{i}.key", f32, [B, KV, P, D])
+            v = g.input(f"past_key_values.{i}.value", f32, [B, KV, P, D])
+            past.append((k, v))
+
+        overridable: dict[str, tuple[np.ndarray, list]] = {}
+        for slot in slots.values():
+            overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), f32), [slot.in_features, slot.rank_dim])
+            overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), f32), [slot.rank_dim, slot.out_features])
+
+        def linear(x: str, module: str) -> str:
+            w = g.weight(f"{module}.weight.T", weights[f"{module}.weight"].T)  # (in, out)
+            y = g.op("MatMul", [x, w])
+            slot = slots.get(module)
+            if slot is not None:
+                xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
+                delta = g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+                y = g.op("Add", [y, delta])
+            return y
+
+        def rms_norm(x: str, weight_name: str) -> str:
+            # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT fuses into SimplifiedLayerNormalization.
+            w = g.weight(weight_name, weights[weight_name])
+            var = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0, f32)])], axes=[-1], keepdims=1)
+            denom = g.op("Sqrt", [g.op("Add", [var, g.const(spec.rms_norm_eps, f32)])])
+            return g.op("Mul", [g.op("Div", [x, denom]), w])
+
+        # -- shared per-call values: rotary tables and the attention bias -------------------
+        g.scope = "rotary"
+        pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
+        freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
+        emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
+        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+        if spec.rope_attention_scaling != 1.0:
+            scale = g.const(spec.rope_attention_scaling, f32)
+            cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
+        cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
+        sin = g.op("Unsqueeze", [sin, g.const([1])])
+
+        g.scope = "mask"
+        seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
+        total_len = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
+        past_len = g.op("Sub", [total_len, seq_len])  # P
+        q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total_len, g.const(1)]), g.const([1])])  # (S, 1)
+        k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total_len, g.const(1)]), g.const([0])])  # (1, T)
+        causal = g.op("Not", [g.op("Greater", [k_pos, q_pos])])  # (S, T): key j visible from query i if j <= P+i
+        padding = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])  # (B, 1, 1, T)
+        allowed = g.op("And", [causal, padding])  # (B, 1, S, T)
+        attn_bias = g.op("Where", [allowed, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
+
+        def heads(x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
+            return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])
+
+        def rotate(x: str) -> str:  # x*cos + rotate_half(x)*sin, rotate_half = cat(-x2, x1)
+            x1, x2 = g.op("Split", [x], n_out=2, axis=-1)
+            rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+            return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+        def repeat_kv(x: str) -> str:  # (B, KV, T, D) -> (B, H, T, D)
+            if H == KV:
+                return x
+            x5 = g.op("Unsqueeze", [x, g.const([2])])  # (B, KV, 1, T, D)
+            shape = g.op("Shape", [x5])
+            target = g.op("Concat", [g.op("Slice", [shape, g.const([0]), g.const([2])]), g.const([H // KV]),
+                                     g.op("Slice", [shape, g.const([3]), g.const([5])])], axis=0)  # fmt: skip
+            return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
+
+        g.scope = "embed"
+        hidden = g.op("Gather", [g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), input_ids], axis=0)
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            g.scope = p
+            x = rms_norm(hidden, f"{p}.input_layernorm.weight")
+            q = rotate(heads(linear(x, f"{p}.self_attn.q_proj"), H))  # (B, H, S, D)
+            k = rotate(heads(linear(x, f"{p}.self_attn.k_proj"), KV))  # (B, KV, S, D)
+            v = heads(linear(x, f"{p}.self_attn.v_proj"), KV)
+            k_all = g.op("Concat", [past[i][0], k], axis=2, out=f"present.{i}.key")  # (B, KV, T, D)
+            v_all = g.op("Concat", [past[i][1], v], axis=2, out=f"present.{i}.value")
+            scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])])  # (B, H, S, T)
+            scores = g.op("Add", [g.op("Mul", [scores, g.const(D**-0.5, f32)]), attn_bias])
+            probs = g.op("Softmax", [scores], axis=-1)
+            ctx = g.op("MatMul", [probs, repeat_kv(v_all)])  # (B, H, S, D)
+            ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, H * D])])  # (B, S, H*D)
+            hidden = g.op("Add", [hidden, linear(ctx, f"{p}.self_attn.o_proj")])
+
+            x = rms_norm(hidden, f"{p}.post_attention_layernorm.weight")
+            gate = linear(x, f"{p}.mlp.gate_proj")
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
+            up = linear(x, f"{p}.mlp.up_proj")
+            hidden = g.op("Add", [hidden, linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj")])
+
+        g.scope = "head"
+        x = rms_norm(hidden, "model.norm.weight")
+        if spec.tie_word_embeddings and "lm_head" not in slots:
+            # Gemm with transB reads the (vocab, hidden) embedding in place: no transposed copy.
+            flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
+            logits2d = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1)  # (B*S, V)
+            dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
+            logits = g.op("Reshape", [logits2d, dims])
+        else:
+            if "lm_head.weight" not in weights:
+                weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+            logits = linear(x, "lm_head")
+
+        g.scope = ""
+        g.output(logits, "logits", f32, [B, S, spec.vocab_size])
+        for i in range(spec.num_layers):
+            g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D]))
+            g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D]))
+        return g.model(opset, overridable), overridable
+
+
+def _vi(name: str, shape: list):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+FAMILY = LlamaFamily()

@@ -1,0 +1,80 @@
+"""Architecture-neutral description of a loaded base model (compile side, but torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The shapes and constants a decoder graph needs. Written into manifest.json as-is."""
+
+    family: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_attention_scaling: float = 1.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A linear layer an adapter may target: y = x @ W.T, W of shape (out_features, in_features)."""
+
+    path: str  # PEFT module path, e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class BaseModel:
+    """What the loader hands to the exporter: spec, float32 weights by HF name, tokenizer files."""
+
+    spec: DecoderSpec
+    weights: dict[str, np.ndarray]  # HF state-dict names, float32, HF layout (out, in)
+    rope_inv_freq: np.ndarray  # (head_dim/2,) float32, exactly what the PyTorch model uses
+    hf_config: dict
+    tokenizer_files: dict[str, bytes]
+    source: Path
+    sha256: str  # of the weight file(s): the base identity adapters are checked against
+    linear_modules: dict[str, LinearModule] = field(default_factory=dict)
+    other_modules: frozenset[str] = frozenset()  # module paths that exist but are not LoRA-able here
+
+    @property
+    def identity(self) -> int:
+        """A 31-bit number from the weights' hash, stored as each adapter file's model_version."""
+        return int(self.sha256[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One LoRA branch in the graph: the module it sits on and the graph inputs that feed it."""
+
+    module: str
+    in_features: int
+    out_features: int
+
+    @property
+    def a_name(self) -> str:
+        return f"{self.module}.lora_A"
+
+    @property
+    def b_name(self) -> str:
+        return f"{self.module}.lora_B"
+
+    @property
+    def rank_dim(self) -> str:
+        return f"rank.{self.module}"

@@ -1,0 +1,322 @@
+"""Run a package on the device: load once, pick the adapter per call. No torch, no transformers.
+
+One ONNX Runtime session serves every adapter: an adapter is activated for a single ``run()``
+through ``RunOptions.add_active_adapter``, so concurrent calls with different adapters on the
+same :class:`Model` are independent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import PackageError, RuntimeInputError
+from .package import read_manifest
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "length"
+
+
+class _Tokenizer:
+    """tokenizers + the chat template (jinja2, as transformers renders it)."""
+
+    def __init__(self, root: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+        cfg = _json(root / "tokenizer_config.json")
+        gen = _json(root / "generation_config.json")
+        self.chat_template = cfg.get("chat_template")
+        if not self.chat_template and (root / "chat_template.jinja").is_file():
+            self.chat_template = (root / "chat_template.jinja").read_text()
+        self.special = {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.special.items()}
+        eos = gen.get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.special["eos_token"] and self.tok.token_to_id(self.special["eos_token"]) is not None:
+            eos_ids.add(self.tok.token_to_id(self.special["eos_token"]))
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.bos_id = self.tok.token_to_id(self.special["bos_token"]) if self.special["bos_token"] else None
+
+    def render_chat(self, messages: list[dict]) -> str:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise RuntimeInputError(f"the chat template refused the conversation: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
+        try:
+            return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True, **self.special)
+        except jinja2.TemplateError as exc:
+            raise PackageError(f"the package's chat template does not render: {exc}") from None
+
+    def encode(self, text: str, chat: bool) -> list[int]:
+        if chat and self.chat_template:
+            text = self.render_chat([{"role": "user", "content": text}])
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+            if self.add_bos and self.bos_id is not None:
+                ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package") from None
+
+
+class Model:
+    """A loaded package. ``adapter=None`` everywhere means the base model exactly."""
+
+    def __init__(self, root: Path, manifest: dict, session: ort.InferenceSession, adapters: dict[str, ort.LoraAdapter]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.session = session
+        self._adapters = adapters
+        spec = manifest["base"]["spec"]
+        self.num_layers = spec["num_layers"]
+        self.num_kv_heads = spec["num_kv_heads"]
+        self.head_dim = spec["head_dim"]
+        self.vocab_size = spec["vocab_size"]
+        self.max_length = spec["max_position_embeddings"]
+        self._tokenizer: _Tokenizer | None = None
+        self._tok_lock = threading.Lock()
+        self._output_names = [o.name for o in session.get_outputs()]
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    @property
+    def tokenizer(self) -> _Tokenizer:
+        with self._tok_lock:
+            if self._tokenizer is None:
+                if not (self.root / "tokenizer.json").is_file():
+                    raise RuntimeInputError(f"package {self.root} has no tokenizer.json; pass token ids instead of text")
+                self._tokenizer = _Tokenizer(self.root)
+            return self._tokenizer
+
+    def _run_options(self, adapter: str | None) -> ort.RunOptions:
+        ro = ort.RunOptions()
+        if adapter is not None:
+            if adapter not in self._adapters:
+                avail = ", ".join(self.adapters) or "none"
+                if self.manifest.get("mode") == "merge" and adapter in self.manifest.get("adapters", {}):
+                    raise RuntimeInputError(f"adapter {adapter!r} is merged into this package's weights; run without --adapter")
+                raise RuntimeInputError(f"unknown adapter {adapter!r}; this package has: {avail}")
+            ro.add_active_adapter(self._adapters[adapter])
+        return ro
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
+        return [z] * (2 * self.num_layers)
+
+    # -- one graph call -------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids,
+        adapter: str | None = None,
+        attention_mask=None,
+        position_ids=None,
+        past: list[np.ndarray] | None = None,
+        return_past: bool = False,
+    ):
+        """Logits (batch, seq, vocab) for ``input_ids`` (batch, seq); optionally the new KV cache."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise RuntimeInputError(f"input_ids must be (batch, seq) with seq > 0, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        b, s = ids.shape
+        past = past if past is not None else self.empty_past(b)
+        p = past[0].shape[2]
+        if p + s > self.max_length:
+            raise RuntimeInputError(f"{p + s} tokens exceed the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
+        mask = np.ones((b, p + s), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if position_ids is None:
+            position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int64)}
+        for i in range(self.num_layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        outs = self.session.run(self._output_names, feeds, self._run_options(adapter))
+        return (outs[0], outs[1:]) if return_past else outs[0]
+
+    # -- generation -----------------------------------------------------------------------
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
+        on_token: Callable[[int], None] | None = None,
+        eos_ids: frozenset[int] | None = None,
+    ) -> tuple[list[int], str]:
+        """Greedy decoding from token ids: prefill in one call, then one call per new token."""
+        if max_new_tokens < 0 or min_new_tokens < 0:
+            raise RuntimeInputError("max_new_tokens and min_new_tokens must be >= 0")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise RuntimeInputError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.max_length:
+            raise RuntimeInputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context of "
+                f"{self.max_length} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if eos_ids is None:
+            eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+        out: list[int] = []
+        ids = np.asarray([prompt_ids], np.int64)
+        past = self.empty_past(1)
+        total = len(prompt_ids)
+        reason = "length"
+        while len(out) < max_new_tokens:
+            logits, past = self.forward(ids, adapter, attention_mask=np.ones((1, total), np.int64),
+                                        position_ids=np.arange(total - ids.shape[1], total, dtype=np.int64)[None], past=past, return_past=True)  # fmt: skip
+            last = logits[0, -1]
+            if len(out) < min_new_tokens and eos_ids:
+                last = last.copy()
+                last[list(eos_ids)] = -np.inf
+            nxt = int(np.argmax(last))
+            if nxt in eos_ids:
+                reason = "eos"
+                break
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            ids = np.asarray([[nxt]], np.int64)
+            total += 1
+        return out, reason
+
+    def stream(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
+        """Yield text pieces as they are generated (runs the loop in a worker thread)."""
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        tok = self.tokenizer
+        ids = tok.encode(prompt, chat)
+        generated: list[int] = []
+        state = {"text": ""}
+
+        def on_token(t: int) -> None:
+            generated.append(t)
+            text = tok.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                q.put(text[len(state["text"]) :])
+                state["text"] = text
+
+        def work() -> None:
+            try:
+                self.generate_ids(ids, adapter, max_new_tokens, on_token=on_token, **kw)
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer
+                q.put(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+
+    def generate(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
+        chat: bool = True,
+        return_result: bool = False,
+    ):
+        """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``."""
+        tok = self.tokenizer
+        ids = tok.encode(prompt, chat)
+        out, reason = self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens)
+        text = tok.decode(out)
+        if return_result:
+            return GenerationResult(text=text, token_ids=out, prompt_tokens=len(ids), finish_reason=reason)
+        return text
+
+
+def load(path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True) -> Model:
+    """Load a package; checks the manifest, every checksum (``verify``) and every adapter's identity."""
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    graph_file = root / manifest.get("graph", {}).get("file", "model.onnx")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT warns once per overridable initializer; they are intended
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    providers = providers or ["CPUExecutionProvider"]
+    for p in providers:
+        if p not in available:
+            raise RuntimeInputError(f"execution provider {p!r} is not available in this onnxruntime (available: {', '.join(available)})")
+    try:
+        session = ort.InferenceSession(str(graph_file), opts, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types
+        raise PackageError(f"onnxruntime cannot load {graph_file}: {str(exc).splitlines()[0]}") from None
+
+    slot_inputs = {}
+    for slot in manifest.get("slots", []):
+        slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
+        slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
+    identity = manifest["base"]["identity"]
+    adapters: dict[str, ort.LoraAdapter] = {}
+    for name, info in sorted(manifest.get("adapters", {}).items()):
+        if not info.get("file"):
+            continue
+        adapters[name] = _load_adapter(root / info["file"], name, identity, slot_inputs)
+    return Model(root, manifest, session, adapters)
+
+
+def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> ort.LoraAdapter:
+    """Check an .onnx_adapter file belongs to this base and this graph, then memory-map it."""
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as exc:
+        raise PackageError(f"{path} is not a readable ONNX Runtime adapter ({str(exc).splitlines()[0]})") from None
+    if fmt.get_model_version() != identity:
+        raise PackageError(f"{path} (adapter {name!r}) was compiled for another base model (model_version {fmt.get_model_version()}, this package's base is {identity}); re-export it against this base")
+    ranks: dict[str, int] = {}
+    for pname, value in fmt.get_parameters().items():
+        if pname not in slot_inputs:
+            raise PackageError(f"{path} (adapter {name!r}) overrides {pname!r}, which is not a LoRA input of this graph; it belongs to another package")
+        shape = value.shape()
+        want_in, want_out = slot_inputs[pname]
+        if len(shape) != 2 or (want_in is not None and shape[0] != want_in) or (want_out is not None and shape[1] != want_out):
+            raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
+        module = pname.rsplit(".", 1)[0]
+        r = shape[1] if pname.endswith("lora_A") else shape[0]
+        if ranks.setdefault(module, r) != r:
+            raise PackageError(f"{path} (adapter {name!r}): {module} has lora_A and lora_B of different ranks")
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    return adapter
