@@ -229,6 +229,8 @@ def _split_key(key: str) -> tuple[str, str]:
             return m.group(1), kind
     if ".modules_to_save." in body or body.endswith(".original_module.weight"):
         return body, "modules_to_save"
+    if body.endswith(".base_layer.weight"):
+        return body[: -len(".base_layer.weight")], "base_layer"
     if body.endswith(".bias"):
         return body[: -len(".bias")], "bias"
     return body, "unknown"
@@ -267,6 +269,16 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds DoRA magnitudes ({key}); DoRA is not supported yet")
         elif kind == "modules_to_save":
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a module_to_save ({key}); modules_to_save is not supported yet")
+        elif kind == "base_layer":
+            # PEFT saves a copy of a tied lm_head's base weight; accept it only if it is the base's own.
+            own = base.weights.get(f"{module}.weight")
+            if own is None and module == "lm_head" and base.spec.tie_word_embeddings:
+                own = base.weights.get("model.embed_tokens.weight")
+            if own is None or own.shape != arr.shape or not np.array_equal(own, arr):
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r}: {st} holds replaced base weights for {module!r} ({key}), which differ from this base's; "
+                    "changed base weights are not supported (or the adapter belongs to another base)"
+                )
         elif kind == "bias":
             raise UnsupportedFeatureError(
                 f"adapter {name!r}: {st} holds a trained bias ({key}) from bias={cfg.get('bias')!r}; trained biases are not supported yet"

@@ -1,0 +1,140 @@
+"""The `lora-edge` command: options -> typed config -> one library call -> render.
+
+Only this module prints. A LoraEdgeError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LoraEdgeError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoraEdgeError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="lora-edge")
+def cli() -> None:
+    """Compile a base model + PEFT LoRA adapters into an ONNX package, and run it on device.
+
+    \b
+      lora-edge export BASE --adapter pirate=adapters/pirate -o pkg/
+      lora-edge inspect pkg/
+      lora-edge run pkg/ --adapter pirate --prompt "What is the capital of Italy?"
+    """
+
+
+def _progress(start: float):
+    def report(msg: str) -> None:
+        click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
+
+    return report
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A PEFT LoRA adapter directory; repeat for more. NAME becomes adapters/NAME.onnx_adapter.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Package directory to create.")
+@click.option("--mode", type=click.Choice(["branch", "merge"]), default="branch", show_default=True,
+              help="branch: adapters stay switchable per call on one graph. merge: fold exactly one adapter into the weights.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lora-edge package (nothing else is ever deleted).")
+@click.option("--null-rank", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="Rank of the 'no adapter' defaults: 1 (zeros, works on every provider) or 0 (empty, CPU only).")
+def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int) -> None:
+    """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
+
+    \b
+    Examples:
+      lora-edge export ./SmolLM2-135M-Instruct -a pirate=adapters/pirate -a shout=adapters/shout -o pkg/
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-merged/ --mode merge
+    """
+    from .config import AdapterSpec, ExportConfig, Mode
+    from .export import export as do_export
+
+    start = time.perf_counter()
+    cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
+                       mode=Mode(mode), force=force, null_rank=null_rank)  # fmt: skip
+    result = do_export(cfg, progress=_progress(start))
+    size = sum(f["bytes"] for f in result.manifest["files"].values())
+    click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
+               f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(package: Path, as_json: bool) -> None:
+    """Show what a package holds: base, graph I/O, LoRA slots, adapters.
+
+    \b
+    Example:
+      lora-edge inspect pkg/
+    """
+    from .inspect import describe, render
+
+    info = describe(package)
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info))
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The user's message (the chat template is applied if the model has one).")
+@click.option("-a", "--adapter", "adapters", multiple=True,
+              help="Adapter to use; 'none' for the base. Repeat to compare answers side by side.")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(1, None), default=64, show_default=True)
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="ONNX Runtime intra-op threads.")
+def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: int, raw: bool, threads: int | None) -> None:
+    """Generate with PACKAGE, greedy, streaming tokens as they come.
+
+    \b
+    Examples:
+      lora-edge run pkg/ --adapter pirate --prompt "What is the capital of Italy?"
+      lora-edge run pkg/ --prompt "What is snow?"                       # no adapter: the base model
+      lora-edge run pkg/ -a none -a pirate -a shout --prompt "What is snow?"   # side by side
+    """
+    from .runtime import load
+
+    model = load(package, threads=threads)
+    choices = [None if a.lower() == "none" else a for a in adapters] or [None]
+    for a in choices:  # unknown names fail before any generation
+        model._run_options(a)
+    if len(choices) == 1:
+        for piece in model.stream(prompt, adapter=choices[0], max_new_tokens=max_new_tokens, chat=not raw):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    width = max(len(a or "none") for a in choices)
+    for a in choices:
+        text = model.generate(prompt, adapter=a, max_new_tokens=max_new_tokens, chat=not raw)
+        click.echo(f"{(a or 'none'):>{width}} | {' '.join(text.split())}")
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="lora-edge")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Shared fixtures: tiny random Llama models built from a config, tiny tokenizers, real PEFT adapters.
+
+Nothing here is downloaded. The tiny models are random but the adapters are real PEFT objects
+(``get_peft_model(...).save_pretrained``) with non-zero B (``init_lora_weights=False``), so the
+oracle (PyTorch + PEFT) and the package differ unless the compiler is right.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. What is the capital of Italy? Rome is the capital. "
+    "Snow is frozen water that falls from clouds in winter. Pirates sail the seas looking for gold. "
+    "Numbers like 12345 and 67890 appear in text. Hello world, hello adapters, hello edge devices!"
+) * 20
+
+
+def make_tokenizer(root: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator([TEXT], trainer)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": False,
+    }))  # fmt: skip
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
+
+
+TINY_CONFIGS = {
+    # name: LlamaConfig kwargs
+    "gqa_tied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     tie_word_embeddings=True),
+    "mha_untied": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
+                       tie_word_embeddings=False, rope_theta=500000.0),
+}  # fmt: skip
+
+
+def make_tiny_base(root: Path, kind: str = "gqa_tied", seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                      **TINY_CONFIGS[kind])  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random init has tiny weights; widen them so differences show in the logits
+        for p in model.parameters():
+            p.mul_(2.0)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root)
+    make_tokenizer(root, 300)
+    return root
+
+
+def make_adapter(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    kwargs.update(lora_kwargs)
+    pm = get_peft_model(model, LoraConfig(**kwargs))
+    with torch.no_grad():  # make the adapter's effect clearly visible in the logits
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(2.0)
+    pm.save_pretrained(out)
+    return out
+
+
+# Adapters covering the adapter_config fields that change the numbers.
+ADAPTER_KINDS = {
+    "qv_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all_r8_rslora": dict(r=8, lora_alpha=16, use_rslora=True,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "patterns": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
+                     rank_pattern={"o_proj": 6, r"layers\.1\.mlp\.up_proj": 3}, alpha_pattern={"down_proj": 11, "o_proj": 1.5}),
+    "regex_layers": dict(r=3, lora_alpha=5, target_modules=r".*\.layers\.[01]\.(self_attn\.k_proj|mlp\.gate_proj)"),
+    "layers_exclude": dict(r=5, lora_alpha=7, target_modules=["q_proj", "k_proj", "down_proj"], layers_to_transform=[0],
+                           layers_pattern="layers", exclude_modules=["k_proj"]),
+    "lm_head": dict(r=4, lora_alpha=4, target_modules=["lm_head", "q_proj"]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_base, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTER_KINDS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_base, tiny_adapters, tmp_path_factory) -> Path:
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    out = tmp_path_factory.mktemp("pkg") / "pkg"
+    export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items())))
+    return out
+
+
+class Oracle:
+    """PyTorch + PEFT on the same weights: the truth every export mode is compared with."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path]) -> None:
+        self.base, self.adapters, self._cache = base, adapters, {}
+
+    def model(self, adapter: str | None, merge: bool = False):
+        key = (adapter, merge)
+        if key not in self._cache:
+            from peft import PeftModel
+
+            from lora_edge.models.loader import load_hf_model
+
+            m = load_hf_model(self.base)
+            if adapter is not None:
+                m = PeftModel.from_pretrained(m, str(self.adapters[adapter])).eval()
+                if merge:
+                    m = m.merge_and_unload()
+            self._cache[key] = m
+        return self._cache[key]
+
+    def logits(self, ids, adapter: str | None, attention_mask=None, merge: bool = False) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            am = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
+            return self.model(adapter, merge)(torch.tensor(np.asarray(ids)), attention_mask=am).logits.float().numpy()
+
+    def greedy(self, ids: list[int], adapter: str | None, n: int) -> list[int]:
+        import torch
+
+        m = self.model(adapter)
+        with torch.no_grad():
+            out = m.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+        return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle(tiny_base, tiny_adapters) -> Oracle:
+    return Oracle(tiny_base, tiny_adapters)
