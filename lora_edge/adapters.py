@@ -236,8 +236,8 @@ def _split_key(key: str) -> tuple[str, str]:
     return body, "unknown"
 
 
-def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
-    """Read ``path`` (a PEFT LoRA directory) as adapter ``name`` for ``base``; refuse anything inexact."""
+def check_adapter_files(name: str, path: Path) -> Path:
+    """The cheap checks (before any model is loaded): a directory with a config and safetensors weights."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"adapter {name!r}: {path} does not exist; give a PEFT adapter directory")
@@ -254,6 +254,13 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
                 "re-save it with safe_serialization=True (adapter_model.safetensors)"
             )
         raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors")
+    return st
+
+
+def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
+    """Read ``path`` (a PEFT LoRA directory) as adapter ``name`` for ``base``; refuse anything inexact."""
+    path = Path(path)
+    st = check_adapter_files(name, path)
     cfg = _read_config(path)
     _check_config(cfg, path)
     tensors = read_safetensors(st, AdapterError)

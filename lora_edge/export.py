@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .adapters import Adapter, read_adapter
+from .adapters import Adapter, check_adapter_files, read_adapter
 from .config import ExportConfig, Mode
 from .models import Slot, family_for
 from .models.spec import BaseModel
@@ -81,9 +81,13 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     """Compile ``cfg.base`` and ``cfg.adapters`` into a package at ``cfg.output``."""
     import onnx
 
-    from .models.loader import load_base
+    from .models.loader import describe_base, load_base
 
-    check_output(cfg.output, cfg.force)  # fail before the slow part
+    # Fail before the slow part on everything that can be checked without loading the model.
+    check_output(cfg.output, cfg.force)
+    describe_base(cfg.base)
+    for spec in cfg.adapters:
+        check_adapter_files(spec.name, spec.path)
     progress(f"loading base model {cfg.base}")
     base, _ = load_base(cfg.base)
     family = family_for(base.spec.architecture)

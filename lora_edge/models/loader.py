@@ -66,6 +66,10 @@ def load_hf_model(path: Path):
 
     kind, _ = describe_base(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # lora-edge reports its own progress; no bars or warnings from below
+    hf_logging.disable_progress_bar()
     try:
         if kind == "gguf":
             model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,145 @@
+"""The package on disk: checksums, identity of adapter files, schema versions, determinism, no torch on device."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lora_edge
+from lora_edge.errors import PackageError
+
+
+def _copy(pkg, tmp_path):
+    return Path(shutil.copytree(pkg, tmp_path / "pkg"))
+
+
+def test_manifest_records_slots_and_adapters(tiny_package):
+    m = json.loads((tiny_package / "manifest.json").read_text())
+    assert m["format"] == "lora-edge-package" and m["schema_version"] == 1
+    slot = next(s for s in m["slots"] if s["module"] == "model.layers.0.self_attn.q_proj")
+    assert slot["lora_A"] == "model.layers.0.self_attn.q_proj.lora_A" and slot["in_features"] == 64
+    assert "qv_r4" in slot["adapters"] and "regex_layers" not in slot["adapters"]
+    assert m["adapters"]["qv_r4"]["scalings"] == [2.0]
+    assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "adapters/qv_r4.onnx_adapter", "tokenizer.json", "config.json"}
+    names = [i["name"] for i in m["graph"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
+    assert [o["name"] for o in m["graph"]["outputs"]][:2] == ["logits", "present.0.key"]
+
+
+def test_tampered_file_is_refused_by_name(tiny_package, tmp_path):
+    pkg = _copy(tiny_package, tmp_path)
+    data = bytearray((pkg / "model.onnx.data").read_bytes())
+    data[100] ^= 1
+    (pkg / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="model.onnx.data does not match its sha256"):
+        lora_edge.load(pkg)
+
+
+def test_truncated_adapter_is_refused(tiny_package, tmp_path):
+    pkg = _copy(tiny_package, tmp_path)
+    f = pkg / "adapters" / "qv_r4.onnx_adapter"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(PackageError, match="qv_r4.onnx_adapter has .* bytes"):
+        lora_edge.load(pkg)
+
+
+def test_adapter_from_another_base_is_refused(tiny_package, tmp_path):
+    """Swap in an adapter file compiled for another base and fix up the checksums: identity still catches it."""
+    from conftest import make_adapter, make_tiny_base
+
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+    from lora_edge.package import write_manifest
+
+    other = make_tiny_base(tmp_path / "ob", "gqa_tied", seed=42)  # same shapes, other weights
+    ad = make_adapter(other, tmp_path / "oa")
+    export(ExportConfig(base=other, output=tmp_path / "opkg", adapters=(AdapterSpec("qv_r4", ad),)))
+    pkg = _copy(tiny_package, tmp_path)
+    shutil.copy(tmp_path / "opkg" / "adapters" / "qv_r4.onnx_adapter", pkg / "adapters" / "qv_r4.onnx_adapter")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    write_manifest(pkg, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(PackageError, match="compiled for another base model"):
+        lora_edge.load(pkg)
+
+
+def test_newer_schema_gets_a_clear_message(tiny_package, tmp_path):
+    pkg = _copy(tiny_package, tmp_path)
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="upgrade lora-edge"):
+        lora_edge.load(pkg)
+
+
+def test_not_a_package(tmp_path):
+    with pytest.raises(PackageError, match="not a lora-edge package"):
+        lora_edge.load(tmp_path)
+
+
+def test_export_is_deterministic(tiny_base, tiny_adapters, tmp_path):
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    specs = (AdapterSpec("a", tiny_adapters["patterns"]), AdapterSpec("b", tiny_adapters["qv_r4"]))
+    m1 = export(ExportConfig(base=tiny_base, output=tmp_path / "one", adapters=specs)).manifest
+    m2 = export(ExportConfig(base=tiny_base, output=tmp_path / "two", adapters=specs)).manifest
+    assert m1["files"] == m2["files"]
+    assert (tmp_path / "one" / "manifest.json").read_bytes() == (tmp_path / "two" / "manifest.json").read_bytes()
+
+
+def test_concurrent_calls_with_different_adapters_do_not_mix(tiny_package):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = lora_edge.load(tiny_package)
+    adapters = [None, "qv_r4", "patterns", "all_r8_rslora"]
+    prompts = [[3, 9, 27, 81], [5, 6, 7], [100, 200, 10, 20, 30]]
+    alone = {(a, i): model.generate_ids(p, a, 8, 8)[0] for a in adapters for i, p in enumerate(prompts)}
+    jobs = [(a, i) for _ in range(6) for a in adapters for i in range(len(prompts))]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: model.generate_ids(prompts[job[1]], job[0], 8, 8)[0], jobs))
+    assert all(r == alone[j] for r, j in zip(results, jobs))
+    assert len({tuple(v) for v in alone.values()}) > len(prompts)  # the adapters really differ
+
+
+DEVICE_SCRIPT = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"torch", "transformers", "peft", "onnx", "onnxscript", "optimum", "safetensors"}:
+            raise ImportError(f"{name} is not installed on the device")
+sys.meta_path.insert(0, Block())
+import lora_edge
+m = lora_edge.load(sys.argv[1])
+logits = m.forward([[1, 2, 3]], adapter=m.adapters[0])
+text = m.generate("What is snow?", adapter=m.adapters[0], max_new_tokens=4)
+assert logits.shape == (1, 3, 320), logits.shape
+bad = sorted(k for k in sys.modules if k.split(".")[0] in {"torch", "transformers", "peft", "onnx"})
+assert not bad, bad
+print("ok", m.adapters[0], repr(text))
+"""
+
+
+def test_device_side_runs_without_torch_or_transformers(tiny_package):
+    """`lora_edge.load` + generate with torch, transformers, peft and onnx made unimportable."""
+    r = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(tiny_package)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def test_cli_run_without_torch(tiny_package):
+    script = DEVICE_SCRIPT.split("import lora_edge")[0] + (
+        "from lora_edge.cli import cli\n"
+        "cli.main(['run', sys.argv[1], '--prompt', 'hi', '-n', '3', '-a', 'qv_r4'], standalone_mode=False)\n"
+        "assert not [k for k in sys.modules if k.split('.')[0] in {'torch', 'transformers'}]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tiny_package)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    assert r.returncode == 0, r.stderr
