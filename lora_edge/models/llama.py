@@ -182,7 +182,7 @@ class LlamaFamily:
 
         g.scope = "head"
         x = rms_norm(hidden, "model.norm.weight")
-        if spec.tie_word_embeddings and "lm_head" not in slots:
+        if "lm_head.weight" not in weights and "lm_head" not in slots:  # tied, and neither merged nor branched
             # Gemm with transB reads the (vocab, hidden) embedding in place: no transposed copy.
             flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
             logits2d = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1)  # (B*S, V)
