@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import WeightType
 from .errors import LoraEdgeError
 
 
@@ -57,20 +58,38 @@ def _progress(start: float):
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lora-edge package (nothing else is ever deleted).")
 @click.option("--null-rank", type=click.IntRange(0, 1), default=1, show_default=True,
               help="Rank of the 'no adapter' defaults: 1 (zeros, works on every provider) or 0 (empty, CPU only).")
-def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int) -> None:
+@click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
+              help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="Quantization block size (16-256, power of two).")
+@click.option("--symmetric", is_flag=True, help="Symmetric blocks (no zero points).")
+@click.option("--quant-algo", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
+              help="search: per-block clipping search for least squared error; rtn: plain round-to-nearest.")
+@click.option("--embeddings", type=click.Choice([w.value for w in WeightType]), default=None,
+              help="Embedding (and tied lm_head) precision; default int8 when --quant is int8/int4.")
+@click.option("--int8-modules", multiple=True, metavar="PATTERN", help="With --quant int4: modules kept at 8 bits (e.g. down_proj).")
+@click.option("--float-modules", multiple=True, metavar="PATTERN", help="Modules left in float32.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float32.")
+def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
+           block_size: int, symmetric: bool, quant_algo: str, embeddings: str | None, int8_modules, float_modules,
+           accuracy_level: int) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
     Examples:
       lora-edge export ./SmolLM2-135M-Instruct -a pirate=adapters/pirate -a shout=adapters/shout -o pkg/
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-merged/ --mode merge
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int4/ --quant int4 --block-size 32
     """
-    from .config import AdapterSpec, ExportConfig, Mode
+    from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
     from .export import export as do_export
 
     start = time.perf_counter()
+    qcfg = QuantConfig(weights=WeightType(quant), block_size=block_size, symmetric=symmetric, algo=quant_algo,
+                       embeddings=WeightType(embeddings) if embeddings else None, int8_modules=int8_modules,
+                       float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
-                       mode=Mode(mode), force=force, null_rank=null_rank)  # fmt: skip
+                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg)  # fmt: skip
     result = do_export(cfg, progress=_progress(start))
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
@@ -126,6 +145,47 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
     for a in choices:
         text = model.generate(prompt, adapter=a, max_new_tokens=max_new_tokens, chat=not raw)
         click.echo(f"{(a or 'none'):>{width}} | {' '.join(text.split())}")
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="The base model (HF directory or .gguf); default: the path recorded in the manifest.")
+@click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME[=PATH]",
+              help="Adapters to check (default: all); =PATH overrides the PEFT source recorded in the manifest.")
+@click.option("--text", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Text for perplexity and logit comparison (default: a 625-token text shipped with lora-edge).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Use at most this many tokens of the text.")
+@click.option("--greedy-tokens", type=int, default=32, show_default=True, help="Greedy tokens to compare (0 to skip).")
+@click.option("--prompt", default="What is the capital of Italy?", show_default=True, help="Prompt for the greedy comparison.")
+@click.option("--max-ppl-increase", type=float, default=None, help="Fail (exit 1) if perplexity rises more than this many percent.")
+@click.option("--min-top1", type=float, default=None, help="Fail (exit 1) if clear-winner top-1 agreement is below this percent.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt, max_ppl_increase, min_top1, as_json) -> None:
+    """Compare PACKAGE with the PyTorch + PEFT original: logits, KL, top-1, perplexity, adapter effect, greedy tokens.
+
+    \b
+    Examples:
+      lora-edge verify pkg/
+      lora-edge verify pkg-int4/ --adapter pirate --text my_corpus.txt --json
+      lora-edge verify pkg-int8/ --max-ppl-increase 1 --min-top1 98      # exit 1 if not met
+    """
+    from .verify import VerifyConfig, render
+    from .verify import verify as do_verify
+
+    names, paths = [], {}
+    for a in adapters:
+        name, sep, path = a.partition("=")
+        names.append(name)
+        if sep:
+            paths[name] = Path(path)
+    cfg = VerifyConfig(package=package, reference=reference, adapters=tuple(names), adapter_paths=paths, text=text,
+                       max_tokens=max_tokens, greedy_tokens=greedy_tokens, prompt=prompt,
+                       max_ppl_increase=max_ppl_increase, min_top1=min_top1)  # fmt: skip
+    report = do_verify(cfg, progress=_progress(time.perf_counter()))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))
+    if not report.passed:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -50,6 +50,74 @@ class AdapterSpec:
         return cls(name=name, path=Path(path))
 
 
+class WeightType(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"  # stored as float16, computed in float32 (halves the download, not the RAM)
+    INT8 = "int8"  # MatMulNBits, 8 bits
+    INT4 = "int4"  # MatMulNBits, 4 bits
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.value)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the base weights are stored. LoRA branches always stay float32 (one base serves every adapter)."""
+
+    weights: WeightType = WeightType.FP32
+    block_size: int = 32
+    symmetric: bool = False
+    algo: str = "search"  # "search": per-block clipping search (min squared error); "rtn": plain round-to-nearest
+    # The token embedding (and a tied lm_head, which shares it). None: int8 when weights are int4/int8.
+    embeddings: WeightType | None = None
+    int8_modules: tuple[str, ...] = ()  # in an int4 recipe, modules kept at 8 bits (names, suffixes or regexes)
+    float_modules: tuple[str, ...] = ()  # modules left in float
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0/1 = float32 compute
+
+    def __post_init__(self) -> None:
+        from .quant import check_params
+
+        object.__setattr__(self, "weights", WeightType(self.weights))
+        if self.embeddings is not None:
+            object.__setattr__(self, "embeddings", WeightType(self.embeddings))
+        check_params(4, self.block_size)
+        if self.algo not in ("search", "rtn"):
+            raise InputError(f"quantization algorithm must be 'search' or 'rtn', got {self.algo!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if self.embeddings is WeightType.FP16 and self.weights is not WeightType.FP16:
+            raise InputError("--embeddings fp16 is only available with --quant fp16")
+        for pat in self.int8_modules + self.float_modules:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise InputError(f"module pattern {pat!r} is not a valid regular expression ({exc})") from None
+
+    @property
+    def embedding_type(self) -> WeightType:
+        if self.embeddings is not None:
+            return self.embeddings
+        return WeightType.INT8 if self.weights.bits else self.weights
+
+    def to_json(self) -> dict:
+        return {
+            "weights": self.weights.value,
+            "block_size": self.block_size,
+            "symmetric": self.symmetric,
+            "algo": self.algo,
+            "embeddings": self.embedding_type.value,
+            "int8_modules": list(self.int8_modules),
+            "float_modules": list(self.float_modules),
+            "accuracy_level": self.accuracy_level,
+        }
+
+
+def module_matches(patterns: tuple[str, ...], module: str) -> bool:
+    """PEFT-style: exact name, a dotted suffix ("mlp.down_proj"), or a regex matching the whole name."""
+    return any(module == p or module.endswith("." + p) or re.fullmatch(p, module) for p in patterns)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     base: Path
@@ -61,7 +129,7 @@ class ExportConfig:
     # Default rank of the "no adapter" branch inputs. 1 (zeros) works on every provider;
     # 0 (empty tensors) skips the tiny matmuls but is reported to fail on CUDA/DirectML.
     null_rank: int = 1
-    extra: dict = field(default_factory=dict, compare=False)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.adapters]

@@ -16,10 +16,11 @@ import numpy as np
 
 from . import __version__
 from .adapters import Adapter, check_adapter_files, read_adapter
-from .config import ExportConfig, Mode
+from .config import ExportConfig, Mode, WeightType
 from .models import Slot, family_for
 from .models.spec import BaseModel
 from .package import check_output, staged_output, write_manifest
+from .quant import quantize_weights
 
 Progress = Callable[[str], None]
 
@@ -96,9 +97,15 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         progress(f"reading adapter {spec.name} from {spec.path}")
         adapters.append(read_adapter(spec.name, spec.path, base))
     slots = plan_slots(base, adapters) if cfg.mode is Mode.BRANCH else {}
-    weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights
+    weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights  # merge in fp32, then quantize
+    q = cfg.quant
+    if q.weights is not WeightType.FP32 or q.embedding_type is not WeightType.FP32:
+        weights, qreport = quantize_weights(weights, base.linear_modules, q, progress)
+    else:
+        qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
-    model, overridable = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank)
+    model, overridable = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
+                                            store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level)  # fmt: skip
     onnx.checker.check_model(model, full_check=False)
 
     with staged_output(cfg.output, cfg.force) as tmp:
@@ -124,11 +131,11 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "spec": base.spec.to_json(),
             },
             "mode": cfg.mode.value,
-            "quantization": {"method": "none", "weights": "float32"},
+            "quantization": qreport,
             "graph": {
                 "file": "model.onnx",
                 "opset": cfg.opset,
-                "dtype": "float32",
+                "compute_dtype": "float32",
                 "null_rank": cfg.null_rank,
                 **io,
             },

@@ -17,6 +17,19 @@ def describe(path: Path) -> dict:
     return {**m, "sizes": {"graph_and_weights": weights, "total": sum(v["bytes"] for v in files.values())}, "adapters": adapters}
 
 
+def _quant_line(info: dict) -> str:
+    q = info["quantization"]
+    line = f"weights     {q['weights']}"
+    if q["weights"] in ("int4", "int8"):
+        line += f" (block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, {q['algo']}, accuracy level {q['accuracy_level']})"
+    line += f", embeddings {q['embeddings']}; model files {_mib(info['sizes']['graph_and_weights'])}, package {_mib(info['sizes']['total'])}"
+    parts = q.get("bytes")
+    if parts:
+        line += "\n  parts     " + ", ".join(f"{k} {_mib(v)}" for k, v in parts.items())
+        line += "  (" + ", ".join(f"{n} {t}" for t, n in sorted(q["tensors"].items())) + " tensors)"
+    return line
+
+
 def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
@@ -31,7 +44,7 @@ def render(info: dict) -> str:
         f"{'tied' if spec['tie_word_embeddings'] else 'untied'} embeddings, context {spec['max_position_embeddings']}",
         f"source      {info['base']['source']}",
         f"base sha256 {info['base']['sha256'][:16]}...  (identity {info['base']['identity']})",
-        f"weights     {info['quantization']['weights']}, {_mib(info['sizes']['graph_and_weights'])}; package {_mib(info['sizes']['total'])}",
+        _quant_line(info),
         f"graph       {g['file']}, opset {g['opset']}, no-adapter rank {g.get('null_rank')}",
     ]
     ins = [i for i in g["inputs"] if not i["name"].startswith("past_key_values.")]

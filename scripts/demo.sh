@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
 BASE=$(python -c "from lora_edge.realmodel import smollm2_gguf; print(smollm2_gguf())")
+mkdir -p demo
 lora-edge export "$BASE" -a pirate=examples/adapters/pirate -a shout=examples/adapters/shout -o demo/pkg --force
 lora-edge inspect demo/pkg
 for prompt in "What is the capital of Italy?" "What is snow?" "Why is the sea salty?"; do

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import GraphBuilder
+from ..quant import QTensor
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -77,8 +78,12 @@ class LlamaFamily:
         return frozenset(names)
 
     # -- writing the graph -------------------------------------------------------------------
-    def build_graph(self, base: BaseModel, weights: dict[str, np.ndarray], slots: dict[str, Slot], opset: int, null_rank: int):
-        """Return (ModelProto, {input name: (default, shape)} of the LoRA inputs)."""
+    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
+                    store_fp16: bool = False, accuracy_level: int = 4):  # fmt: skip
+        """Return (ModelProto, {input name: (default, shape)} of the LoRA inputs).
+
+        ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
+        and dequantized rows for the embedding). LoRA branches always stay float32."""
         spec = base.spec
         g = GraphBuilder(f"lora-edge {spec.architecture}")
         B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -100,14 +105,66 @@ class LlamaFamily:
             overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), f32), [slot.rank_dim, slot.out_features])
 
         def linear(x: str, module: str) -> str:
-            w = g.weight(f"{module}.weight.T", weights[f"{module}.weight"].T)  # (in, out)
-            y = g.op("MatMul", [x, w])
+            w = weights[f"{module}.weight"]
+            y = matmul_nbits(x, f"{module}.weight", w) if isinstance(w, QTensor) else g.op("MatMul", [x, float_weight(f"{module}.weight.T", w.T)])
+            return branch(x, module, y)
+
+        def branch(x: str, module: str, y: str) -> str:
+            """y + (x @ A) @ B when an adapter targets ``module``; A, B are overridable float32 inputs."""
             slot = slots.get(module)
-            if slot is not None:
-                xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
-                delta = g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
-                y = g.op("Add", [y, delta])
-            return y
+            if slot is None:
+                return y
+            xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
+            return g.op("Add", [y, g.op("MatMul", [xa, slot.b_name])])  # (B, S, out)
+
+        def float_weight(name: str, arr: np.ndarray) -> str:
+            """A float initializer; stored as float16 (and cast up once at load) when the recipe says so."""
+            if not store_fp16:
+                return g.weight(name, arr.astype(f32))
+            return g.op("Cast", [g.weight(f"{name}.fp16", arr.astype(np.float16))], to=1)
+
+        def quant_inputs(name: str, qt: QTensor) -> list[str]:
+            if f"{name}.q{qt.bits}" not in g.initializers:
+                g.weight(f"{name}.q{qt.bits}", qt.codes)
+                g.weight(f"{name}.scales", qt.scales)
+                if qt.zero_points is not None:
+                    g.weight(f"{name}.zero_points", qt.zero_points)
+            names = [f"{name}.q{qt.bits}", f"{name}.scales"]
+            return names + ([f"{name}.zero_points"] if qt.zero_points is not None else [])
+
+        def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
+            """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise)."""
+            return g.op("MatMulNBits", [x, *quant_inputs(name, qt)], domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits,
+                        block_size=qt.block, accuracy_level=accuracy_level)  # fmt: skip
+
+        def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
+            """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.
+
+            Only the looked-up rows are dequantized, with standard ops, so a tied lm_head can share the
+            very same MatMulNBits initializers (one quantized copy of the table serves both)."""
+            names = quant_inputs(table, qt)
+            nb = qt.scales.shape[1]
+            codes = g.op("Gather", [names[0], ids], axis=0)  # (B, S, nb, blob) uint8
+
+            def unpack(p: str, length: int) -> str:  # uint8 codes -> float (.., length)
+                if qt.bits == 8:
+                    return g.op("Cast", [p], to=1)
+                high = g.op("BitShift", [p, g.const(4, np.uint8)], direction="RIGHT")
+                low = g.op("Sub", [p, g.op("BitShift", [high, g.const(4, np.uint8)], direction="LEFT")])
+                both = g.op("Concat", [g.op("Unsqueeze", [low, g.const([-1])]), g.op("Unsqueeze", [high, g.const([-1])])], axis=-1)
+                flat = g.op("Reshape", [both, g.op("Concat", [g.op("Slice", [g.op("Shape", [p]), g.const([0]), g.const([-1])]), g.const([-1])], axis=0)])
+                return g.op("Cast", [g.op("Slice", [flat, g.const([0]), g.const([length]), g.const([-1])])], to=1)
+
+            q = unpack(codes, qt.block)  # (B, S, nb, block)
+            if qt.zero_points is None:
+                zp = g.const(2.0 ** (qt.bits - 1), f32)
+            else:
+                zp = g.op("Unsqueeze", [unpack(g.op("Gather", [names[2], ids], axis=0), nb), g.const([-1])])  # (B, S, nb, 1)
+            scale = g.op("Unsqueeze", [g.op("Gather", [names[1], ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
+            rows = g.op("Reshape", [g.op("Mul", [g.op("Sub", [q, zp]), scale]), g.const([0, 0, -1])])  # (B, S, nb*block)
+            if nb * qt.block != qt.k:
+                rows = g.op("Slice", [rows, g.const([0]), g.const([qt.k]), g.const([-1])])
+            return rows
 
         def rms_norm(x: str, weight_name: str) -> str:
             # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT fuses into SimplifiedLayerNormalization.
@@ -157,7 +214,12 @@ class LlamaFamily:
             return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
 
         g.scope = "embed"
-        hidden = g.op("Gather", [g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), input_ids], axis=0)
+        table = weights["model.embed_tokens.weight"]
+        if isinstance(table, QTensor):
+            hidden = gather_dequant("model.embed_tokens.weight", table, input_ids)
+        else:
+            embed_value = float_weight("model.embed_tokens.weight", table)  # one copy serves Gather and a tied head
+            hidden = g.op("Gather", [embed_value, input_ids], axis=0)
         for i in range(spec.num_layers):
             p = f"model.layers.{i}"
             g.scope = p
@@ -182,16 +244,17 @@ class LlamaFamily:
 
         g.scope = "head"
         x = rms_norm(hidden, "model.norm.weight")
-        if "lm_head.weight" not in weights and "lm_head" not in slots:  # tied, and neither merged nor branched
-            # Gemm with transB reads the (vocab, hidden) embedding in place: no transposed copy.
-            flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
-            logits2d = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1)  # (B*S, V)
-            dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
-            logits = g.op("Reshape", [logits2d, dims])
-        else:
-            if "lm_head.weight" not in weights:
-                weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+        if "lm_head.weight" in weights:  # untied, or tied but merged with an lm_head delta
             logits = linear(x, "lm_head")
+        else:  # tied: read the embedding's own weights, never a transposed copy
+            if isinstance(table, QTensor):
+                logits = matmul_nbits(x, "model.embed_tokens.weight", table)
+            else:
+                flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
+                logits2d = g.op("Gemm", [flat, embed_value], transB=1)  # (B*S, V)
+                dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
+                logits = g.op("Reshape", [logits2d, dims])  # (B, S, V)
+            logits = branch(x, "lm_head", logits)
 
         g.scope = ""
         g.output(logits, "logits", f32, [B, S, spec.vocab_size])

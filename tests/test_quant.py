@@ -1,0 +1,183 @@
+"""Quantization: the numpy reference, ONNX Runtime's kernels, and tiny-model parity per quant level.
+
+Tolerances:
+- accuracy level 0 (MatMulNBits dequantizes and computes in float32) against PyTorch running the
+  *dequantized* weights: 1e-4, the float32 tolerance, because both compute the same products.
+- accuracy level 4 (activations quantized to int8 per block inside the kernel): each activation is
+  rounded to 1/254 of its block's max, so a dot product moves by ~0.2-0.4% of its magnitude; over a
+  few layers that is bounded here by 2% of the logits' range, and top-1 must agree where the
+  reference has a clear winner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lora_edge
+from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
+from lora_edge.export import export
+from lora_edge.quant import dequantize, pack, quantize, unpack
+
+RNG = np.random.RandomState(0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_is_onnxruntime_s_own_rtn(bits):
+    """Our numpy RTN gives byte-identical codes to ONNX Runtime's C++ quantizer (the tool's golden)."""
+    from onnxruntime.capi import _pybind_state as C
+
+    w = (RNG.randn(48, 96) * 0.1).astype(np.float32)  # (N, K)
+    n, k, block = 48, 96, 32
+    kb = k // block
+    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    zp = np.zeros((n, (kb * bits + 7) // 8), np.uint8)
+    getattr(C, f"quantize_matmul_{bits}bits")(packed, np.ascontiguousarray(w.T), scales, zp, block, n, k, False)
+    q = quantize(w, bits, block, symmetric=False, algo="rtn")
+    assert np.array_equal(q.codes, packed) and np.array_equal(q.zero_points, zp)
+    np.testing.assert_allclose(q.scales, scales, rtol=1e-6)
+
+
+def test_pack_roundtrip_and_nibble_order():
+    q = np.array([[1, 2, 3, 15, 0]], np.uint8)
+    p = pack(q, 4)
+    assert p.tolist() == [[0x21, 0xF3, 0x00]]  # low nibble first, odd length padded
+    assert unpack(p, 4, 5).tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_search_never_worse_than_rtn(bits, symmetric):
+    w = (RNG.standard_t(3, size=(64, 256)) * 0.05).astype(np.float32)  # heavy tails, like real weights
+    err = {a: ((dequantize(quantize(w, bits, 32, symmetric, a)) - w) ** 2).reshape(64, -1, 32).sum(-1) for a in ("rtn", "search")}
+    assert (err["search"] <= err["rtn"] + 1e-12).all()
+    if bits == 4:  # at 8 bits clipping rarely pays; at 4 bits it must
+        assert err["search"].sum() < 0.99 * err["rtn"].sum()
+
+
+def _matmul_nbits_model(qt, accuracy_level):
+    inputs = ["x", "codes", "scales"] + (["zp"] if qt.zero_points is not None else [])
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits,
+                            block_size=qt.block, accuracy_level=accuracy_level)  # fmt: skip
+    inits = [numpy_helper.from_array(qt.codes, "codes"), numpy_helper.from_array(qt.scales, "scales")]
+    if qt.zero_points is not None:
+        inits.append(numpy_helper.from_array(qt.zero_points, "zp"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", qt.k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", qt.n])], initializer=inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k, block", [(64, 32), (80, 32), (96, 16), (128, 128)])
+def test_matmul_nbits_computes_the_dequantized_weight(bits, symmetric, k, block):
+    """ORT's MatMulNBits on our layout == x @ dequantize(W).T (float compute), K padded or not."""
+    w = (RNG.randn(24, k) * 0.2).astype(np.float32)
+    qt = quantize(w, bits, block, symmetric)
+    x = RNG.randn(5, k).astype(np.float32)
+    got = _matmul_nbits_model(qt, 0).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ dequantize(qt).T, atol=1e-5, rtol=1e-5)
+
+
+# -- tiny-model parity per quant level -------------------------------------------------------
+def _reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge=False):
+    """PyTorch(+PEFT) with exactly the weights the package holds: quantized, then dequantized."""
+    import torch
+    from peft import PeftModel
+
+    from lora_edge.models.loader import load_base, load_hf_model
+    from lora_edge.quant import QTensor, quantize_weights
+
+    base, _ = load_base(base_dir)
+    model = load_hf_model(base_dir)
+    weights = dict(base.weights)
+    if merge:
+        from lora_edge.adapters import read_adapter
+        from lora_edge.export import merged_weights
+
+        weights = merged_weights(base, read_adapter("x", adapter_dir, base))
+    qw, _ = quantize_weights(weights, base.linear_modules, qcfg)
+    sd = {k: torch.tensor(dequantize(v) if isinstance(v, QTensor) else np.asarray(v, np.float32)) for k, v in qw.items()}
+    if "lm_head.weight" in sd and base.spec.tie_word_embeddings:  # merged head unties it
+        model.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
+    model.load_state_dict(sd, strict=False)
+    if adapter_dir is not None and not merge:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return model
+
+
+QUANTS = {
+    "int8": QuantConfig(weights=WeightType.INT8, accuracy_level=0),
+    "int4": QuantConfig(weights=WeightType.INT4, accuracy_level=0),
+    "int4_emb4_sym_b16": QuantConfig(weights=WeightType.INT4, embeddings=WeightType.INT4, symmetric=True, block_size=16, accuracy_level=0),
+    "int4_mixed": QuantConfig(weights=WeightType.INT4, int8_modules=("down_proj",), float_modules=("o_proj",), accuracy_level=0),
+    "fp16": QuantConfig(weights=WeightType.FP16),
+}
+
+
+@pytest.mark.parametrize("mode", ["branch", "merge"])
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_quantized_package_computes_its_quantized_weights(tiny_base, tiny_adapters, tmp_path, quant, mode):
+    import torch
+
+    qcfg = QUANTS[quant]
+    ad = tiny_adapters["all_r8_rslora"]
+    out = tmp_path / "pkg"
+    export(ExportConfig(base=tiny_base, output=out, adapters=(AdapterSpec("x", ad),), mode=Mode(mode), quant=qcfg))
+    m = lora_edge.load(out)
+    ids = np.random.RandomState(5).randint(0, 300, (2, 13))
+    use = "x" if mode == "branch" else None
+    ref = _reference(tiny_base, qcfg, ad, merge=mode == "merge")
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    assert np.abs(m.forward(ids, adapter=use) - want).max() <= 1e-4
+    if mode == "branch":  # the same quantized base serves "no adapter"
+        base_ref = _reference(tiny_base, qcfg)
+        with torch.no_grad():
+            assert np.abs(m.forward(ids) - base_ref(torch.tensor(ids)).logits.numpy()).max() <= 1e-4
+
+
+def test_accuracy_level_4_stays_close(tiny_base, tiny_adapters, tmp_path):
+    import torch
+
+    qcfg = QuantConfig(weights=WeightType.INT4, accuracy_level=4)
+    ad = tiny_adapters["qv_r4"]
+    out = tmp_path / "pkg"
+    export(ExportConfig(base=tiny_base, output=out, adapters=(AdapterSpec("x", ad),), quant=qcfg))
+    ids = np.random.RandomState(6).randint(0, 300, (1, 24))
+    with torch.no_grad():
+        want = _reference(tiny_base, qcfg, ad)(torch.tensor(ids)).logits.numpy()
+    got = lora_edge.load(out).forward(ids, adapter="x")
+    assert np.abs(got - want).max() <= 0.02 * (want.max() - want.min())
+    part = np.partition(want, -2, -1)
+    clear = part[..., -1] - part[..., -2] >= 0.5
+    assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_adapter_files_do_not_depend_on_the_base_quantization(tiny_base, tiny_adapters, tmp_path):
+    specs = (AdapterSpec("x", tiny_adapters["patterns"]),)
+    f32 = export(ExportConfig(base=tiny_base, output=tmp_path / "a", adapters=specs)).manifest
+    i4 = export(ExportConfig(base=tiny_base, output=tmp_path / "b", adapters=specs, quant=QuantConfig(weights=WeightType.INT4))).manifest
+    assert f32["files"]["adapters/x.onnx_adapter"] == i4["files"]["adapters/x.onnx_adapter"]
+    assert i4["files"]["model.onnx.data"]["bytes"] < 0.35 * f32["files"]["model.onnx.data"]["bytes"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(block_size=48), "power of two"),
+    (dict(block_size=512), "power of two"),
+    (dict(accuracy_level=7), "accuracy level"),
+    (dict(algo="magic"), "algorithm"),
+    (dict(embeddings=WeightType.FP16), "fp16"),
+    (dict(int8_modules=("(",)), "regular expression"),
+])  # fmt: skip
+def test_bad_quant_options(kwargs, needle):
+    with pytest.raises(lora_edge.InputError, match=needle):
+        QuantConfig(weights=WeightType.INT4, **kwargs)
