@@ -61,9 +61,13 @@ def _progress(start: float):
 @click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
               help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="Quantization block size (16-256, power of two).")
-@click.option("--symmetric", is_flag=True, help="Symmetric blocks (no zero points).")
-@click.option("--quant-algo", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
-              help="search: per-block clipping search for least squared error; rtn: plain round-to-nearest.")
+@click.option("--zero", type=click.Choice(["int", "none", "float"]), default=None,
+              help="Block zero points: int (uint8), none (symmetric) or float (fp16 offsets, run as a small correction). "
+                   "Default: float for int4, int for int8.")
+@click.option("--quant-algo", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True,
+              help="gptq: error-compensating, calibrated on a text; search: per-block clipping search; rtn: round-to-nearest.")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Calibration text for GPTQ (default: a mixed-genre text shipped with lora-edge).")
 @click.option("--embeddings", type=click.Choice([w.value for w in WeightType]), default=None,
               help="Embedding (and tied lm_head) precision; default int8 when --quant is int8/int4.")
 @click.option("--int8-modules", multiple=True, metavar="PATTERN", help="With --quant int4: modules kept at 8 bits (e.g. down_proj).")
@@ -71,8 +75,8 @@ def _progress(start: float):
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float32.")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
-           block_size: int, symmetric: bool, quant_algo: str, embeddings: str | None, int8_modules, float_modules,
-           accuracy_level: int) -> None:
+           block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
+           int8_modules, float_modules, accuracy_level: int) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -85,7 +89,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
     from .export import export as do_export
 
     start = time.perf_counter()
-    qcfg = QuantConfig(weights=WeightType(quant), block_size=block_size, symmetric=symmetric, algo=quant_algo,
+    qcfg = QuantConfig(weights=WeightType(quant), block_size=block_size, zero=zero, algo=quant_algo, calibration=calibration,
                        embeddings=WeightType(embeddings) if embeddings else None, int8_modules=int8_modules,
                        float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),

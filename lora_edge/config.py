@@ -50,6 +50,9 @@ class AdapterSpec:
         return cls(name=name, path=Path(path))
 
 
+QUANT_ALGOS = ("gptq", "search", "rtn")
+
+
 class WeightType(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"  # stored as float16, computed in float32 (halves the download, not the RAM)
@@ -67,8 +70,13 @@ class QuantConfig:
 
     weights: WeightType = WeightType.FP32
     block_size: int = 32
-    symmetric: bool = False
-    algo: str = "search"  # "search": per-block clipping search (min squared error); "rtn": plain round-to-nearest
+    # Block zero points: "int" (uint8, MatMulNBits' own), "none" (symmetric), "float" (fp16 offsets run as a
+    # small correction next to MatMulNBits; fp16 scales). None: "float" for int4, "int" for int8.
+    zero: str | None = None
+    # "gptq": error-compensating, calibrated on a text (the default recipe for int4); "search": per-block
+    # clipping search for least squared error; "rtn": plain round-to-nearest (ONNX Runtime's own).
+    algo: str = "gptq"
+    calibration: Path | None = None  # GPTQ calibration text; None: the text shipped with lora-edge
     # The token embedding (and a tied lm_head, which shares it). None: int8 when weights are int4/int8.
     embeddings: WeightType | None = None
     int8_modules: tuple[str, ...] = ()  # in an int4 recipe, modules kept at 8 bits (names, suffixes or regexes)
@@ -82,8 +90,12 @@ class QuantConfig:
         if self.embeddings is not None:
             object.__setattr__(self, "embeddings", WeightType(self.embeddings))
         check_params(4, self.block_size)
-        if self.algo not in ("search", "rtn"):
-            raise InputError(f"quantization algorithm must be 'search' or 'rtn', got {self.algo!r}")
+        if self.zero is not None and self.zero not in ("int", "none", "float"):
+            raise InputError(f"zero point kind must be int, none or float, got {self.zero!r}")
+        if self.algo not in QUANT_ALGOS:
+            raise InputError(f"quantization algorithm must be one of {', '.join(QUANT_ALGOS)}, got {self.algo!r}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise InputError(f"calibration text {self.calibration} does not exist; give a UTF-8 text file")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy level must be 0-4, got {self.accuracy_level}")
         if self.embeddings is WeightType.FP16 and self.weights is not WeightType.FP16:
@@ -93,6 +105,11 @@ class QuantConfig:
                 re.compile(pat)
             except re.error as exc:
                 raise InputError(f"module pattern {pat!r} is not a valid regular expression ({exc})") from None
+
+    def zero_for(self, wtype: WeightType) -> str:
+        if self.zero is not None:
+            return self.zero
+        return "float" if wtype is WeightType.INT4 else "int"
 
     @property
     def embedding_type(self) -> WeightType:
@@ -104,8 +121,9 @@ class QuantConfig:
         return {
             "weights": self.weights.value,
             "block_size": self.block_size,
-            "symmetric": self.symmetric,
+            "zero": self.zero_for(self.weights) if self.weights.bits else None,
             "algo": self.algo,
+            "calibration": None if self.algo != "gptq" else (str(self.calibration) if self.calibration else "built-in"),
             "embeddings": self.embedding_type.value,
             "int8_modules": list(self.int8_modules),
             "float_modules": list(self.float_modules),

@@ -17,6 +17,7 @@ import numpy as np
 from . import __version__
 from .adapters import Adapter, check_adapter_files, read_adapter
 from .config import ExportConfig, Mode, WeightType
+from .errors import InputError
 from .models import Slot, family_for
 from .models.spec import BaseModel
 from .package import check_output, staged_output, write_manifest
@@ -78,6 +79,20 @@ def _graph_io(model) -> dict:
     }
 
 
+def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict:
+    """GPTQ's input statistics from the float model on the calibration text."""
+    from tokenizers import Tokenizer
+
+    from .calibrate import collect_hessians, default_calibration_text
+
+    if "tokenizer.json" not in base.tokenizer_files:
+        raise InputError("GPTQ needs the base's tokenizer.json to read the calibration text; use --quant-algo search")
+    text = q.calibration.read_text(encoding="utf-8") if q.calibration else default_calibration_text()
+    ids = Tokenizer.from_str(base.tokenizer_files["tokenizer.json"].decode()).encode(text, add_special_tokens=False).ids
+    progress(f"calibrating GPTQ on {len(ids)} tokens")
+    return collect_hessians(hf_model, ids, list(base.linear_modules))
+
+
 def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportResult:
     """Compile ``cfg.base`` and ``cfg.adapters`` into a package at ``cfg.output``."""
     import onnx
@@ -90,7 +105,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     for spec in cfg.adapters:
         check_adapter_files(spec.name, spec.path)
     progress(f"loading base model {cfg.base}")
-    base, _ = load_base(cfg.base)
+    base, hf_model = load_base(cfg.base)
     family = family_for(base.spec.architecture)
     adapters = []
     for spec in cfg.adapters:
@@ -100,7 +115,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights  # merge in fp32, then quantize
     q = cfg.quant
     if q.weights is not WeightType.FP32 or q.embedding_type is not WeightType.FP32:
-        weights, qreport = quantize_weights(weights, base.linear_modules, q, progress)
+        hessians = None
+        if q.algo == "gptq" and q.weights.bits:
+            hessians = calibrate(base, hf_model, q, progress)
+        weights, qreport = quantize_weights(weights, base.linear_modules, q, progress, hessians)
     else:
         qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")

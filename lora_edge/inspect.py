@@ -21,7 +21,7 @@ def _quant_line(info: dict) -> str:
     q = info["quantization"]
     line = f"weights     {q['weights']}"
     if q["weights"] in ("int4", "int8"):
-        line += f" (block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, {q['algo']}, accuracy level {q['accuracy_level']})"
+        line += f" (block {q['block_size']}, {q.get('zero')} zero points, {q['algo']}, accuracy level {q['accuracy_level']})"
     line += f", embeddings {q['embeddings']}; model files {_mib(info['sizes']['graph_and_weights'])}, package {_mib(info['sizes']['total'])}"
     parts = q.get("bytes")
     if parts:

@@ -1,24 +1,31 @@
 """Block-wise weight-only quantization in ONNX Runtime's MatMulNBits layout (compile side, numpy).
 
 A weight W of shape (N, K) (HF layout: out_features x in_features) is cut along K into blocks of
-``block`` values; each block stores ``bits``-bit codes q, one float scale and one integer zero point:
+``block`` values; each block stores ``bits``-bit codes q and per-block parameters:
 
-    W_hat[n, k] = (q[n, k] - zp[n, k // block]) * scale[n, k // block]
+    W_hat[n, k] = (q[n, k] - zp[n, b]) * scale[n, b] + offset[n, b],     b = k // block
 
-| bits | codes per byte | bytes per block of 32 (codes + fp32 scale + zp) | bits per weight |
-|------|----------------|--------------------------------------------------|-----------------|
-| 4    | 2 (low nibble first) | 16 + 4 + 0.5                               | 5.125           |
-| 8    | 1              | 32 + 4 + 1                                       | 9.25            |
+Three block formats ("zero"):
 
-Layout (what MatMulNBits reads): codes (N, n_blocks, block*bits/8) uint8; scales (N, n_blocks)
-float32; zero points (N, ceil(n_blocks*bits/8)) uint8, two per byte at 4 bits. Symmetric blocks
-omit the zero points (the kernel then uses 2^(bits-1)). K is zero-padded up to a whole block.
+| zero     | zp                  | offset        | bits/weight at 4 bits, block 32 | kernel |
+|----------|---------------------|---------------|---------------------------------|--------|
+| int      | uint8 per block     | 0             | 4 + 1 (fp32 scale) + 0.125      | MatMulNBits |
+| none     | 2^(bits-1), implied | 0             | 4 + 1                            | MatMulNBits (symmetric) |
+| float    | 2^(bits-1), implied | fp16 per block| 4 + 0.5 (fp16 scale) + 0.5       | MatMulNBits + a small correction |
 
-Algorithms (one small function each):
-- ``rtn``: round-to-nearest over [min(0, lo), max(0, hi)] of each block (ONNX Runtime's own RTN).
-- ``search``: the same grid, but the clipping range of every block is chosen among shrink factors
-  to minimise the block's squared error (as llama.cpp's k-quants do). Integer zero points, so it
-  runs on the fast integer kernel, unlike HQQ's float zero points.
+``int`` must represent 0 exactly, so a block's range always contains 0; ``float`` places its 2^bits
+levels anywhere (min-max, like llama.cpp's Q4_1 and HQQ). MatMulNBits only has a fast integer
+kernel, so lora-edge runs the float offsets as a separate correction: y += blocksum(x) @ offset.T,
+where blocksum(x) has K/block columns — 1/block of the main product's work. A base that was
+itself a Q4_1 GGUF is represented exactly this way (same blocks, same grid).
+
+Layout (what MatMulNBits reads): codes (N, n_blocks, block*bits/8) uint8, two codes per byte at 4
+bits, low nibble first; scales (N, n_blocks); zero points (N, ceil(n_blocks*bits/8)) uint8, padded
+with the mid-point like ONNX Runtime's quantizer. K is zero-padded up to a whole block.
+
+Algorithms: ``rtn`` (round to nearest over the block's range; for ``int`` this is byte-identical to
+ONNX Runtime's own quantizer), ``search`` (the range of each block is shrunk by the factor, among a
+grid, that minimises the block's squared error, as llama.cpp's k-quants do), ``gptq`` (see :func:`gptq`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from .errors import InputError
 
 SHRINK_GRID = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
+ZERO_KINDS = ("int", "none", "float")
 
 
 @dataclass(frozen=True)
@@ -37,19 +45,24 @@ class QTensor:
     """A quantized (N, K) weight in MatMulNBits layout."""
 
     codes: np.ndarray  # (N, n_blocks, block*bits/8) uint8
-    scales: np.ndarray  # (N, n_blocks) float32
-    zero_points: np.ndarray | None  # (N, ceil(n_blocks*bits/8)) uint8, None when symmetric
+    scales: np.ndarray  # (N, n_blocks) float32, or float16 with zero="float"
+    zero_points: np.ndarray | None  # (N, ceil(n_blocks*bits/8)) uint8 with zero="int"
     bits: int
     block: int
     k: int  # the true K (before padding)
+    offsets: np.ndarray | None = None  # (N, n_blocks) float16 with zero="float"
 
     @property
     def n(self) -> int:
         return self.codes.shape[0]
 
     @property
+    def n_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+        return sum(a.nbytes for a in (self.codes, self.scales, self.zero_points, self.offsets) if a is not None)
 
 
 def check_params(bits: int, block: int) -> None:
@@ -68,56 +81,124 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(n, nb, block)
 
 
-def _codes_for(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integer codes, scales, zero points for blocks ``v`` (..., block) over ranges [lo, hi] (lo <= 0 <= hi)."""
+def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
+    """(scale, zp, offset) for blocks ``v`` (..., block), the range shrunk by ``shrink``; float64."""
+    qmax, half = 2**bits - 1, 2 ** (bits - 1)
+    lo, hi = v.min(-1), v.max(-1)
+    if zero == "int":
+        lo, hi = np.minimum(lo, 0.0) * shrink, np.maximum(hi, 0.0) * shrink
+        scale = (hi - lo) / qmax
+        zp = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, qmax)
+        return scale, zp, np.zeros_like(scale)
+    if zero == "none":
+        scale = np.maximum(-lo, hi) * shrink / half
+        return scale, np.full(scale.shape, float(half)), np.zeros_like(scale)
+    mid = (lo + hi) / 2
+    lo, hi = mid - (mid - lo) * shrink, mid + (hi - mid) * shrink
     scale = (hi - lo) / qmax
+    # stored in float16 (as GGUF's Q4_1 does): round here so the codes are chosen against the stored values
+    scale = scale.astype(np.float16).astype(np.float64)
+    offset = (lo + half * scale).astype(np.float16).astype(np.float64)
+    return scale, np.full(scale.shape, float(half)), offset
+
+
+def block_codes(v: np.ndarray, scale, zp, offset, bits: int) -> np.ndarray:
     safe = np.where(scale == 0, 1.0, scale)
-    zp = np.clip(np.rint(-lo / safe), 0, qmax)
-    q = np.clip(np.rint(v / safe[..., None]) + zp[..., None], 0, qmax)
-    return q, scale, zp
+    return np.clip(np.rint((v - offset[..., None]) / safe[..., None]) + zp[..., None], 0, 2**bits - 1)
 
 
-def _codes_symmetric(v: np.ndarray, amax: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    half = 2 ** (bits - 1)
-    scale = amax / half
-    safe = np.where(scale == 0, 1.0, scale)
-    q = np.clip(np.rint(v / safe[..., None]) + half, 0, 2 * half - 1)
-    return q, scale, np.full(scale.shape, half, dtype=np.float64)
-
-
-def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = False, algo: str = "search") -> QTensor:
-    """Quantize ``w`` (N, K) float; returns codes in MatMulNBits layout."""
-    check_params(bits, block)
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
-    qmax = 2**bits - 1
-    v = _blocks(np.asarray(w, dtype=np.float64), block)  # (N, nb, block)
-    lo, hi = np.minimum(v.min(-1), 0.0), np.maximum(v.max(-1), 0.0)
-    amax = np.maximum(-lo, hi)
-    grid = SHRINK_GRID if algo == "search" else (1.0,)
-    if algo not in ("search", "rtn"):
-        raise InputError(f"unknown quantization algorithm {algo!r}; use 'search' or 'rtn'")
-    best = None
-    for r in grid:
-        q, scale, zp = _codes_symmetric(v, amax * r, bits) if symmetric else _codes_for(v, lo * r, hi * r, qmax)
-        err = (((q - zp[..., None]) * scale[..., None] - v) ** 2).sum(-1)  # (N, nb)
-        if best is None:
-            best = [q, scale, zp, err]
-        else:
-            better = err < best[3]
-            best[0] = np.where(better[..., None], q, best[0])
-            best[1] = np.where(better, scale, best[1])
-            best[2] = np.where(better, zp, best[2])
-            best[3] = np.where(better, err, best[3])
-    q, scale, zp, _ = best
+def _assemble(q, scale, zp, offset, bits, block, k, zero) -> QTensor:
+    n, nb = scale.shape
     return QTensor(
-        codes=pack(q.astype(np.uint8), bits),
-        scales=scale.astype(np.float32),
-        zero_points=None if symmetric else pack(zp.astype(np.uint8), bits, pad=2 ** (bits - 1)),  # ORT pads with the mid-point
+        codes=pack(q.reshape(n, nb, block).astype(np.uint8), bits),
+        scales=scale.astype(np.float16 if zero == "float" else np.float32),
+        zero_points=pack(zp.astype(np.uint8), bits, pad=2 ** (bits - 1)) if zero == "int" else None,  # ORT pads with the mid-point
         bits=bits,
         block=block,
-        k=w.shape[1],
+        k=k,
+        offsets=offset.astype(np.float16) if zero == "float" else None,
     )
+
+
+def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", algo: str = "search") -> QTensor:
+    """Quantize ``w`` (N, K) float, block by block (``rtn`` or ``search``); codes in MatMulNBits layout."""
+    check_params(bits, block)
+    if zero not in ZERO_KINDS:
+        raise InputError(f"zero point kind must be one of {', '.join(ZERO_KINDS)}, got {zero!r}")
+    if algo not in ("search", "rtn"):
+        raise InputError(f"unknown block quantization algorithm {algo!r}; use 'search' or 'rtn'")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    v = _blocks(np.asarray(w, dtype=np.float64), block)  # (N, nb, block)
+    best = None
+    for r in SHRINK_GRID if algo == "search" else (1.0,):
+        scale, zp, offset = block_params(v, bits, zero, r)
+        q = block_codes(v, scale, zp, offset, bits)
+        err = ((((q - zp[..., None]) * scale[..., None] + offset[..., None]) - v) ** 2).sum(-1)  # (N, nb)
+        if best is None:
+            best = [q, scale, zp, offset, err]
+            continue
+        better = err < best[4]
+        for i, new in enumerate((q, scale, zp, offset, err)):
+            best[i] = np.where(better[..., None] if new.ndim == 3 else better, new, best[i])
+    q, scale, zp, offset, _ = best
+    return _assemble(q, scale, zp, offset, bits, block, w.shape[1], zero)
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", damp: float = 0.01) -> QTensor:
+    """GPTQ (Frantar et al. 2022): quantize K-columns in order, pushing each column's error onto the
+    columns not yet quantized through the inverse Hessian of the layer's inputs, H = X^T X.
+
+    Each block's parameters are chosen (by ``search``) when the walk reaches the block, from the
+    already error-compensated weights, so the result is an ordinary block-quantized tensor.
+    """
+    check_params(bits, block)
+    n, k = w.shape
+    nb = -(-k // block)
+    kp = nb * block
+    W = np.zeros((n, kp), np.float64)
+    W[:, :k] = w
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = hessian
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    except np.linalg.LinAlgError:
+        raise InputError("GPTQ: the calibration Hessian is not positive definite; give a longer calibration text") from None
+    q = np.zeros((n, kp))
+    scale, zp, offset = (np.zeros((n, nb)) for _ in range(3))
+    step = max(128, block)
+    for i1 in range(0, kp, step):
+        i2 = min(i1 + step, kp)
+        W1 = W[:, i1:i2].copy()
+        err1 = np.zeros_like(W1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            b = (i1 + i) // block
+            if (i1 + i) % block == 0:
+                qt = quantize(W1[:, i : i + block], bits, block, zero, "search")
+                scale[:, b], zp[:, b], offset[:, b] = _params_of(qt)
+            col = block_codes(W1[:, i : i + 1], scale[:, b], zp[:, b], offset[:, b], bits)[:, 0]
+            q[:, i1 + i] = col
+            e = (W1[:, i] - ((col - zp[:, b]) * scale[:, b] + offset[:, b])) / h1[i, i]
+            W1[:, i:] -= np.outer(e, h1[i, i:])
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _assemble(q, scale, zp, offset, bits, block, k, zero)
+
+
+def _params_of(qt: QTensor):
+    """(scale, zp, offset) of a single-block QTensor, as float64 vectors."""
+    scale = qt.scales[:, 0].astype(np.float64)
+    if qt.zero_points is not None:
+        zp = unpack(qt.zero_points, qt.bits, 1)[:, 0].astype(np.float64)
+    else:
+        zp = np.full(scale.shape, float(2 ** (qt.bits - 1)))
+    offset = qt.offsets[:, 0].astype(np.float64) if qt.offsets is not None else np.zeros_like(scale)
+    return scale, zp, offset
 
 
 def pack(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
@@ -137,16 +218,18 @@ def unpack(p: np.ndarray, bits: int, length: int) -> np.ndarray:
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
-    """The numpy reference: W_hat (N, K) float32."""
-    nb = qt.scales.shape[1]
+    """The numpy reference: W_hat (N, K) float32, computed as the graph computes it."""
+    nb = qt.n_blocks
     q = unpack(qt.codes, qt.bits, qt.block)  # (N, nb, block)
     zp = np.full((qt.n, nb), 2 ** (qt.bits - 1)) if qt.zero_points is None else unpack(qt.zero_points, qt.bits, nb)
-    w = (q - zp[..., None]).astype(np.float32) * qt.scales[..., None]
+    w = (q - zp[..., None]).astype(np.float32) * qt.scales.astype(np.float32)[..., None]
+    if qt.offsets is not None:
+        w = w + qt.offsets.astype(np.float32)[..., None]
     return w.reshape(qt.n, nb * qt.block)[:, : qt.k]
 
 
 # -- applying a recipe to a model's weights --------------------------------------------------
-def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None) -> tuple[dict, dict]:
+def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None) -> tuple[dict, dict]:
     """Return (weights with QTensor / float16 values per the recipe, a report for the manifest).
 
     Only base weights are touched: the linear layers and the token embedding (a tied lm_head uses
@@ -161,7 +244,12 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     def store(key: str, wtype: WeightType, part: str) -> None:
         w = weights[key]
         if wtype.bits:
-            qt = quantize(w, wtype.bits, qcfg.block_size, qcfg.symmetric, qcfg.algo)
+            module = key[: -len(".weight")]
+            zero = qcfg.zero_for(wtype)
+            if qcfg.algo == "gptq" and hessians is not None and module in hessians:
+                qt = gptq(w, hessians[module], wtype.bits, qcfg.block_size, zero)
+            else:
+                qt = quantize(w, wtype.bits, qcfg.block_size, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)
             out[key] = qt
             sizes[part] += qt.nbytes
         elif wtype is WeightType.FP16:

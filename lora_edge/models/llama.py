@@ -123,28 +123,50 @@ class LlamaFamily:
                 return g.weight(name, arr.astype(f32))
             return g.op("Cast", [g.weight(f"{name}.fp16", arr.astype(np.float16))], to=1)
 
-        def quant_inputs(name: str, qt: QTensor) -> list[str]:
-            if f"{name}.q{qt.bits}" not in g.initializers:
-                g.weight(f"{name}.q{qt.bits}", qt.codes)
-                g.weight(f"{name}.scales", qt.scales)
+        quant_values: dict[str, dict[str, str]] = {}
+
+        def quant_inputs(name: str, qt: QTensor) -> dict[str, str]:
+            """Initializers of a quantized weight, created once (a tied head reuses the embedding's)."""
+            if name not in quant_values:
+                v = {"codes": g.weight(f"{name}.q{qt.bits}", qt.codes)}
+                scales = g.weight(f"{name}.scales", qt.scales)
+                v["scales"] = scales if qt.scales.dtype == f32 else g.op("Cast", [scales], to=1)  # fp16 on disk
                 if qt.zero_points is not None:
-                    g.weight(f"{name}.zero_points", qt.zero_points)
-            names = [f"{name}.q{qt.bits}", f"{name}.scales"]
-            return names + ([f"{name}.zero_points"] if qt.zero_points is not None else [])
+                    v["zero_points"] = g.weight(f"{name}.zero_points", qt.zero_points)
+                if qt.offsets is not None:
+                    v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=1)  # (N, nb)
+                quant_values[name] = v
+            return quant_values[name]
+
+        block_sums: dict[tuple[str, int], str] = {}
 
         def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
-            """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise)."""
-            return g.op("MatMulNBits", [x, *quant_inputs(name, qt)], domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits,
-                        block_size=qt.block, accuracy_level=accuracy_level)  # fmt: skip
+            """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise), plus the
+            float-offset correction blocksum(x) @ offsets.T when the blocks have float offsets."""
+            v = quant_inputs(name, qt)
+            ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
+            y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
+                     accuracy_level=accuracy_level)  # fmt: skip
+            if "offsets" not in v:
+                return y
+            key = (x, qt.block)
+            if key not in block_sums:  # shared by the projections that read the same x (q/k/v, gate/up)
+                xp = x
+                if qt.n_blocks * qt.block != qt.k:
+                    xp = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, qt.n_blocks * qt.block - qt.k])])
+                blocks = g.op("Reshape", [xp, g.const([-1, qt.n_blocks, qt.block])])  # (B*S, nb, block)
+                block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B*S, nb)
+            corr = g.op("Gemm", [block_sums[key], v["offsets"]], transB=1)  # (B*S, N)
+            return g.op("Add", [y, g.op("Reshape", [corr, g.op("Shape", [y])])])
 
         def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
             """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.
 
             Only the looked-up rows are dequantized, with standard ops, so a tied lm_head can share the
             very same MatMulNBits initializers (one quantized copy of the table serves both)."""
-            names = quant_inputs(table, qt)
-            nb = qt.scales.shape[1]
-            codes = g.op("Gather", [names[0], ids], axis=0)  # (B, S, nb, blob) uint8
+            v = quant_inputs(table, qt)
+            nb = qt.n_blocks
+            codes = g.op("Gather", [v["codes"], ids], axis=0)  # (B, S, nb, blob) uint8
 
             def unpack(p: str, length: int) -> str:  # uint8 codes -> float (.., length)
                 if qt.bits == 8:
@@ -156,12 +178,15 @@ class LlamaFamily:
                 return g.op("Cast", [g.op("Slice", [flat, g.const([0]), g.const([length]), g.const([-1])])], to=1)
 
             q = unpack(codes, qt.block)  # (B, S, nb, block)
-            if qt.zero_points is None:
+            if "zero_points" not in v:
                 zp = g.const(2.0 ** (qt.bits - 1), f32)
             else:
-                zp = g.op("Unsqueeze", [unpack(g.op("Gather", [names[2], ids], axis=0), nb), g.const([-1])])  # (B, S, nb, 1)
-            scale = g.op("Unsqueeze", [g.op("Gather", [names[1], ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
-            rows = g.op("Reshape", [g.op("Mul", [g.op("Sub", [q, zp]), scale]), g.const([0, 0, -1])])  # (B, S, nb*block)
+                zp = g.op("Unsqueeze", [unpack(g.op("Gather", [v["zero_points"], ids], axis=0), nb), g.const([-1])])  # (B, S, nb, 1)
+            scale = g.op("Unsqueeze", [g.op("Gather", [v["scales"], ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
+            rows = g.op("Mul", [g.op("Sub", [q, zp]), scale])  # (B, S, nb, block)
+            if "offsets" in v:
+                rows = g.op("Add", [rows, g.op("Unsqueeze", [g.op("Gather", [v["offsets"], ids], axis=0), g.const([-1])])])
+            rows = g.op("Reshape", [rows, g.const([0, 0, -1])])  # (B, S, nb*block)
             if nb * qt.block != qt.k:
                 rows = g.op("Slice", [rows, g.const([0]), g.const([qt.k]), g.const([-1])])
             return rows
