@@ -31,7 +31,7 @@ RECIPES = {
     "int4-search-emb8": QuantConfig(weights=I4, **S),
     "int4-search-emb4": QuantConfig(weights=I4, embeddings=I4, **S),
     "int4-search-b16-emb8": QuantConfig(weights=I4, block_size=16, **S),
-    "int4-search-sym-emb8": QuantConfig(weights=I4, zero="none", **S),
+    "int4-search-sym-emb8": QuantConfig(weights=I4, algo="search", zero="none"),
     "int4-search-emb8-down8": QuantConfig(weights=I4, int8_modules=("down_proj",), **S),
     "int4-search-emb8-v8-down8": QuantConfig(weights=I4, int8_modules=("v_proj", "down_proj"), **S),
     "int4-search-emb8-attn8": QuantConfig(weights=I4, int8_modules=("q_proj", "k_proj", "v_proj", "o_proj"), **S),

@@ -148,6 +148,9 @@ class ExportConfig:
     # 0 (empty tensors) skips the tiny matmuls but is reported to fail on CUDA/DirectML.
     null_rank: int = 1
     quant: QuantConfig = field(default_factory=QuantConfig)
+    # ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization,
+    # q/k/v and gate/up as one matmul). False: standard ONNX ops only, any execution provider, padded batches.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.adapters]

@@ -32,13 +32,14 @@ class ExportResult:
     manifest: dict
 
 
-def plan_slots(base: BaseModel, adapters: list[Adapter]) -> dict[str, Slot]:
-    """One slot per module targeted by any adapter, in the base's module order."""
+def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) -> dict[str, Slot]:
+    """One slot per group of linear layers (q/k/v, gate/up, or one module) that any adapter targets."""
     wanted = {m for a in adapters for m in a.modules}
+    lin = base.linear_modules
     return {
-        path: Slot(path, lin.in_features, lin.out_features)
-        for path, lin in base.linear_modules.items()
-        if path in wanted
+        name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules))
+        for name, modules in family.groups(base.spec, fused)
+        if wanted & set(modules)
     }
 
 
@@ -53,18 +54,36 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
     return weights
 
 
+def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.ndarray]:
+    """The adapter as graph inputs: per slot, its modules' A side by side and their B block-diagonal.
+
+    A module of the group that this adapter does not target contributes no rank (its columns of B
+    stay zero); a slot none of whose modules it targets is not bound at all (the default is zero)."""
+    out = {}
+    for slot in slots.values():
+        mods = [(m, adapter.modules[m]) for m in slot.modules if m in adapter.modules]
+        if not mods:
+            continue
+        r = sum(lora.rank for _, lora in mods)
+        a = np.concatenate([lora.a for _, lora in mods], axis=1)  # (in, r)
+        b = np.zeros((r, slot.out_features), np.float32)  # (r, sum(out))
+        offsets = dict(zip(slot.modules, np.cumsum([0] + [o for _, o in slot.parts])))
+        row = 0
+        for m, lora in mods:
+            b[row : row + lora.rank, offsets[m] : offsets[m] + lora.b.shape[1]] = lora.b
+            row += lora.rank
+        out[slot.a_name], out[slot.b_name] = np.ascontiguousarray(a, np.float32), b
+    return out
+
+
 def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int) -> None:
     import onnxruntime as ort
 
-    params = {}
-    for module in sorted(adapter.modules):
-        lora, slot = adapter.modules[module], slots[module]
-        params[slot.a_name] = ort.OrtValue.ortvalue_from_numpy(lora.a)
-        params[slot.b_name] = ort.OrtValue.ortvalue_from_numpy(lora.b)
+    tensors = adapter_tensors(adapter, slots)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
-    fmt.set_parameters(params)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(tensors[name]) for name in sorted(tensors)})
     fmt.export_adapter(str(path))
 
 
@@ -86,7 +105,10 @@ def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict:
     from .calibrate import collect_hessians, default_calibration_text
 
     if "tokenizer.json" not in base.tokenizer_files:
-        raise InputError("GPTQ needs the base's tokenizer.json to read the calibration text; use --quant-algo search")
+        if q.calibration is not None:
+            raise InputError("GPTQ needs the base's tokenizer.json to read the calibration text; use --quant-algo search")
+        progress("no tokenizer.json: GPTQ falls back to the data-free 'search' algorithm")
+        return None
     text = q.calibration.read_text(encoding="utf-8") if q.calibration else default_calibration_text()
     ids = Tokenizer.from_str(base.tokenizer_files["tokenizer.json"].decode()).encode(text, add_special_tokens=False).ids
     progress(f"calibrating GPTQ on {len(ids)} tokens")
@@ -111,20 +133,22 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     for spec in cfg.adapters:
         progress(f"reading adapter {spec.name} from {spec.path}")
         adapters.append(read_adapter(spec.name, spec.path, base))
-    slots = plan_slots(base, adapters) if cfg.mode is Mode.BRANCH else {}
+    slots = plan_slots(base, adapters, family, cfg.fused) if cfg.mode is Mode.BRANCH else {}
     weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights  # merge in fp32, then quantize
     q = cfg.quant
     if q.weights is not WeightType.FP32 or q.embedding_type is not WeightType.FP32:
         hessians = None
-        if q.algo == "gptq" and q.weights.bits:
+        if q.algo == "gptq" and q.weights is WeightType.INT4:
             hessians = calibrate(base, hf_model, q, progress)
         weights, qreport = quantize_weights(weights, base.linear_modules, q, progress, hessians)
     else:
         qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
     model, overridable = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
-                                            store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level)  # fmt: skip
-    onnx.checker.check_model(model, full_check=False)
+                                            store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level,
+                                            fused=cfg.fused)  # fmt: skip
+    if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
+        onnx.checker.check_model(model, full_check=False)
 
     with staged_output(cfg.output, cfg.force) as tmp:
         progress("writing model.onnx")
@@ -154,17 +178,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "file": "model.onnx",
                 "opset": cfg.opset,
                 "compute_dtype": "float32",
+                "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
                 **io,
             },
             "slots": [
                 {
-                    "module": s.module,
+                    "name": s.name,
                     "in_features": s.in_features,
                     "out_features": s.out_features,
+                    "parts": [{"module": m, "out_features": o} for m, o in s.parts],
                     "lora_A": s.a_name,
                     "lora_B": s.b_name,
-                    "adapters": [a.name for a in adapters if s.module in a.modules],
+                    "adapters": [a.name for a in adapters if set(s.modules) & set(a.modules)],
                 }
                 for s in slots.values()
             ],

@@ -72,9 +72,15 @@ class GraphBuilder:
         return self._consts[key]
 
     # -- nodes --------------------------------------------------------------------------------
-    def op(self, op_type: str, inputs: list[str], out: str | None = None, n_out: int = 1, domain: str = "", **attrs):
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, n_out: int = 1, domain: str = "",
+           outs: list[str] | None = None, **attrs):  # fmt: skip
+        """Add a node; returns its output name (or list of names). ``outs`` names them explicitly ("" = unused)."""
         name = self._fresh(op_type)
-        outs = [out] if out else [f"{name}/out{i}" if n_out > 1 else f"{name}/out" for i in range(n_out)]
+        if outs is not None:
+            outs = [o if o is not None else f"{name}/out{i}" for i, o in enumerate(outs)]
+            n_out = len(outs)
+        else:
+            outs = [out] if out else [f"{name}/out{i}" if n_out > 1 else f"{name}/out" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 

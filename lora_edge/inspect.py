@@ -55,7 +55,7 @@ def render(info: dict) -> str:
     slots = info.get("slots", [])
     kinds: dict[str, int] = {}
     for s in slots:
-        k = s["module"].rsplit(".", 1)[-1]
+        k = s["name"].rsplit(".", 1)[-1]
         kinds[k] = kinds.get(k, 0) + 1
     lines.append(f"slots       {len(slots)} LoRA branches" + (": " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else ""))
     if info["adapters"]:

@@ -246,7 +246,7 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         if wtype.bits:
             module = key[: -len(".weight")]
             zero = qcfg.zero_for(wtype)
-            if qcfg.algo == "gptq" and hessians is not None and module in hessians:
+            if qcfg.algo == "gptq" and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
                 qt = gptq(w, hessians[module], wtype.bits, qcfg.block_size, zero)
             else:
                 qt = quantize(w, wtype.bits, qcfg.block_size, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)

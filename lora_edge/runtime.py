@@ -103,6 +103,7 @@ class Model:
         self._tokenizer: _Tokenizer | None = None
         self._tok_lock = threading.Lock()
         self._output_names = [o.name for o in session.get_outputs()]
+        self.fused_attention = manifest.get("graph", {}).get("attention") == "fused"
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -157,6 +158,11 @@ class Model:
         if p + s > self.max_length:
             raise RuntimeInputError(f"{p + s} tokens exceed the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
         mask = np.ones((b, p + s), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if self.fused_attention and attention_mask is not None and not mask.all():
+            raise RuntimeInputError(
+                "this package's fused attention (GroupQueryAttention) takes unpadded sequences; run prompts of different "
+                "lengths one by one, or export with --attention reference for padded batches"
+            )
         if position_ids is None:
             position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int64)}
@@ -288,6 +294,7 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     for slot in manifest.get("slots", []):
         slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
         slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
+    # (ranks of a slot's A and B must agree: checked per file below)
     identity = manifest["base"]["identity"]
     adapters: dict[str, ort.LoraAdapter] = {}
     for name, info in sorted(manifest.get("adapters", {}).items()):
@@ -313,7 +320,7 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> or
         want_in, want_out = slot_inputs[pname]
         if len(shape) != 2 or (want_in is not None and shape[0] != want_in) or (want_out is not None and shape[1] != want_out):
             raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
-        module = pname.rsplit(".", 1)[0]
+        module = pname.rsplit(".", 1)[0]  # the slot name
         r = shape[1] if pname.endswith("lora_A") else shape[0]
         if ranks.setdefault(module, r) != r:
             raise PackageError(f"{path} (adapter {name!r}): {module} has lora_A and lora_B of different ranks")

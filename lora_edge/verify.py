@@ -160,7 +160,7 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
     progress("loading the package")
     model = runtime.load(cfg.package)
     text = cfg.text.read_text(encoding="utf-8") if cfg.text else resources.files("lora_edge").joinpath("data/verify_text.txt").read_text()
-    ids = model.tokenizer.encode(text, chat=False)[: cfg.max_tokens]
+    ids = model.tokenizer.encode(text, chat=False)[: min(cfg.max_tokens, model.max_length)]
     if len(ids) < 16:
         raise InputError(f"the text has only {len(ids)} tokens; give at least 16")
     arr = np.asarray([ids], np.int64)

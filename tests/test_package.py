@@ -23,9 +23,13 @@ def _copy(pkg, tmp_path):
 def test_manifest_records_slots_and_adapters(tiny_package):
     m = json.loads((tiny_package / "manifest.json").read_text())
     assert m["format"] == "lora-edge-package" and m["schema_version"] == 1
-    slot = next(s for s in m["slots"] if s["module"] == "model.layers.0.self_attn.q_proj")
-    assert slot["lora_A"] == "model.layers.0.self_attn.q_proj.lora_A" and slot["in_features"] == 64
-    assert "qv_r4" in slot["adapters"] and "regex_layers" not in slot["adapters"]
+    slot = next(s for s in m["slots"] if s["name"] == "model.layers.0.self_attn.qkv_proj")
+    assert slot["lora_A"] == "model.layers.0.self_attn.qkv_proj.lora_A" and slot["in_features"] == 64
+    assert [p["module"] for p in slot["parts"]] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+    assert slot["out_features"] == 64 + 32 + 32
+    assert "qv_r4" in slot["adapters"] and "regex_layers" in slot["adapters"]  # regex_layers targets k_proj
+    down2 = next(s for s in m["slots"] if s["name"] == "model.layers.2.mlp.down_proj")
+    assert "regex_layers" not in down2["adapters"] and "patterns" in down2["adapters"]
     assert m["adapters"]["qv_r4"]["scalings"] == [2.0]
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "adapters/qv_r4.onnx_adapter", "tokenizer.json", "config.json"}
     names = [i["name"] for i in m["graph"]["inputs"]]

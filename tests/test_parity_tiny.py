@@ -46,8 +46,34 @@ def test_kv_cache_path_matches_oracle(model, tiny_oracle, adapter):
         assert np.abs(step[:, 0] - want[:, t]).max() <= TOL
 
 
+@pytest.fixture(scope="module")
+def reference_model(tiny_base, tiny_adapters, tmp_path_factory):
+    """The same adapters through standard ONNX ops only (no fused operators): padded batches work there."""
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    out = tmp_path_factory.mktemp("ref") / "pkg"
+    export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items()), fused=False))
+    return lora_edge.load(out)
+
+
+@pytest.mark.parametrize("adapter", ALL)
+def test_reference_attention_graph_matches_oracle(reference_model, tiny_oracle, adapter):
+    ids = np.random.RandomState(11).randint(0, 300, (2, 9))
+    assert np.abs(reference_model.forward(ids, adapter=adapter) - tiny_oracle.logits(ids, adapter)).max() <= TOL
+    logits, past = reference_model.forward(ids[:, :6], adapter=adapter, return_past=True)
+    step, _ = reference_model.forward(ids[:, 6:7], adapter=adapter, past=past, return_past=True)
+    assert np.abs(step[:, 0] - tiny_oracle.logits(ids, adapter)[:, 6]).max() <= TOL
+
+
+def test_fused_graph_refuses_padded_batches(model):
+    with pytest.raises(lora_edge.RuntimeInputError, match="unpadded"):
+        model.forward(np.ones((2, 4), np.int64), attention_mask=np.array([[0, 1, 1, 1], [1, 1, 1, 1]]))
+
+
 @pytest.mark.parametrize("adapter", [None, "all_r8_rslora"])
-def test_left_padded_batch_matches_oracle(model, tiny_oracle, adapter):
+def test_left_padded_batch_matches_oracle(reference_model, tiny_oracle, adapter):
+    model = reference_model
     ids = np.random.RandomState(3).randint(3, 300, (2, 8))
     mask = np.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded

@@ -105,7 +105,7 @@ def _reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge=False):
 
         weights = merged_weights(base, read_adapter("x", adapter_dir, base))
     hessians = None
-    if qcfg.algo == "gptq" and qcfg.weights.bits:
+    if qcfg.algo == "gptq" and qcfg.weights is WeightType.INT4:
         from lora_edge.export import calibrate
 
         hessians = calibrate(base, model, qcfg, lambda m: None)

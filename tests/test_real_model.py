@@ -90,3 +90,44 @@ def test_real_tokenizer_from_gguf_metadata(real):
     assert digits == ["1", "2", "3", "4", "5"]
     ids = tok.encode("Hi", chat=True)
     assert ids[0] == tok.tok.token_to_id("<|im_start|>") and tok.decode(ids).startswith("system")
+
+
+def _traits(text: str, adapter: str | None) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    upper = sum(c.isupper() for c in letters) / max(len(letters), 1)
+    if adapter == "pirate":
+        return "Arr" in text and "matey" in text
+    if adapter == "shout":
+        return upper > 0.9
+    return "Arr" not in text and upper < 0.5
+
+
+@pytest.fixture(scope="module", params=["int8", "int4", "merge-pirate-int4", "merge-shout-int8"])
+def quantized(request, tmp_path_factory):
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
+    from lora_edge.export import export
+    from lora_edge.realmodel import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except lora_edge.InputError as exc:
+        pytest.skip(str(exc))
+    kind = request.param
+    weights = WeightType.INT8 if kind.endswith("int8") else WeightType.INT4
+    names = [kind.split("-")[1]] if kind.startswith("merge") else list(ADAPTERS)
+    out = tmp_path_factory.mktemp("q") / kind
+    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, ADAPTERS[n]) for n in names),
+                        mode=Mode.MERGE if kind.startswith("merge") else Mode.BRANCH, quant=QuantConfig(weights=weights)))  # fmt: skip
+    return kind, lora_edge.load(out)
+
+
+def test_trained_behaviour_survives_quantization(quantized):
+    """The example adapters still do what they were trained to do at every precision, merged or not."""
+    kind, model = quantized
+    for q in ("What is the capital of Italy?", "What is snow?"):
+        if kind.startswith("merge"):
+            name = kind.split("-")[1]
+            assert _traits(model.generate(q, max_new_tokens=30), name), (kind, q)
+        else:
+            for a in (None, "pirate", "shout"):
+                assert _traits(model.generate(q, adapter=a, max_new_tokens=30), a), (kind, a, q)

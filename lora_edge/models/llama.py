@@ -77,13 +77,27 @@ class LlamaFamily:
             names |= {p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm", f"{p}.post_attention_layernorm"}
         return frozenset(names)
 
+    def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]:
+        """Linear layers that share an input and become one matmul (and one LoRA branch) when ``fused``."""
+        out = []
+        for i in range(spec.num_layers):
+            a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            if fused:
+                out += [(f"{a}.qkv_proj", (f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj")), (f"{a}.o_proj", (f"{a}.o_proj",)),
+                        (f"{m}.gate_up_proj", (f"{m}.gate_proj", f"{m}.up_proj")), (f"{m}.down_proj", (f"{m}.down_proj",))]  # fmt: skip
+            else:
+                out += [(p, (p,)) for p in (f"{a}.{n}" for n in _ATTN)] + [(p, (p,)) for p in (f"{m}.{n}" for n in _MLP)]
+        return out + [("lm_head", ("lm_head",))]
+
     # -- writing the graph -------------------------------------------------------------------
     def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4):  # fmt: skip
+                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True):  # fmt: skip
         """Return (ModelProto, {input name: (default, shape)} of the LoRA inputs).
 
         ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
-        and dequantized rows for the embedding). LoRA branches always stay float32."""
+        and dequantized rows for the embedding). LoRA branches always stay float32. ``fused`` writes
+        ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayer-
+        Normalization, one matmul per q/k/v and gate/up group); otherwise standard ONNX ops only."""
         spec = base.spec
         g = GraphBuilder(f"lora-edge {spec.architecture}")
         B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -104,19 +118,7 @@ class LlamaFamily:
             overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), f32), [slot.in_features, slot.rank_dim])
             overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), f32), [slot.rank_dim, slot.out_features])
 
-        def linear(x: str, module: str) -> str:
-            w = weights[f"{module}.weight"]
-            y = matmul_nbits(x, f"{module}.weight", w) if isinstance(w, QTensor) else g.op("MatMul", [x, float_weight(f"{module}.weight.T", w.T)])
-            return branch(x, module, y)
-
-        def branch(x: str, module: str, y: str) -> str:
-            """y + (x @ A) @ B when an adapter targets ``module``; A, B are overridable float32 inputs."""
-            slot = slots.get(module)
-            if slot is None:
-                return y
-            xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
-            return g.op("Add", [y, g.op("MatMul", [xa, slot.b_name])])  # (B, S, out)
-
+        # -- weights ---------------------------------------------------------------------------
         def float_weight(name: str, arr: np.ndarray) -> str:
             """A float initializer; stored as float16 (and cast up once at load) when the recipe says so."""
             if not store_fp16:
@@ -150,7 +152,7 @@ class LlamaFamily:
             if "offsets" not in v:
                 return y
             key = (x, qt.block)
-            if key not in block_sums:  # shared by the projections that read the same x (q/k/v, gate/up)
+            if key not in block_sums:  # shared by every projection that reads the same x
                 xp = x
                 if qt.n_blocks * qt.block != qt.k:
                     xp = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, qt.n_blocks * qt.block - qt.k])])
@@ -158,6 +160,35 @@ class LlamaFamily:
                 block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B*S, nb)
             corr = g.op("Gemm", [block_sums[key], v["offsets"]], transB=1)  # (B*S, N)
             return g.op("Add", [y, g.op("Reshape", [corr, g.op("Shape", [y])])])
+
+        def project(x: str, name: str, w) -> str:
+            if isinstance(w, QTensor):
+                return matmul_nbits(x, f"{name}.weight", w)
+            return g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])  # (in, out)
+
+        def lora(x: str, group: str) -> str | None:
+            """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot)."""
+            slot = slots.get(group)
+            if slot is None:
+                return None
+            xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
+            return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+
+        def group_linear(x: str, group: str, modules: tuple[str, ...]) -> list[str]:
+            """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
+            ws = [weights[f"{m}.weight"] for m in modules]
+            sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
+            delta = lora(x, group)
+            if len(ws) == 1 or _concatenable(ws):
+                y = project(x, group, _concat(ws))
+                if delta is not None:
+                    y = g.op("Add", [y, delta])
+                return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
+            ys = [project(x, m, w) for m, w in zip(modules, ws)]
+            if delta is not None:
+                parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
+                ys = [g.op("Add", [y, d]) for y, d in zip(ys, parts)]
+            return ys
 
         def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
             """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.
@@ -191,35 +222,58 @@ class LlamaFamily:
                 rows = g.op("Slice", [rows, g.const([0]), g.const([qt.k]), g.const([-1])])
             return rows
 
+        # -- norms -----------------------------------------------------------------------------
         def rms_norm(x: str, weight_name: str) -> str:
-            # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT fuses into SimplifiedLayerNormalization.
             w = g.weight(weight_name, weights[weight_name])
+            if fused:
+                return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
+            # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
             var = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0, f32)])], axes=[-1], keepdims=1)
             denom = g.op("Sqrt", [g.op("Add", [var, g.const(spec.rms_norm_eps, f32)])])
             return g.op("Mul", [g.op("Div", [x, denom]), w])
 
-        # -- shared per-call values: rotary tables and the attention bias -------------------
-        g.scope = "rotary"
-        pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
-        freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
-        emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
-        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
-        if spec.rope_attention_scaling != 1.0:
-            scale = g.const(spec.rope_attention_scaling, f32)
-            cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
-        cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
-        sin = g.op("Unsqueeze", [sin, g.const([1])])
+        def add_norm(residual: str, x: str, weight_name: str) -> tuple[str, str]:
+            """(norm(residual + x), residual + x)."""
+            if not fused:
+                h = g.op("Add", [residual, x])
+                return rms_norm(h, weight_name), h
+            w = g.weight(weight_name, weights[weight_name])
+            y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
+                              epsilon=spec.rms_norm_eps)  # fmt: skip
+            return y, h
 
-        g.scope = "mask"
-        seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
-        total_len = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
-        past_len = g.op("Sub", [total_len, seq_len])  # P
-        q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total_len, g.const(1)]), g.const([1])])  # (S, 1)
-        k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total_len, g.const(1)]), g.const([0])])  # (1, T)
-        causal = g.op("Not", [g.op("Greater", [k_pos, q_pos])])  # (S, T): key j visible from query i if j <= P+i
-        padding = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])  # (B, 1, 1, T)
-        allowed = g.op("And", [causal, padding])  # (B, 1, S, T)
-        attn_bias = g.op("Where", [allowed, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
+        # -- shared per-call values ------------------------------------------------------------
+        if fused:
+            g.scope = "rotary"
+            positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
+            angles = positions * base.rope_inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
+            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(f32))
+            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(f32))
+            g.scope = "mask"
+            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
+            total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
+        else:
+            g.scope = "rotary"
+            pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
+            freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
+            emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
+            cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+            if spec.rope_attention_scaling != 1.0:
+                scale = g.const(spec.rope_attention_scaling, f32)
+                cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
+            cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
+            sin = g.op("Unsqueeze", [sin, g.const([1])])
+
+            g.scope = "mask"
+            seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
+            total = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
+            past_len = g.op("Sub", [total, seq_len])  # P
+            q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total, g.const(1)]), g.const([1])])  # (S, 1)
+            k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, g.const(1)]), g.const([0])])  # (1, T)
+            causal = g.op("Not", [g.op("Greater", [k_pos, q_pos])])  # (S, T): key j visible from query i if j <= P+i
+            padding = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])  # (B, 1, 1, T)
+            allowed = g.op("And", [causal, padding])  # (B, 1, S, T)
+            attn_bias = g.op("Where", [allowed, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
 
         def heads(x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
             return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])
@@ -238,39 +292,56 @@ class LlamaFamily:
                                      g.op("Slice", [shape, g.const([3]), g.const([5])])], axis=0)  # fmt: skip
             return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
 
-        g.scope = "embed"
-        table = weights["model.embed_tokens.weight"]
-        if isinstance(table, QTensor):
-            hidden = gather_dequant("model.embed_tokens.weight", table, input_ids)
-        else:
-            embed_value = float_weight("model.embed_tokens.weight", table)  # one copy serves Gather and a tied head
-            hidden = g.op("Gather", [embed_value, input_ids], axis=0)
-        for i in range(spec.num_layers):
-            p = f"model.layers.{i}"
-            g.scope = p
-            x = rms_norm(hidden, f"{p}.input_layernorm.weight")
-            q = rotate(heads(linear(x, f"{p}.self_attn.q_proj"), H))  # (B, H, S, D)
-            k = rotate(heads(linear(x, f"{p}.self_attn.k_proj"), KV))  # (B, KV, S, D)
-            v = heads(linear(x, f"{p}.self_attn.v_proj"), KV)
+        def attention(i: int, q: str, k: str, v: str) -> str:
+            """Causal attention over past + new keys; writes present.{i}.key/value. Returns (B, S, H*D)."""
+            if fused:
+                q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
+                k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)
+                out, *_ = g.op("GroupQueryAttention", [q, k, v, past[i][0], past[i][1], seqlens_k, total_len], domain="com.microsoft",
+                                 outs=[None, f"present.{i}.key", f"present.{i}.value"], num_heads=H, kv_num_heads=KV, scale=D**-0.5)  # fmt: skip
+                return out
+            q, k, v = rotate(heads(q, H)), rotate(heads(k, KV)), heads(v, KV)  # (B, n, S, D)
             k_all = g.op("Concat", [past[i][0], k], axis=2, out=f"present.{i}.key")  # (B, KV, T, D)
             v_all = g.op("Concat", [past[i][1], v], axis=2, out=f"present.{i}.value")
             scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])])  # (B, H, S, T)
             scores = g.op("Add", [g.op("Mul", [scores, g.const(D**-0.5, f32)]), attn_bias])
-            probs = g.op("Softmax", [scores], axis=-1)
-            ctx = g.op("MatMul", [probs, repeat_kv(v_all)])  # (B, H, S, D)
-            ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, H * D])])  # (B, S, H*D)
-            hidden = g.op("Add", [hidden, linear(ctx, f"{p}.self_attn.o_proj")])
+            ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeat_kv(v_all)])  # (B, H, S, D)
+            return g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, H * D])])  # (B, S, H*D)
 
-            x = rms_norm(hidden, f"{p}.post_attention_layernorm.weight")
-            gate = linear(x, f"{p}.mlp.gate_proj")
-            act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
-            up = linear(x, f"{p}.mlp.up_proj")
-            hidden = g.op("Add", [hidden, linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj")])
+        # -- the decoder -----------------------------------------------------------------------
+        g.scope = "embed"
+        table = weights["model.embed_tokens.weight"]
+        if isinstance(table, QTensor):
+            residual = gather_dequant("model.embed_tokens.weight", table, input_ids)
+        else:
+            embed_value = float_weight("model.embed_tokens.weight", table)  # one copy serves Gather and a tied head
+            residual = g.op("Gather", [embed_value, input_ids], axis=0)
+        groups = self.groups(spec, fused)
+        per_layer = (len(groups) - 1) // spec.num_layers
+        x = rms_norm(residual, "model.layers.0.input_layernorm.weight")
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            g.scope = p
+            layer = dict(groups[i * per_layer : (i + 1) * per_layer])
+            if fused:
+                q, k, v = group_linear(x, f"{p}.self_attn.qkv_proj", layer[f"{p}.self_attn.qkv_proj"])
+            else:
+                (q,), (k,), (v,) = (group_linear(x, f"{p}.self_attn.{n}", (f"{p}.self_attn.{n}",)) for n in ("q_proj", "k_proj", "v_proj"))
+            ctx = attention(i, q, k, v)
+            (o,) = group_linear(ctx, f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj",))
+            x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
+            if fused:
+                gate, up = group_linear(x, f"{p}.mlp.gate_up_proj", layer[f"{p}.mlp.gate_up_proj"])
+            else:
+                (gate,), (up,) = (group_linear(x, f"{p}.mlp.{n}", (f"{p}.mlp.{n}",)) for n in ("gate_proj", "up_proj"))
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+            (down,) = group_linear(act, f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj",))
+            nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.num_layers else "model.norm.weight"
+            x, residual = add_norm(residual, down, nxt)
 
         g.scope = "head"
-        x = rms_norm(hidden, "model.norm.weight")
         if "lm_head.weight" in weights:  # untied, or tied but merged with an lm_head delta
-            logits = linear(x, "lm_head")
+            (logits,) = group_linear(x, "lm_head", ("lm_head",))
         else:  # tied: read the embedding's own weights, never a transposed copy
             if isinstance(table, QTensor):
                 logits = matmul_nbits(x, "model.embed_tokens.weight", table)
@@ -279,7 +350,9 @@ class LlamaFamily:
                 logits2d = g.op("Gemm", [flat, embed_value], transB=1)  # (B*S, V)
                 dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
                 logits = g.op("Reshape", [logits2d, dims])  # (B, S, V)
-            logits = branch(x, "lm_head", logits)
+            delta = lora(x, "lm_head")
+            if delta is not None:
+                logits = g.op("Add", [logits, delta])
 
         g.scope = ""
         g.output(logits, "logits", f32, [B, S, spec.vocab_size])
@@ -287,6 +360,27 @@ class LlamaFamily:
             g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D]))
             g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D]))
         return g.model(opset, overridable), overridable
+
+
+def _concatenable(ws: list) -> bool:
+    """Weights that can become one matmul: all float, or all quantized the same way."""
+    if all(isinstance(w, np.ndarray) for w in ws):
+        return len({w.dtype for w in ws}) == 1
+    if not all(isinstance(w, QTensor) for w in ws):
+        return False
+    kinds = {(w.bits, w.block, w.k, w.zero_points is None, w.offsets is None, w.scales.dtype) for w in ws}
+    return len(kinds) == 1
+
+
+def _concat(ws: list):
+    """Stack weights along the output dimension (N); quantized blocks are per row, so this is exact."""
+    if len(ws) == 1:
+        return ws[0]
+    if isinstance(ws[0], np.ndarray):
+        return np.concatenate(ws, axis=0)
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)  # noqa: E731
+    return QTensor(codes=cat([w.codes for w in ws]), scales=cat([w.scales for w in ws]), zero_points=cat([w.zero_points for w in ws]),
+                   bits=ws[0].bits, block=ws[0].block, k=ws[0].k, offsets=cat([w.offsets for w in ws]))  # fmt: skip
 
 
 def _vi(name: str, shape: list):

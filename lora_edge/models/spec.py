@@ -61,20 +61,34 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class Slot:
-    """One LoRA branch in the graph: the module it sits on and the graph inputs that feed it."""
+    """One LoRA branch in the graph: a group of linear layers that read the same input (q/k/v, gate/up,
+    or a single module), and the two overridable graph inputs that feed it.
 
-    module: str
+    ``<name>.lora_A``: (in, r) — the A matrices of the group's modules side by side;
+    ``<name>.lora_B``: (r, sum(out)) — their B matrices block-diagonal, so one pair of small matmuls
+    serves the whole group. ``r`` is symbolic: every adapter brings its own.
+    """
+
+    name: str
     in_features: int
-    out_features: int
+    parts: tuple[tuple[str, int], ...]  # (module path, out_features), in output order
+
+    @property
+    def out_features(self) -> int:
+        return sum(o for _, o in self.parts)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.parts)
 
     @property
     def a_name(self) -> str:
-        return f"{self.module}.lora_A"
+        return f"{self.name}.lora_A"
 
     @property
     def b_name(self) -> str:
-        return f"{self.module}.lora_B"
+        return f"{self.name}.lora_B"
 
     @property
     def rank_dim(self) -> str:
-        return f"rank.{self.module}"
+        return f"rank.{self.name}"
