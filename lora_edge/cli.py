@@ -72,11 +72,13 @@ def _progress(start: float):
               help="Embedding (and tied lm_head) precision; default int8 when --quant is int8/int4.")
 @click.option("--int8-modules", multiple=True, metavar="PATTERN", help="With --quant int4: modules kept at 8 bits (e.g. down_proj).")
 @click.option("--float-modules", multiple=True, metavar="PATTERN", help="Modules left in float32.")
+@click.option("--attention", type=click.Choice(["fused", "reference"]), default="fused", show_default=True,
+              help="fused: ONNX Runtime's fused operators (fast; unpadded batches). reference: standard ONNX ops only.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float32.")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
            block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
-           int8_modules, float_modules, accuracy_level: int) -> None:
+           int8_modules, float_modules, attention: str, accuracy_level: int) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -93,7 +95,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
                        embeddings=WeightType(embeddings) if embeddings else None, int8_modules=int8_modules,
                        float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
-                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg)  # fmt: skip
+                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused")  # fmt: skip
     result = do_export(cfg, progress=_progress(start))
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
@@ -138,7 +140,7 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
     model = load(package, threads=threads)
     choices = [None if a.lower() == "none" else a for a in adapters] or [None]
     for a in choices:  # unknown names fail before any generation
-        model._run_options(a)
+        model.check_adapter(a)
     if len(choices) == 1:
         for piece in model.stream(prompt, adapter=choices[0], max_new_tokens=max_new_tokens, chat=not raw):
             click.echo(piece, nl=False)

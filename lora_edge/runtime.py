@@ -1,8 +1,11 @@
 """Run a package on the device: load once, pick the adapter per call. No torch, no transformers.
 
-One ONNX Runtime session serves every adapter: an adapter is activated for a single ``run()``
-through ``RunOptions.add_active_adapter``, so concurrent calls with different adapters on the
-same :class:`Model` are independent.
+One ONNX Runtime session serves every adapter. Each call builds its own IOBinding and binds the
+chosen adapter's tensors (read once from its .onnx_adapter file) to the graph's LoRA inputs; an
+unbound LoRA input keeps its zero default, which is the base model. This is what
+``RunOptions.add_active_adapter`` does, but it also works on the IOBinding path, which generation
+needs to let GroupQueryAttention write the KV cache in place (ONNX Runtime ignores active adapters
+there). Calls share nothing mutable, so concurrent calls with different adapters are independent.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _json(path: Path) -> dict:
 class Model:
     """A loaded package. ``adapter=None`` everywhere means the base model exactly."""
 
-    def __init__(self, root: Path, manifest: dict, session: ort.InferenceSession, adapters: dict[str, ort.LoraAdapter]) -> None:
+    def __init__(self, root: Path, manifest: dict, session: ort.InferenceSession, adapters: dict[str, dict[str, ort.OrtValue]]) -> None:
         self.root = root
         self.manifest = manifest
         self.session = session
@@ -119,16 +122,22 @@ class Model:
                 self._tokenizer = _Tokenizer(self.root)
             return self._tokenizer
 
-    def _run_options(self, adapter: str | None) -> ort.RunOptions:
-        ro = ort.RunOptions()
-        if adapter is not None:
-            if adapter not in self._adapters:
-                avail = ", ".join(self.adapters) or "none"
-                if self.manifest.get("mode") == "merge" and adapter in self.manifest.get("adapters", {}):
-                    raise RuntimeInputError(f"adapter {adapter!r} is merged into this package's weights; run without --adapter")
-                raise RuntimeInputError(f"unknown adapter {adapter!r}; this package has: {avail}")
-            ro.add_active_adapter(self._adapters[adapter])
-        return ro
+    def check_adapter(self, adapter: str | None) -> dict[str, ort.OrtValue]:
+        """The tensors to bind for ``adapter`` (empty for the base); a clear error for an unknown name."""
+        if adapter is None:
+            return {}
+        if adapter not in self._adapters:
+            avail = ", ".join(self.adapters) or "none"
+            if self.manifest.get("mode") == "merge" and adapter in self.manifest.get("adapters", {}):
+                raise RuntimeInputError(f"adapter {adapter!r} is merged into this package's weights; run without --adapter")
+            raise RuntimeInputError(f"unknown adapter {adapter!r}; this package has: {avail}")
+        return self._adapters[adapter]
+
+    def _binding(self, adapter: str | None) -> ort.IOBinding:
+        io = self.session.io_binding()
+        for name, value in self.check_adapter(adapter).items():
+            io.bind_ortvalue_input(name, value)
+        return io
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
@@ -165,11 +174,17 @@ class Model:
             )
         if position_ids is None:
             position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int64)}
+        io = self._binding(adapter)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        outs = self.session.run(self._output_names, feeds, self._run_options(adapter))
+            io.bind_cpu_input(f"past_key_values.{i}.key", np.ascontiguousarray(past[2 * i], np.float32))
+            io.bind_cpu_input(f"past_key_values.{i}.value", np.ascontiguousarray(past[2 * i + 1], np.float32))
+        for name in self._output_names:
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        outs = io.copy_outputs_to_cpu()
         return (outs[0], outs[1:]) if return_past else outs[0]
 
     # -- generation -----------------------------------------------------------------------
@@ -195,15 +210,15 @@ class Model:
             )
         if eos_ids is None:
             eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+        if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
+            raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
+        step = self._fused_steps(adapter, len(prompt_ids) + max_new_tokens) if self.fused_attention else self._plain_steps(adapter)
         out: list[int] = []
         ids = np.asarray([prompt_ids], np.int64)
-        past = self.empty_past(1)
         total = len(prompt_ids)
         reason = "length"
         while len(out) < max_new_tokens:
-            logits, past = self.forward(ids, adapter, attention_mask=np.ones((1, total), np.int64),
-                                        position_ids=np.arange(total - ids.shape[1], total, dtype=np.int64)[None], past=past, return_past=True)  # fmt: skip
-            last = logits[0, -1]
+            last = step(ids, total)
             if len(out) < min_new_tokens and eos_ids:
                 last = last.copy()
                 last[list(eos_ids)] = -np.inf
@@ -217,6 +232,43 @@ class Model:
             ids = np.asarray([[nxt]], np.int64)
             total += 1
         return out, reason
+
+    def _fused_steps(self, adapter: str | None, capacity: int):
+        """One decoding step per call, on one IOBinding: the KV cache is preallocated for ``capacity``
+        tokens and GroupQueryAttention writes each new key/value into it in place (past and present
+        bound to the same buffer), so nothing is copied or reallocated per token."""
+        io = self._binding(adapter)
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.num_layers)]
+        io.bind_output("logits")  # first, so get_outputs()[0] is the logits
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", cache[2 * i + j])
+                io.bind_ortvalue_output(f"present.{i}.{kind}", cache[2 * i + j])
+        ones = np.ones((1, capacity), np.int64)
+        positions = np.arange(capacity, dtype=np.int64)[None]
+
+        def step(ids: np.ndarray, total: int) -> np.ndarray:
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", ones[:, :total])
+            io.bind_cpu_input("position_ids", positions[:, total - ids.shape[1] : total])
+            io.bind_output("logits")
+            self.session.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy()[0, -1]
+
+        return step
+
+    def _plain_steps(self, adapter: str | None):
+        """Reference graphs: the KV cache comes back as new arrays each step."""
+        state = {"past": self.empty_past(1)}
+
+        def step(ids: np.ndarray, total: int) -> np.ndarray:
+            logits, state["past"] = self.forward(ids, adapter, attention_mask=np.ones((1, total), np.int64),
+                                                 position_ids=np.arange(total - ids.shape[1], total, dtype=np.int64)[None],
+                                                 past=state["past"], return_past=True)  # fmt: skip
+            return logits[0, -1]
+
+        return step
 
     def stream(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
         """Yield text pieces as they are generated (runs the loop in a worker thread)."""
@@ -296,7 +348,7 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
         slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
     # (ranks of a slot's A and B must agree: checked per file below)
     identity = manifest["base"]["identity"]
-    adapters: dict[str, ort.LoraAdapter] = {}
+    adapters: dict[str, dict[str, ort.OrtValue]] = {}
     for name, info in sorted(manifest.get("adapters", {}).items()):
         if not info.get("file"):
             continue
@@ -304,8 +356,8 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     return Model(root, manifest, session, adapters)
 
 
-def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> ort.LoraAdapter:
-    """Check an .onnx_adapter file belongs to this base and this graph, then memory-map it."""
+def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> dict[str, ort.OrtValue]:
+    """Read an .onnx_adapter file; check it belongs to this base and this graph."""
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
     except Exception as exc:
@@ -313,7 +365,8 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> or
     if fmt.get_model_version() != identity:
         raise PackageError(f"{path} (adapter {name!r}) was compiled for another base model (model_version {fmt.get_model_version()}, this package's base is {identity}); re-export it against this base")
     ranks: dict[str, int] = {}
-    for pname, value in fmt.get_parameters().items():
+    params = fmt.get_parameters()
+    for pname, value in params.items():
         if pname not in slot_inputs:
             raise PackageError(f"{path} (adapter {name!r}) overrides {pname!r}, which is not a LoRA input of this graph; it belongs to another package")
         shape = value.shape()
@@ -324,6 +377,4 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> or
         r = shape[1] if pname.endswith("lora_A") else shape[0]
         if ranks.setdefault(module, r) != r:
             raise PackageError(f"{path} (adapter {name!r}): {module} has lora_A and lora_B of different ranks")
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(path))
-    return adapter
+    return dict(params)
