@@ -135,8 +135,10 @@ class LlamaFamily:
                 v["scales"] = scales if qt.scales.dtype == f32 else g.op("Cast", [scales], to=1)  # fp16 on disk
                 if qt.zero_points is not None:
                     v["zero_points"] = g.weight(f"{name}.zero_points", qt.zero_points)
-                if qt.offsets is not None:
-                    v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=1)  # (N, nb)
+                if qt.offsets is not None and name == "model.embed_tokens.weight":  # rows gathered, (N, nb)
+                    v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=1)
+                elif qt.offsets is not None:  # (nb, N): the right operand of a MatMul ORT can prepack
+                    v["offsets.T"] = g.op("Cast", [g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))], to=1)
                 quant_values[name] = v
             return quant_values[name]
 
@@ -149,17 +151,19 @@ class LlamaFamily:
             ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
             y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
                      accuracy_level=accuracy_level)  # fmt: skip
-            if "offsets" not in v:
+            if "offsets" not in v and "offsets.T" not in v:
                 return y
             key = (x, qt.block)
             if key not in block_sums:  # shared by every projection that reads the same x
                 xp = x
                 if qt.n_blocks * qt.block != qt.k:
                     xp = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, qt.n_blocks * qt.block - qt.k])])
-                blocks = g.op("Reshape", [xp, g.const([-1, qt.n_blocks, qt.block])])  # (B*S, nb, block)
-                block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B*S, nb)
-            corr = g.op("Gemm", [block_sums[key], v["offsets"]], transB=1)  # (B*S, N)
-            return g.op("Add", [y, g.op("Reshape", [corr, g.op("Shape", [y])])])
+                blocks = g.op("Reshape", [xp, g.const([0, 0, qt.n_blocks, qt.block])])  # (B, S, nb, block)
+                block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B, S, nb)
+            if "offsets.T" in v:
+                return g.op("Add", [y, g.op("MatMul", [block_sums[key], v["offsets.T"]])])  # (B, S, N)
+            flat = g.op("Reshape", [block_sums[key], g.const([-1, qt.n_blocks])])  # tied head: (B*S, nb) x (V, nb)^T
+            return g.op("Add", [y, g.op("Reshape", [g.op("Gemm", [flat, v["offsets"]], transB=1), g.op("Shape", [y])])])
 
         def project(x: str, name: str, w) -> str:
             if isinstance(w, QTensor):

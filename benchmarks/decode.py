@@ -1,0 +1,188 @@
+"""Decode speed, prefill speed, time to first token and peak memory, side by side in one run.
+
+    python benchmarks/decode.py                       # threads 1 and 2, 128-token prompt, 128 new tokens
+    python benchmarks/decode.py --threads 1 --new-tokens 64 --configs fp32-merged int4-branch torch
+
+Real SmolLM2-135M-Instruct. The adapter is "r16all": rank 16 on every attention and MLP
+projection (made with PEFT, seeded; its values do not matter for speed), plus the two example
+adapters loaded beside it in branch packages. Each measurement runs in a fresh subprocess
+(peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced
+to the full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
+
+llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp-python`) and
+GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-lora (convert with llama.cpp's
+convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ADAPTERS = {"pirate": ROOT / "examples/adapters/pirate", "shout": ROOT / "examples/adapters/shout"}
+QUANTS = ("fp32", "int8", "int4")
+
+
+def make_r16(path: Path, base: Path) -> Path:
+    if (path / "adapter_model.safetensors").is_file():
+        return path
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_edge.models.loader import load_hf_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_hf_model(base), LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.01)  # a realistic-size update; speed does not depend on it
+    model.save_pretrained(path)
+    return path
+
+
+def build(work: Path, base: Path) -> dict[str, Path]:
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
+    from lora_edge.export import export
+
+    r16 = make_r16(work / "r16all", base)
+    pkgs = {}
+    for q in QUANTS:
+        qcfg = QuantConfig(weights=WeightType(q))
+        for mode in ("branch", "merged"):
+            out = work / f"{q}-{mode}"
+            if not (out / "manifest.json").is_file():
+                specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode == "branch" else ())
+                print(f"exporting {out.name}", file=sys.stderr, flush=True)
+                export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.BRANCH if mode == "branch" else Mode.MERGE))
+            pkgs[f"{q}-{mode}"] = out
+    return pkgs
+
+
+CHILD_LORA_EDGE = r"""
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import lora_edge
+pkg, adapter, threads, n_prompt, n_new = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+t0 = time.perf_counter()
+m = lora_edge.load(pkg, threads=threads)
+load_s = time.perf_counter() - t0
+words = m.tokenizer.encode(open(sys.argv[7]).read(), chat=False)
+prompt = (words * (n_prompt // len(words) + 1))[:n_prompt]
+m.generate_ids(prompt[:16], adapter, 4, 4)  # warm-up
+runs = []
+for _ in range(int(sys.argv[8])):
+    times = []
+    start = time.perf_counter()
+    m.generate_ids(prompt, adapter, n_new, n_new, on_token=lambda t: times.append(time.perf_counter()))
+    ttft = times[0] - start
+    runs.append({"ttft_s": ttft, "prefill_tps": n_prompt / ttft, "decode_tps": (n_new - 1) / (times[-1] - times[0])})
+best = max(runs, key=lambda r: r["decode_tps"])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]  # ru_maxrss survives exec; VmHWM does not
+print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
+"""
+
+CHILD_TORCH = r"""
+import json, resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+sys.path.insert(0, sys.argv[1])
+from peft import PeftModel
+from lora_edge.models.loader import load_hf_model
+from lora_edge.models.gguf_tokenizer import tokenizer_files_from_gguf
+from tokenizers import Tokenizer
+base, adapter, threads, n_prompt, n_new = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch.set_num_threads(threads)
+t0 = time.perf_counter()
+model = PeftModel.from_pretrained(load_hf_model(__import__("pathlib").Path(base)), adapter).eval()
+load_s = time.perf_counter() - t0
+tok = Tokenizer.from_str(tokenizer_files_from_gguf(base)["tokenizer.json"].decode())
+words = tok.encode(open(sys.argv[7]).read(), add_special_tokens=False).ids
+prompt = torch.tensor([(words * (n_prompt // len(words) + 1))[:n_prompt]])
+runs = []
+with torch.no_grad():
+    model(prompt[:, :16])  # warm-up
+    for _ in range(int(sys.argv[8])):
+        start = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(n_new - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        runs.append({"ttft_s": t1 - start, "prefill_tps": n_prompt / (t1 - start), "decode_tps": (n_new - 1) / (t2 - t1)})
+best = max(runs, key=lambda r: r["decode_tps"])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]  # ru_maxrss survives exec; VmHWM does not
+print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
+"""
+
+
+def run_child(code: str, args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "child failed")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=2, help="measured runs per configuration (the best is reported)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int4-...")  # fmt: skip
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    from lora_edge.realmodel import smollm2_gguf
+
+    base = smollm2_gguf()
+    args.work.mkdir(parents=True, exist_ok=True)
+    pkgs = build(args.work, base)
+    text = ROOT / "lora_edge/data/verify_text.txt"
+    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in QUANTS for k in ("merged", "branch", "none")]
+    rows = []
+    for threads in args.threads:
+        for c in configs:
+            common = [str(threads), str(args.prompt_tokens), str(args.new_tokens), str(text), str(args.runs)]
+            if c == "torch":
+                fig = run_child(CHILD_TORCH, [str(base), str(args.work / "r16all"), *common])
+            else:
+                q, kind = c.split("-")
+                pkg = pkgs[f"{q}-{'merged' if kind == 'merged' else 'branch'}"]
+                fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind == "branch" else "", *common])
+            rows.append({"config": c, "threads": threads, **fig})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    print(f"\nSmolLM2-135M-Instruct, adapter r16all (rank 16, all 7 projections); prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens forced; best of {args.runs}\n")  # fmt: skip
+    print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | branch cost vs merged |")
+    print("|---|---|---|---|---|---|---|---|")
+    by = {(r["config"], r["threads"]): r for r in rows}
+    for r in rows:
+        torch_r = by.get(("torch", r["threads"]))
+        vs = f"{r['decode_tps'] / torch_r['decode_tps']:.2f}x" if torch_r else "-"
+        cost = "-"
+        if r["config"].endswith("-branch") and (r["config"].replace("branch", "merged"), r["threads"]) in by:
+            merged = by[(r["config"].replace("branch", "merged"), r["threads"])]
+            cost = f"{100 * (merged['decode_tps'] / r['decode_tps'] - 1):+.1f}%"
+        print(f"| {r['config']} | {r['threads']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | "
+              f"{r['peak_rss_mib']:.0f} | {vs} | {cost} |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
