@@ -127,8 +127,37 @@ print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
 """
 
 
-def run_child(code: str, args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True)
+CHILD_LLAMA_CPP = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+model, lora, threads, n_prompt, n_new = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+t0 = time.perf_counter()
+llm = Llama(model_path=model, lora_path=lora, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+            logits_all=False, verbose=False)
+load_s = time.perf_counter() - t0
+words = llm.tokenize(open(sys.argv[7], "rb").read(), add_bos=False)
+prompt = (words * (n_prompt // len(words) + 1))[:n_prompt]
+runs = []
+for _ in range(int(sys.argv[8]) + 1):  # the first run is the warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([nxt])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    runs.append({"ttft_s": t1 - start, "prefill_tps": n_prompt / (t1 - start), "decode_tps": (n_new - 1) / (t2 - t1)})
+best = max(runs[1:], key=lambda r: r["decode_tps"])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
+"""
+
+
+def run_child(code: str, args: list[str], python: str = sys.executable) -> dict:
+    r = subprocess.run([python, "-c", code, str(ROOT), *args], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "child failed")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -144,6 +173,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=None,
                     help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int4-...")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (enables llama.cpp rows)")
+    ap.add_argument("--gguf-q8", default=None, help="the model as GGUF Q8_0 (convert_hf_to_gguf.py + llama_model_quantize)")
+    ap.add_argument("--gguf-q4", default=None, help="the model as GGUF Q4_0")
+    ap.add_argument("--gguf-lora", default=None, help="r16all as a GGUF LoRA (convert_lora_to_gguf.py)")
     args = ap.parse_args()
 
     from lora_edge.realmodel import smollm2_gguf
@@ -153,12 +186,18 @@ def main() -> None:
     pkgs = build(args.work, base)
     text = ROOT / "lora_edge/data/verify_text.txt"
     configs = args.configs or ["torch"] + [f"{q}-{k}" for q in QUANTS for k in ("merged", "branch", "none")]
+    if args.llama_python and not args.configs:
+        configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
     rows = []
     for threads in args.threads:
         for c in configs:
             common = [str(threads), str(args.prompt_tokens), str(args.new_tokens), str(text), str(args.runs)]
             if c == "torch":
                 fig = run_child(CHILD_TORCH, [str(base), str(args.work / "r16all"), *common])
+            elif c.startswith("llamacpp-"):
+                _, q, kind = c.split("-")
+                gguf = getattr(args, f"gguf_{q}")
+                fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
             else:
                 q, kind = c.split("-")
                 pkg = pkgs[f"{q}-{'merged' if kind == 'merged' else 'branch'}"]
@@ -168,8 +207,8 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct, adapter r16all (rank 16, all 7 projections); prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens forced; best of {args.runs}\n")  # fmt: skip
-    print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | branch cost vs merged |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | vs llama.cpp same bits | branch cost vs merged |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by = {(r["config"], r["threads"]): r for r in rows}
     for r in rows:
         torch_r = by.get(("torch", r["threads"]))
@@ -178,8 +217,18 @@ def main() -> None:
         if r["config"].endswith("-branch") and (r["config"].replace("branch", "merged"), r["threads"]) in by:
             merged = by[(r["config"].replace("branch", "merged"), r["threads"])]
             cost = f"{100 * (merged['decode_tps'] / r['decode_tps'] - 1):+.1f}%"
+        if r["config"].endswith("-lora") and (r["config"].replace("lora", "none"), r["threads"]) in by:
+            plain = by[(r["config"].replace("lora", "none"), r["threads"])]
+            cost = f"{100 * (plain['decode_tps'] / r['decode_tps'] - 1):+.1f}% (vs no LoRA)"
+        vs_ll = "-"
+        q = r["config"].split("-")[0]
+        twin = {"int8": "llamacpp-q8", "int4": "llamacpp-q4"}.get(q)
+        if twin:
+            kind = "lora" if r["config"].endswith("branch") else "none"
+            other = by.get((f"{twin}-{kind}", r["threads"]))
+            vs_ll = f"{r['decode_tps'] / other['decode_tps']:.2f}x" if other else "-"
         print(f"| {r['config']} | {r['threads']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | "
-              f"{r['peak_rss_mib']:.0f} | {vs} | {cost} |")  # fmt: skip
+              f"{r['peak_rss_mib']:.0f} | {vs} | {vs_ll} | {cost} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -60,7 +60,8 @@ def _progress(start: float):
               help="Rank of the 'no adapter' defaults: 1 (zeros, works on every provider) or 0 (empty, CPU only).")
 @click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
               help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="Quantization block size (16-256, power of two).")
+@click.option("--block-size", type=int, default=None,
+              help="Quantization block size (16-256, power of two); default 16 for int8, 32 for int4.")
 @click.option("--zero", type=click.Choice(["int", "none", "float"]), default=None,
               help="Block zero points: int (uint8), none (symmetric) or float (fp16 offsets, run as a small correction). "
                    "Default: float for int4, int for int8.")

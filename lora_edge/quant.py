@@ -247,9 +247,9 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
             module = key[: -len(".weight")]
             zero = qcfg.zero_for(wtype)
             if qcfg.algo == "gptq" and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
-                qt = gptq(w, hessians[module], wtype.bits, qcfg.block_size, zero)
+                qt = gptq(w, hessians[module], wtype.bits, qcfg.block, zero)
             else:
-                qt = quantize(w, wtype.bits, qcfg.block_size, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)
+                qt = quantize(w, wtype.bits, qcfg.block, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)
             out[key] = qt
             sizes[part] += qt.nbytes
         elif wtype is WeightType.FP16:
@@ -263,7 +263,7 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     progress(f"quantizing the embedding to {qcfg.embedding_type.value}")
     store(emb, qcfg.embedding_type, "embeddings")
     mods = [m for m in linear_modules if f"{m}.weight" in weights]
-    progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block_size}, {qcfg.algo})")
+    progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block}, {qcfg.algo})")
     for m in mods:
         if module_matches(qcfg.float_modules, m):
             wtype = WeightType.FP32
