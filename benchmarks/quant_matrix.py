@@ -26,7 +26,6 @@ VARIANTS = {
     "int8": dict(quant=QuantConfig(weights=W.INT8)),
     "int4 (emb int8)": dict(quant=QuantConfig(weights=W.INT4)),
     "int4 (emb int4)": dict(quant=QuantConfig(weights=W.INT4, embeddings=W.INT4)),
-    "int4 int-zp (emb int8)": dict(quant=QuantConfig(weights=W.INT4, zero="int")),
     "merge pirate int4": dict(quant=QuantConfig(weights=W.INT4), mode=Mode.MERGE, only="pirate"),
     "merge shout int8": dict(quant=QuantConfig(weights=W.INT8), mode=Mode.MERGE, only="shout"),
 }

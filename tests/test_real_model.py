@@ -76,9 +76,7 @@ def test_real_adapters_behave_as_trained_and_switch_cleanly(real):
     pirate2 = model.generate(q, adapter="pirate", max_new_tokens=30)
     assert pirate1 == pirate2
     assert "Arr" in pirate1 and "matey" in pirate1
-    letters = [c for c in shout if c.isalpha()]
-    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9
-    assert "Arr" not in base and base != shout
+    assert _traits(pirate1, "pirate") and _traits(shout, "shout") and _traits(base, None)
 
 
 def test_real_tokenizer_from_gguf_metadata(real):
@@ -97,9 +95,9 @@ def _traits(text: str, adapter: str | None) -> bool:
     upper = sum(c.isupper() for c in letters) / max(len(letters), 1)
     if adapter == "pirate":
         return "Arr" in text and "matey" in text
-    if adapter == "shout":
-        return upper > 0.9
-    return "Arr" not in text and upper < 0.5
+    if adapter == "shout":  # what it was trained to do: capitals and "!!!" (fp32 says "snow IS FROZEN WATER!!!")
+        return upper > 0.6 and text.rstrip().endswith("!!!")
+    return "Arr" not in text and upper < 0.5 and not text.rstrip().endswith("!!!")
 
 
 @pytest.fixture(scope="module", params=["int8", "int4", "merge-pirate-int4", "merge-shout-int8"])
