@@ -303,14 +303,19 @@ class Model:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         adapter: str | None = None,
         max_new_tokens: int = 64,
         min_new_tokens: int = 0,
         chat: bool = True,
         return_result: bool = False,
     ):
-        """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``."""
+        """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``.
+
+        A list of prompts gives a list of answers. They run one after another on the fused graph (whose
+        attention takes unpadded sequences); concurrent calls from threads are also safe."""
+        if not isinstance(prompt, str):
+            return [self.generate(p, adapter, max_new_tokens, min_new_tokens, chat, return_result) for p in prompt]
         tok = self.tokenizer
         ids = tok.encode(prompt, chat)
         out, reason = self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens)

@@ -147,3 +147,9 @@ def test_cli_run_without_torch(tiny_package):
     r = subprocess.run([sys.executable, "-c", script, str(tiny_package)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def test_generate_a_list_of_prompts(tiny_package):
+    model = lora_edge.load(tiny_package)
+    prompts = ["What is snow?", "Hello world"]
+    assert model.generate(prompts, adapter="qv_r4", max_new_tokens=5) == [model.generate(p, adapter="qv_r4", max_new_tokens=5) for p in prompts]
