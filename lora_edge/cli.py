@@ -54,7 +54,9 @@ def _progress(start: float):
               help="A PEFT LoRA adapter directory; repeat for more. NAME becomes adapters/NAME.onnx_adapter.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Package directory to create.")
 @click.option("--mode", type=click.Choice(["branch", "merge"]), default="branch", show_default=True,
-              help="branch: adapters stay switchable per call on one graph. merge: fold exactly one adapter into the weights.")
+              help="branch: adapters stay switchable per call on one graph. merge: fold exactly one adapter into the weights "
+                   "(several adapters with merge is an error: export once per adapter). Merging before int4 can cost accuracy: "
+                   "check with `lora-edge verify`.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lora-edge package (nothing else is ever deleted).")
 @click.option("--null-rank", type=click.IntRange(0, 1), default=1, show_default=True,
               help="Rank of the 'no adapter' defaults: 1 (zeros, works on every provider) or 0 (empty, CPU only).")

@@ -170,7 +170,11 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
     hf = load_hf_model(ref_path)
     peft_model = None
     if names:
+        import warnings
+
         from peft import PeftModel
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes reached via PEFT
 
         for i, n in enumerate(names):
             progress(f"loading PEFT adapter {n} from {sources[n]}")
