@@ -212,12 +212,16 @@ def _check_config(cfg: dict, where: Path) -> None:
     need("bias", str, lambda v: v in ("none", "all", "lora_only"), "; one of none, all, lora_only")
     if cfg.get("target_modules") is None:
         raise AdapterError(f"{f}: field 'target_modules' is missing; the adapter does not say which modules it targets")
-    for key in ("target_modules", "exclude_modules"):
-        if isinstance(cfg.get(key), str):
-            try:
-                re.compile(cfg[key])
-            except re.error as exc:
-                raise AdapterError(f"{f}: field {key!r} is not a valid regular expression ({exc})") from None
+    patterns = [(k, cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), str)]
+    patterns += [(k, p) for k in ("rank_pattern", "alpha_pattern") for p in (cfg.get(k) or {})]
+    patterns += [("layers_pattern", p) for p in ([cfg["layers_pattern"]] if isinstance(cfg.get("layers_pattern"), str) else cfg.get("layers_pattern") or [])]
+    for key, pat in patterns:
+        if not isinstance(pat, str):
+            raise AdapterError(f"{f}: field {key!r} holds {pat!r}, which is not a string")
+        try:
+            re.compile(pat)
+        except (re.error, RecursionError) as exc:
+            raise AdapterError(f"{f}: field {key!r} has {pat!r}, which is not a valid regular expression ({exc})") from None
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -261,7 +265,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     """Read ``path`` (a PEFT LoRA directory) as adapter ``name`` for ``base``; refuse anything inexact."""
     path = Path(path)
     st = check_adapter_files(name, path)
-    cfg = _read_config(path)
+    cfg = {k: v for k, v in _read_config(path).items() if v is not None}  # null means "the default", as in PEFT
     _check_config(cfg, path)
     tensors = read_safetensors(st, AdapterError)
 

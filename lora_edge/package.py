@@ -61,6 +61,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     package appears through a rename, and the previous one is only removed after that rename.
     """
     out = Path(out)
+    _remove_stale(out)
     check_output(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -79,6 +80,34 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Clean up after exports to ``out`` whose process is gone (killed mid-export).
+
+    A previous package moved aside (``.NAME.old-PID``) by a process killed between its two renames is
+    put back if ``out`` is missing; partial new packages are deleted."""
+    if not out.parent.is_dir():
+        return
+    for pattern in (f".{out.name}.old-*", f".{out.name}.partial-*"):
+        for p in sorted(out.parent.glob(pattern)):
+            pid = p.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_dir()):
+                continue
+            if ".old-" in p.name and not out.exists() and is_package(p):
+                os.replace(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_manifest(root: Path, manifest: dict) -> dict:

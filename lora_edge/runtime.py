@@ -329,6 +329,15 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     """Load a package; checks the manifest, every checksum (``verify``) and every adapter's identity."""
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
+    try:
+        return _load(root, manifest, threads, providers)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        if isinstance(exc, RuntimeInputError | PackageError):
+            raise
+        raise PackageError(f"{root / 'manifest.json'} is malformed ({type(exc).__name__}: {exc}); re-export the package") from None
+
+
+def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] | None) -> Model:
     graph_file = root / manifest.get("graph", {}).get("file", "model.onnx")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT warns once per overridable initializer; they are intended
