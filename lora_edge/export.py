@@ -144,7 +144,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     else:
         qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
-    model, overridable = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
+    model = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
                                             store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level,
                                             fused=cfg.fused)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain

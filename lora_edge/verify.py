@@ -208,13 +208,16 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
         return logits, greedy
 
     rows = [None, *names] if mode != "merge" else names
-    ref_base, _ = ref_run(None)
-    pkg_base = pkg_run(None)[0] if mode != "merge" else None
+    progress("running both without an adapter")
+    ref_none = ref_run(None)  # every adapter's effect is measured against these; computed once
+    pkg_none = pkg_run(None) if mode != "merge" else None
+    ref_base = ref_none[0]
+    pkg_base = pkg_none[0] if pkg_none is not None else None
     results = []
     for a in rows:
         progress(f"comparing {'no adapter' if a is None else 'adapter ' + a}")
-        r_logits, r_greedy = ref_run(a) if a is not None else (ref_base, ref_run(None)[1])
-        p_logits, p_greedy = pkg_run(a)
+        r_logits, r_greedy = ref_run(a) if a is not None else ref_none
+        p_logits, p_greedy = pkg_run(a) if a is not None else pkg_none
         figures = compare_logits(r_logits, p_logits, np.asarray(ids), cfg.margin)
         cos = ratio = None
         if a is not None:

@@ -80,23 +80,28 @@ def run_cases() -> list[dict]:
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
     out = str(tmp / "out")
+
+    def with_adapter(path) -> list[str]:
+        """``export BASE -a x=PATH -o OUT``: the shape of every adapter case."""
+        return ["export", str(base), "-a", f"x={path}", "-o", out]
+
     cases = [
         ("missing base path", ["export", str(tmp / "nope"), "-o", out]),
         ("base is not a model directory", ["export", str(good), "-o", out]),
         ("base is a file but not GGUF", ["export", str(good / "adapter_config.json"), "-o", out]),
-        ("missing adapter path", ["export", str(base), "-a", f"x={tmp / 'nope'}", "-o", out]),
-        ("adapter dir is not an adapter", ["export", str(base), "-a", f"x={base}", "-o", out]),
-        ("adapter stored as pickle", ["export", str(base), "-a", f"x={variant('pickle', lambda d: (d / 'adapter_model.safetensors').rename(d / 'adapter_model.bin'))}", "-o", out]),
-        ("truncated safetensors", ["export", str(base), "-a", f"x={variant('trunc', lambda d: (d / 'adapter_model.safetensors').write_bytes((d / 'adapter_model.safetensors').read_bytes()[:-64]))}", "-o", out]),
-        ("corrupt safetensors", ["export", str(base), "-a", f"x={variant('corrupt', lambda d: (d / 'adapter_model.safetensors').write_bytes(b'garbage!' * 4))}", "-o", out]),
-        ("adapter_config.json not JSON", ["export", str(base), "-a", f"x={variant('badjson', lambda d: (d / 'adapter_config.json').write_text('{oops'))}", "-o", out]),
-        ("adapter trained for another base", ["export", str(base), "-a", f"x={make_adapter(other, tmp / 'otherad')}", "-o", out]),
-        ("target module not in the base", ["export", str(base), "-a", f"x={variant('nomod', lambda d: (tensors(lambda t: {k.replace('layers.0.', 'layers.9.'): v for k, v in t.items()})(d), config(target_modules='.*')(d)))}", "-o", out]),
-        ("DoRA (unsupported)", ["export", str(base), "-a", f"x={variant('dora', config(use_dora=True))}", "-o", out]),
-        ("modules_to_save (unsupported)", ["export", str(base), "-a", f"x={variant('mts', config(modules_to_save=['lm_head']))}", "-o", out]),
-        ("unknown adapter_config field", ["export", str(base), "-a", f"x={variant('unk', config(new_peft_knob=2))}", "-o", out]),
-        ("config and weights disagree (rank)", ["export", str(base), "-a", f"x={variant('rank', config(r=5))}", "-o", out]),
-        ("NaN in adapter weights", ["export", str(base), "-a", f"x={variant('nan', tensors(nan))}", "-o", out]),
+        ("missing adapter path", with_adapter(tmp / 'nope')),
+        ("adapter dir is not an adapter", with_adapter(base)),
+        ("adapter stored as pickle", with_adapter(variant('pickle', lambda d: (d / 'adapter_model.safetensors').rename(d / 'adapter_model.bin')))),
+        ("truncated safetensors", with_adapter(variant('trunc', lambda d: (d / 'adapter_model.safetensors').write_bytes((d / 'adapter_model.safetensors').read_bytes()[:-64])))),
+        ("corrupt safetensors", with_adapter(variant('corrupt', lambda d: (d / 'adapter_model.safetensors').write_bytes(b'garbage!' * 4)))),
+        ("adapter_config.json not JSON", with_adapter(variant('badjson', lambda d: (d / 'adapter_config.json').write_text('{oops')))),
+        ("adapter trained for another base", with_adapter(make_adapter(other, tmp / 'otherad'))),
+        ("target module not in the base", with_adapter(variant('nomod', lambda d: (tensors(lambda t: {k.replace('layers.0.', 'layers.9.'): v for k, v in t.items()})(d), config(target_modules='.*')(d))))),
+        ("DoRA (unsupported)", with_adapter(variant('dora', config(use_dora=True)))),
+        ("modules_to_save (unsupported)", with_adapter(variant('mts', config(modules_to_save=['lm_head'])))),
+        ("unknown adapter_config field", with_adapter(variant('unk', config(new_peft_knob=2)))),
+        ("config and weights disagree (rank)", with_adapter(variant('rank', config(r=5)))),
+        ("NaN in adapter weights", with_adapter(variant('nan', tensors(nan)))),
         ("two adapters with one name", ["export", str(base), "-a", f"x={good}", "-a", f"x={good}", "-o", out]),
         ("adapter name not a safe file name", ["export", str(base), "-a", f"../x={good}", "-o", out]),
         ("merge with two adapters", ["export", str(base), "-a", f"x={good}", "-a", f"y={good}", "--mode", "merge", "-o", out]),

@@ -23,7 +23,12 @@ class Family(Protocol):
 
     def linear_modules(self, spec: DecoderSpec) -> dict[str, LinearModule]: ...
 
-    def build_graph(self, base: BaseModel, weights: dict, slots: dict, opset: int, null_rank: int): ...
+    def other_modules(self, spec: DecoderSpec) -> frozenset[str]: ...
+
+    def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]: ...
+
+    def build_graph(self, base: BaseModel, weights: dict, slots: dict, opset: int, null_rank: int,
+                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True): ...  # fmt: skip
 
 
 def family_for(architecture: str) -> Family:

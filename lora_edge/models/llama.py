@@ -4,9 +4,10 @@ Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
 ``input_ids, attention_mask, position_ids, past_key_values.{i}.key/value`` ->
 ``logits, present.{i}.key/value``, with the KV cache laid out (batch, kv_heads, seq, head_dim).
 
-Each linear layer ``y = x @ W.T`` is a MatMul against the transposed weight; a module targeted by
-an adapter also gets ``y += (x @ A) @ B`` with A, B overridable graph inputs (``<module>.lora_A``:
-(in, r), ``<module>.lora_B``: (r, out), the LoRA scaling already folded into B).
+Each linear layer ``y = x @ W.T`` is a MatMul (or MatMulNBits) against the weight; a group of layers
+targeted by an adapter (see :class:`~lora_edge.models.spec.Slot`) also gets ``y += (x @ A) @ B`` with
+A, B overridable graph inputs (``<group>.lora_A``: (in, r), ``<group>.lora_B``: (r, out), the LoRA
+scaling already folded into B).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class LlamaFamily:
     # -- writing the graph -------------------------------------------------------------------
     def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
                     store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True):  # fmt: skip
-        """Return (ModelProto, {input name: (default, shape)} of the LoRA inputs).
+        """Return the ModelProto; the LoRA inputs are overridable initializers (rank-``null_rank`` zeros).
 
         ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
         and dequantized rows for the embedding). LoRA branches always stay float32. ``fused`` writes
@@ -363,7 +364,7 @@ class LlamaFamily:
         for i in range(spec.num_layers):
             g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D]))
             g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D]))
-        return g.model(opset, overridable), overridable
+        return g.model(opset, overridable)
 
 
 def _concatenable(ws: list) -> bool:
