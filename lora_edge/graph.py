@@ -7,7 +7,9 @@ tensor has the name we chose: weights keep their PEFT module paths and LoRA inpu
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -39,6 +41,15 @@ class GraphBuilder:
         self._counts: Counter[str] = Counter()
         self._consts: dict[tuple, str] = {}
         self.scope = ""
+
+    @contextlib.contextmanager
+    def scoped(self, scope: str) -> Iterator[None]:
+        """Name the nodes added inside ``scope/...`` (node names show up in ONNX Runtime's profiles)."""
+        prev, self.scope = self.scope, scope
+        try:
+            yield
+        finally:
+            self.scope = prev
 
     # -- values -------------------------------------------------------------------------------
     def _fresh(self, base: str) -> str:

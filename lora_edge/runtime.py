@@ -212,13 +212,13 @@ class Model:
             eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
         if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
             raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
-        step = self._fused_steps(adapter, len(prompt_ids) + max_new_tokens) if self.fused_attention else self._plain_steps(adapter)
+        step = self.steps(adapter, len(prompt_ids) + max_new_tokens)
         out: list[int] = []
         ids = np.asarray([prompt_ids], np.int64)
         total = len(prompt_ids)
         reason = "length"
         while len(out) < max_new_tokens:
-            last = step(ids, total)
+            last = step(ids, total)[0]
             if len(out) < min_new_tokens and eos_ids:
                 last = last.copy()
                 last[list(eos_ids)] = -np.inf
@@ -233,20 +233,25 @@ class Model:
             total += 1
         return out, reason
 
-    def _fused_steps(self, adapter: str | None, capacity: int):
+    def steps(self, adapter: str | None, capacity: int, batch: int = 1) -> Callable[[np.ndarray, int], np.ndarray]:
+        """A decoding loop's step function: ``step(ids (batch, s), total) -> last logits (batch, vocab)``,
+        where ``total`` counts the tokens so far including ``ids`` (rows of equal length, no padding)."""
+        return self._fused_steps(adapter, capacity, batch) if self.fused_attention else self._plain_steps(adapter, batch)
+
+    def _fused_steps(self, adapter: str | None, capacity: int, batch: int = 1):
         """One decoding step per call, on one IOBinding: the KV cache is preallocated for ``capacity``
         tokens and GroupQueryAttention writes each new key/value into it in place (past and present
         bound to the same buffer), so nothing is copied or reallocated per token."""
         io = self._binding(adapter)
-        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
         cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.num_layers)]
         io.bind_output("logits")  # first, so get_outputs()[0] is the logits
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
                 io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", cache[2 * i + j])
                 io.bind_ortvalue_output(f"present.{i}.{kind}", cache[2 * i + j])
-        ones = np.ones((1, capacity), np.int64)
-        positions = np.arange(capacity, dtype=np.int64)[None]
+        ones = np.ones((batch, capacity), np.int64)
+        positions = np.repeat(np.arange(capacity, dtype=np.int64)[None], batch, axis=0)
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             io.bind_cpu_input("input_ids", ids)
@@ -254,19 +259,19 @@ class Model:
             io.bind_cpu_input("position_ids", positions[:, total - ids.shape[1] : total])
             io.bind_output("logits")
             self.session.run_with_iobinding(io)
-            return io.get_outputs()[0].numpy()[0, -1]
+            return io.get_outputs()[0].numpy()[:, -1]
 
         return step
 
-    def _plain_steps(self, adapter: str | None):
+    def _plain_steps(self, adapter: str | None, batch: int = 1):
         """Reference graphs: the KV cache comes back as new arrays each step."""
-        state = {"past": self.empty_past(1)}
+        state = {"past": self.empty_past(batch)}
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
-            logits, state["past"] = self.forward(ids, adapter, attention_mask=np.ones((1, total), np.int64),
-                                                 position_ids=np.arange(total - ids.shape[1], total, dtype=np.int64)[None],
-                                                 past=state["past"], return_past=True)  # fmt: skip
-            return logits[0, -1]
+            positions = np.repeat(np.arange(total - ids.shape[1], total, dtype=np.int64)[None], batch, axis=0)
+            logits, state["past"] = self.forward(ids, adapter, attention_mask=np.ones((batch, total), np.int64),
+                                                 position_ids=positions, past=state["past"], return_past=True)  # fmt: skip
+            return logits[:, -1]
 
         return step
 
@@ -325,22 +330,29 @@ class Model:
         return text
 
 
-def load(path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True) -> Model:
-    """Load a package; checks the manifest, every checksum (``verify``) and every adapter's identity."""
+def load(path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True,
+         profile_prefix: str | None = None) -> Model:  # fmt: skip
+    """Load a package; checks the manifest, every checksum (``verify``) and every adapter's identity.
+
+    ``profile_prefix`` turns on ONNX Runtime's per-operator profiler (``model.session.end_profiling()``
+    writes the trace); it slows every call, so use it only to see where time goes."""
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     try:
-        return _load(root, manifest, threads, providers)
+        return _load(root, manifest, threads, providers, profile_prefix)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         if isinstance(exc, RuntimeInputError | PackageError):
             raise
         raise PackageError(f"{root / 'manifest.json'} is malformed ({type(exc).__name__}: {exc}); re-export the package") from None
 
 
-def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] | None) -> Model:
+def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] | None, profile_prefix: str | None) -> Model:
     graph_file = root / manifest.get("graph", {}).get("file", "model.onnx")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT warns once per overridable initializer; they are intended
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")

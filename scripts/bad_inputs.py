@@ -35,6 +35,8 @@ def run_cases() -> list[dict]:
     pkg = tmp / "pkg"
     runner = CliRunner()
     assert runner.invoke(cli, ["export", str(base), "-a", f"good={good}", "-o", str(pkg)]).exit_code == 0
+    merged = tmp / "merged"
+    assert runner.invoke(cli, ["export", str(base), "-a", f"good={good}", "-o", str(merged), "--mode", "merge"]).exit_code == 0
 
     def variant(name, edit):
         d = tmp / name
@@ -120,6 +122,13 @@ def run_cases() -> list[dict]:
         ("tampered adapter file", ["run", str(tamper(pkg, "adapters/good.onnx_adapter")), "--prompt", "hi"]),
         ("manifest from a newer lora-edge", ["run", str(newer), "--prompt", "hi"]),
         ("verify: unknown adapter", ["verify", str(pkg), "--adapter", "nope"]),
+        ("profile: unknown adapter", ["profile", str(pkg), "--adapter", "nope"]),
+        ("profile: not a package", ["profile", str(base)]),
+        ("profile: unknown preset", ["profile", str(pkg), "--preset", "nope"]),
+        ("profile: presets file not TOML", ["profile", str(pkg), "--presets", str(good / "adapter_config.json"), "--list-presets"]),
+        ("profile: affinity to a CPU that is not there", ["profile", str(pkg), "--affinity", "4096"]),
+        ("profile: thread list not numbers", ["profile", str(pkg), "--threads", "1,two"]),
+        ("profile: rank sweep on a merged package", ["profile", str(merged), "--ranks", "4"]),
     ]
     rows = []
     for label, args in cases:

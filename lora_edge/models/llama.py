@@ -172,12 +172,14 @@ class LlamaFamily:
             return g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])  # (in, out)
 
         def lora(x: str, group: str) -> str | None:
-            """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot)."""
+            """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
+            Its nodes are named ``lora/...`` so that profiles can tell the branch from the base."""
             slot = slots.get(group)
             if slot is None:
                 return None
-            xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
-            return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+            with g.scoped(f"lora/{group}"):
+                xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
+                return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
 
         def group_linear(x: str, group: str, modules: tuple[str, ...]) -> list[str]:
             """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
@@ -187,12 +189,14 @@ class LlamaFamily:
             if len(ws) == 1 or _concatenable(ws):
                 y = project(x, group, _concat(ws))
                 if delta is not None:
-                    y = g.op("Add", [y, delta])
+                    with g.scoped(f"lora/{group}"):
+                        y = g.op("Add", [y, delta])
                 return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
             ys = [project(x, m, w) for m, w in zip(modules, ws)]
             if delta is not None:
-                parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
-                ys = [g.op("Add", [y, d]) for y, d in zip(ys, parts)]
+                with g.scoped(f"lora/{group}"):
+                    parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
+                    ys = [g.op("Add", [y, d]) for y, d in zip(ys, parts)]
             return ys
 
         def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
@@ -357,7 +361,8 @@ class LlamaFamily:
                 logits = g.op("Reshape", [logits2d, dims])  # (B, S, V)
             delta = lora(x, "lm_head")
             if delta is not None:
-                logits = g.op("Add", [logits, delta])
+                with g.scoped("lora/lm_head"):
+                    logits = g.op("Add", [logits, delta])
 
         g.scope = ""
         g.output(logits, "logits", f32, [B, S, spec.vocab_size])
