@@ -80,9 +80,12 @@ def _progress(start: float):
               help="fused: ONNX Runtime's fused operators (fast; unpadded batches). reference: standard ONNX ops only.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float32.")
+@click.option("--target", type=click.Choice(["cpu", "mobile", "cuda"]), default="cpu", show_default=True,
+              help="cpu: model.onnx, float32 compute. mobile: model.ort (ORT format) + the operator config for a reduced "
+                   "ORT build. cuda: float16 compute and LoRA tensors (weights as --quant says).")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
            block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
-           int8_modules, float_modules, attention: str, accuracy_level: int) -> None:
+           int8_modules, float_modules, attention: str, accuracy_level: int, target: str) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -90,6 +93,8 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
       lora-edge export ./SmolLM2-135M-Instruct -a pirate=adapters/pirate -a shout=adapters/shout -o pkg/
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-merged/ --mode merge
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int4/ --quant int4 --block-size 32
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-mobile/ --quant int4 --target mobile
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-gpu/ --quant int4 --target cuda
     """
     from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
     from .export import export as do_export
@@ -99,7 +104,8 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
                        embeddings=WeightType(embeddings) if embeddings else None, int8_modules=int8_modules,
                        float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
-                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused")  # fmt: skip
+                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused",
+                       target=target)  # fmt: skip
     result = do_export(cfg, progress=_progress(start))
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
@@ -130,7 +136,10 @@ def inspect(package: Path, as_json: bool) -> None:
 @click.option("-n", "--max-new-tokens", type=click.IntRange(1, None), default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="ONNX Runtime intra-op threads.")
-def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: int, raw: bool, threads: int | None) -> None:
+@click.option("--provider", "providers", multiple=True, metavar="NAME",
+              help="Execution provider, e.g. CUDAExecutionProvider (repeat for a fallback order). Default: the package's target.")
+def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: int, raw: bool, threads: int | None,
+        providers: tuple[str, ...]) -> None:  # fmt: skip
     """Generate with PACKAGE, greedy, streaming tokens as they come.
 
     \b
@@ -141,7 +150,7 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
     """
     from .runtime import load
 
-    model = load(package, threads=threads)
+    model = load(package, threads=threads, providers=list(providers) or None)
     choices = [None if a.lower() == "none" else a for a in adapters] or [None]
     for a in choices:  # unknown names fail before any generation
         model.check_adapter(a)
@@ -170,8 +179,9 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
 @click.option("--prompt", default="What is the capital of Italy?", show_default=True, help="Prompt for the greedy comparison.")
 @click.option("--max-ppl-increase", type=float, default=None, help="Fail (exit 1) if perplexity rises more than this many percent.")
 @click.option("--min-top1", type=float, default=None, help="Fail (exit 1) if clear-winner top-1 agreement is below this percent.")
+@click.option("--provider", "providers", multiple=True, metavar="NAME", help="Execution provider for the package (repeat for a fallback order).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt, max_ppl_increase, min_top1, as_json) -> None:
+def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt, max_ppl_increase, min_top1, providers, as_json) -> None:
     """Compare PACKAGE with the PyTorch + PEFT original: logits, KL, top-1, perplexity, adapter effect, greedy tokens.
 
     \b
@@ -191,7 +201,7 @@ def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt
             paths[name] = Path(path)
     cfg = VerifyConfig(package=package, reference=reference, adapters=tuple(names), adapter_paths=paths, text=text,
                        max_tokens=max_tokens, greedy_tokens=greedy_tokens, prompt=prompt,
-                       max_ppl_increase=max_ppl_increase, min_top1=min_top1)  # fmt: skip
+                       max_ppl_increase=max_ppl_increase, min_top1=min_top1, providers=providers)  # fmt: skip
     report = do_verify(cfg, progress=_progress(time.perf_counter()))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))
     if not report.passed:
@@ -222,7 +232,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...]:
 @click.option("--affinity", default=None, metavar="CPUS", help="Pin the measuring process to these CPU ids (e.g. 0,1).")
 @click.option("--memory-limit", type=click.IntRange(16, None), default=None, metavar="MIB",
               help="Enforce a memory limit (cgroup when allowed, else an RSS watchdog); reports what it needs if it does not fit.")
-@click.option("--provider", default=None, help="Execution provider (default CPUExecutionProvider, or the preset's).")
+@click.option("--provider", default=None, help="Execution provider (default: the preset's, else the package's target).")
 @click.option("--preset", default=None, help="A device preset: threads + memory + provider (see --list-presets).")
 @click.option("--presets", "presets_file", type=click.Path(path_type=Path), default=None, help="A TOML file of more presets.")
 @click.option("--list-presets", is_flag=True, help="List the presets and exit.")
@@ -255,7 +265,7 @@ def profile(packages, adapters, prompt_tokens, new_tokens, batch, warmup, runs, 
     if list_presets:
         for name, p in sorted(presets.items()):
             click.echo(f"{name:16} threads={p.get('threads', 1)} memory_mib={p.get('memory_mib', '-')} "
-                       f"provider={p.get('provider', 'CPUExecutionProvider')}  {p.get('description', '')}")  # fmt: skip
+                       f"provider={p.get('provider', 'default')}  {p.get('description', '')}")  # fmt: skip
         return
     for out in (json_path, csv_path, plot_path):
         if out is not None and str(out) != "-" and not out.parent.exists():

@@ -160,8 +160,19 @@ class ExportConfig:
     # ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization,
     # q/k/v and gate/up as one matmul). False: standard ONNX ops only, any execution provider, padded batches.
     fused: bool = True
+    # Where it will run (lora_edge.targets.Target): "cpu", "mobile" (ORT format + reduced-build operator
+    # config) or "cuda" (float16 compute).
+    target: str = "cpu"
+
+    @property
+    def compute_dtype(self) -> str:
+        return "float16" if self.target == "cuda" else "float32"
 
     def __post_init__(self) -> None:
+        if self.target not in ("cpu", "mobile", "cuda"):
+            raise InputError(f"target must be cpu, mobile or cuda, got {self.target!r}")
+        if self.target != "cpu" and not self.fused:
+            raise InputError(f"--target {self.target} builds on the fused graph; drop --attention reference")
         names = [a.name for a in self.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -22,6 +22,7 @@ from .models import Slot, family_for
 from .models.spec import BaseModel
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
+from .targets import Target, to_ort_format, write_genai_config
 
 Progress = Callable[[str], None]
 
@@ -76,13 +77,14 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
     return out
 
 
-def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int) -> None:
+def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32) -> None:
     import onnxruntime as ort
 
     tensors = adapter_tensors(adapter, slots)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
+    tensors = {name: t.astype(dtype) for name, t in tensors.items()}  # kept alive: OrtValues borrow numpy memory
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(tensors[name]) for name in sorted(tensors)})
     fmt.export_adapter(str(path))
 
@@ -146,7 +148,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
     model = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
                                             store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level,
-                                            fused=cfg.fused)  # fmt: skip
+                                            fused=cfg.fused, compute_dtype=cfg.compute_dtype)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
 
@@ -160,10 +162,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             (tmp / "adapters").mkdir()
             for a in adapters:
                 progress(f"writing adapters/{a.name}.onnx_adapter")
-                write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity)
+                write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype))
+        graph_file = "model.onnx"
+        if cfg.target == Target.MOBILE.value:
+            progress("converting to ORT format (model.ort) and writing the operator config for a reduced build")
+            to_ort_format(tmp / "model.onnx", tmp / "model.ort")
+            (tmp / "model.onnx").unlink()
+            (tmp / "model.onnx.data").unlink()
+            graph_file = "model.ort"
         for fname, blob in sorted(base.tokenizer_files.items()):
             (tmp / fname).write_bytes(blob)
         (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
+        if cfg.fused:
+            write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         manifest = {
             "lora_edge_version": __version__,
             "base": {
@@ -175,9 +186,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             "mode": cfg.mode.value,
             "quantization": qreport,
             "graph": {
-                "file": "model.onnx",
+                "file": graph_file,
+                "target": cfg.target,
                 "opset": cfg.opset,
-                "compute_dtype": "float32",
+                "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
                 **io,

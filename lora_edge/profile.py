@@ -71,7 +71,7 @@ class Limits:
     threads: tuple[int, ...] = (1,)  # several: a thread sweep
     affinity: tuple[int, ...] | None = None  # CPU ids the child may run on
     memory_mib: int | None = None
-    provider: str = "CPUExecutionProvider"
+    provider: str | None = None  # None: the package's target decides (cuda packages: CUDA when installed)
 
     def __post_init__(self) -> None:
         if not self.threads or any(not isinstance(t, int) or t < 1 for t in self.threads):
@@ -154,6 +154,7 @@ class RunFigures:
     decode_tps: Spread
     token_ms: Percentiles
     switch_us: float  # binding this adapter's tensors for a call (median)
+    provider: str  # the execution provider that ran it
 
 
 @dataclass
@@ -312,7 +313,7 @@ def limits_from_preset(name: str, presets: dict[str, dict]) -> Limits:
     p = presets[name]
     threads = p.get("threads", 1)
     return Limits(threads=tuple(threads) if isinstance(threads, list) else (threads,), memory_mib=p.get("memory_mib"),
-                  provider=p.get("provider", "CPUExecutionProvider"), affinity=tuple(p["affinity"]) if p.get("affinity") else None)  # fmt: skip
+                  provider=p.get("provider"), affinity=tuple(p["affinity"]) if p.get("affinity") else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,7 +709,7 @@ def _decode(model, step, prompt, batch: int, new: int) -> tuple[float, list[floa
 def _load_child(job: dict, **kw):
     from .runtime import load
 
-    return load(job["package"], threads=job["threads"], providers=[job["provider"]], verify=False, **kw)
+    return load(job["package"], threads=job["threads"], providers=[job["provider"]] if job["provider"] else None, verify=False, **kw)
 
 
 def _measure(job: dict, tick) -> dict:
@@ -752,7 +753,7 @@ def _measure(job: dict, tick) -> dict:
                 "prefill_tps": asdict(Spread.of([w.batch * n / t for t in ttfts])),
                 "decode_tps": asdict(Spread.of([w.batch * len(lat) / sum(lat) for lat in lats])),
                 "token_ms": asdict(Percentiles.of([1000 * t for lat in lats for t in lat])),
-                "switch_us": float(np.median(io_times) * 1e6),
+                "switch_us": float(np.median(io_times) * 1e6), "provider": model.providers[0],
             })  # fmt: skip
     kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * (max(w.prompt_tokens) + w.new_tokens) * w.batch * 4
     adapters_mib = adapters_bytes / MiB
@@ -822,21 +823,6 @@ def _sweep(job: dict, tick) -> dict:
             best = max(best, batch * len(lat) / sum(lat))
         return best
 
-    if job["ranks"]:
-        _decode(model, model.steps(None, n + new, batch), prompt, batch, new)  # warm-up
-        none_tps = tps(None)
-        rng = np.random.default_rng(0)
-        for r in job["ranks"]:
-            arrays = {}
-            for s in slots:
-                arrays[s["lora_A"]] = (0.02 * rng.standard_normal((s["in_features"], r))).astype(np.float32)
-                arrays[s["lora_B"]] = (0.02 * rng.standard_normal((r, s["out_features"]))).astype(np.float32)
-            model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
-            t = tps(f"rank{r}")
-            points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,
-                           "branch_cost_pct": 100 * (none_tps / t - 1)})  # fmt: skip
-            del model._adapters[f"rank{r}"], arrays
-            tick(f"{job['label']} rank {r}")
     if job["counts"]:
         files = [(model.root / i["file"], n_) for n_, i in model.manifest.get("adapters", {}).items() if i.get("file")]
         if not files:
@@ -854,6 +840,21 @@ def _sweep(job: dict, tick) -> dict:
             points.append({"package": job["label"], "kind": "adapters", "value": c, "threads": job["threads"],
                            "rss_mib": _rss_of() / MiB, "adapter_file_mib": path.stat().st_size / MiB})  # fmt: skip
             tick(f"{job['label']} {c} adapters")
+    if job["ranks"]:
+        _decode(model, model.steps(None, n + new, batch), prompt, batch, new)  # warm-up
+        none_tps = tps(None)
+        rng = np.random.default_rng(0)
+        for r in job["ranks"]:
+            arrays = {}
+            for s in slots:
+                arrays[s["lora_A"]] = (0.02 * rng.standard_normal((s["in_features"], r))).astype(np.float32)
+                arrays[s["lora_B"]] = (0.02 * rng.standard_normal((r, s["out_features"]))).astype(np.float32)
+            model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+            t = tps(f"rank{r}")
+            points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,
+                           "branch_cost_pct": 100 * (none_tps / t - 1)})  # fmt: skip
+            del model._adapters[f"rank{r}"], arrays
+            tick(f"{job['label']} rank {r}")
     return {"sweeps": points}
 
 
@@ -868,6 +869,9 @@ def render(report: ProfileReport) -> str:
                  f"prompt {'/'.join(map(str, report.workload['prompt_tokens']))} tokens, {report.workload['new_tokens']} new, "
                  f"batch {report.workload['batch']}, median of {report.workload['runs']} runs (min-max)")  # fmt: skip
     ops = {(o.package, o.adapter, o.threads): o for o in report.ops}
+    used = sorted({r.provider for r in report.runs})
+    if used:
+        lines[-1] += f"; ran on {', '.join(used)}"
     if report.runs:
         lines += ["", _table(["package", "adapter", "rank", "thr", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s",
                               "token ms p50/p95/p99", "switch µs", "LoRA share"],
@@ -895,14 +899,13 @@ def render(report: ProfileReport) -> str:
                              [[p.package, p.threads, p.value, f"{p.decode_tps:.1f}", f"{p.branch_cost_pct:+.1f}%"] for p in ranks])]
     counts = [p for p in report.sweeps if p.kind == "adapters"]
     if counts:
-        first = {}
         rows = []
-        for p in counts:
-            first.setdefault((p.package, p.threads), p)
-            f0 = first[(p.package, p.threads)]
-            per = (p.rss_mib - f0.rss_mib) / (p.value - f0.value) if p.value > f0.value else None
-            rows.append([p.package, p.threads, p.value, f"{p.rss_mib:.0f}", f"{per:.1f}" if per is not None else "-", f"{p.adapter_file_mib:.1f}"])
-        lines += ["", _table(["package", "thr", "adapters loaded", "RSS MiB", "MiB per adapter", "adapter file MiB"], rows)]
+        for key in dict.fromkeys((p.package, p.threads) for p in counts):
+            pts = [p for p in counts if (p.package, p.threads) == key]
+            per = _slope([p.value for p in pts], [p.rss_mib for p in pts])
+            rows.append([*key, ", ".join(str(p.value) for p in pts), " ".join(f"{p.rss_mib:.0f}" for p in pts),
+                         f"{per:.1f}" if per is not None else "-", f"{pts[0].adapter_file_mib:.1f}"])  # fmt: skip
+        lines += ["", _table(["package", "thr", "adapters loaded", "RSS MiB", "MiB per adapter (fit)", "adapter file MiB"], rows)]
     if report.comparison:
         lines += ["", _table(["package", "vs", "adapter", "thr", "prompt", "decode", "prefill", "TTFT", "peak RSS", "on disk"],
                              [[c["package"], c["versus"], c["adapter"], c["threads"], c["prompt_tokens"], f"{c['decode_tps_ratio']:.2f}x",
@@ -912,6 +915,14 @@ def render(report: ProfileReport) -> str:
     for d in report.does_not_fit:
         lines += ["", d.message]
     return "\n".join(lines)
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope (memory per loaded adapter); None with fewer than two distinct x."""
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def _n(x: float) -> str:

@@ -107,6 +107,9 @@ class Model:
         self._tok_lock = threading.Lock()
         self._output_names = [o.name for o in session.get_outputs()]
         self.fused_attention = manifest.get("graph", {}).get("attention") == "fused"
+        self.dtype = np.dtype(manifest.get("graph", {}).get("compute_dtype", "float32"))  # of the KV cache and LoRA tensors
+        self.providers = session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -140,7 +143,7 @@ class Model:
         return io
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
         return [z] * (2 * self.num_layers)
 
     # -- one graph call -------------------------------------------------------------------
@@ -179,8 +182,8 @@ class Model:
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         for i in range(self.num_layers):
-            io.bind_cpu_input(f"past_key_values.{i}.key", np.ascontiguousarray(past[2 * i], np.float32))
-            io.bind_cpu_input(f"past_key_values.{i}.value", np.ascontiguousarray(past[2 * i + 1], np.float32))
+            io.bind_cpu_input(f"past_key_values.{i}.key", np.ascontiguousarray(past[2 * i], self.dtype))
+            io.bind_cpu_input(f"past_key_values.{i}.value", np.ascontiguousarray(past[2 * i + 1], self.dtype))
         for name in self._output_names:
             io.bind_output(name)
         self.session.run_with_iobinding(io)
@@ -244,7 +247,7 @@ class Model:
         bound to the same buffer), so nothing is copied or reallocated per token."""
         io = self._binding(adapter)
         shape = (batch, self.num_kv_heads, capacity, self.head_dim)
-        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.num_layers)]
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, 0) for _ in range(2 * self.num_layers)]
         io.bind_output("logits")  # first, so get_outputs()[0] is the logits
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
@@ -334,6 +337,12 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
          profile_prefix: str | None = None) -> Model:  # fmt: skip
     """Load a package; checks the manifest, every checksum (``verify``) and every adapter's identity.
 
+    ``providers``: ONNX Runtime execution providers in order of preference (e.g.
+    ``["CUDAExecutionProvider", "CPUExecutionProvider"]``); a name missing from this onnxruntime is a
+    clear error. Default: the package's target (cuda packages ask for CUDA when it is installed, and
+    say so on stderr when it is not), else the CPU. Adapters and the KV cache live on the first
+    provider's device.
+
     ``profile_prefix`` turns on ONNX Runtime's per-operator profiler (``model.session.end_profiling()``
     writes the trace); it slows every call, so use it only to see where time goes."""
     root = Path(path)
@@ -359,7 +368,16 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     available = ort.get_available_providers()
-    providers = providers or ["CPUExecutionProvider"]
+    if not providers:
+        from .targets import providers_for
+
+        target = manifest.get("graph", {}).get("target", "cpu")
+        providers = [p for p in providers_for(target) if p in available]
+        if providers_for(target)[0] not in providers:
+            import sys
+
+            print(f"note: {root} is built for {target} but this onnxruntime has no {providers_for(target)[0]} "
+                  f"(available: {', '.join(available)}); running on {providers[0]}", file=sys.stderr)  # fmt: skip
     for p in providers:
         if p not in available:
             raise RuntimeInputError(f"execution provider {p!r} is not available in this onnxruntime (available: {', '.join(available)})")
@@ -379,6 +397,8 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
         if not info.get("file"):
             continue
         adapters[name] = _load_adapter(root / info["file"], name, identity, slot_inputs)
+    if session.get_providers()[0] == "CUDAExecutionProvider":  # keep the adapters on the GPU: binding copies nothing
+        adapters = {n: {k: ort.OrtValue.ortvalue_from_numpy(v.numpy(), "cuda", 0) for k, v in t.items()} for n, t in adapters.items()}
     return Model(root, manifest, session, adapters)
 
 

@@ -40,6 +40,7 @@ class VerifyConfig:
     margin: float = 0.5
     max_ppl_increase: float | None = None  # percent
     min_top1: float | None = None  # percent, on clear-winner positions
+    providers: tuple[str, ...] = ()  # ONNX Runtime execution providers; default: the package's target
 
     def __post_init__(self) -> None:
         if self.max_tokens < 16:
@@ -158,7 +159,7 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
             raise InputError(f"adapter {n!r}: its PEFT source {p} is gone; pass --adapter {n}=PATH")
 
     progress("loading the package")
-    model = runtime.load(cfg.package)
+    model = runtime.load(cfg.package, providers=list(cfg.providers) or None)
     text = cfg.text.read_text(encoding="utf-8") if cfg.text else resources.files("lora_edge").joinpath("data/verify_text.txt").read_text()
     ids = model.tokenizer.encode(text, chat=False)[: min(cfg.max_tokens, model.max_length)]
     if len(ids) < 16:

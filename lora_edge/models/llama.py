@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UnsupportedFeatureError
 from ..graph import GraphBuilder
 from ..quant import QTensor
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
@@ -92,38 +93,46 @@ class LlamaFamily:
 
     # -- writing the graph -------------------------------------------------------------------
     def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True):  # fmt: skip
+                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32"):  # fmt: skip
         """Return the ModelProto; the LoRA inputs are overridable initializers (rank-``null_rank`` zeros).
 
         ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
         and dequantized rows for the embedding). LoRA branches always stay float32. ``fused`` writes
         ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayer-
-        Normalization, one matmul per q/k/v and gate/up group); otherwise standard ONNX ops only."""
+        Normalization, one matmul per q/k/v and gate/up group); otherwise standard ONNX ops only.
+        ``compute_dtype`` "float16" (fused graphs, for GPUs) computes, caches and takes LoRA tensors in
+        float16; the logits are still returned as float32."""
         spec = base.spec
+        if compute_dtype not in ("float32", "float16"):
+            raise ValueError(f"compute_dtype must be float32 or float16, got {compute_dtype}")
+        if compute_dtype == "float16" and not fused:
+            raise UnsupportedFeatureError("float16 compute needs the fused graph (--attention fused)")
         g = GraphBuilder(f"lora-edge {spec.architecture}")
         B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
         H, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
         f32 = np.float32
+        ct = np.dtype(compute_dtype).type  # activations, KV cache, LoRA tensors
+        CT = 10 if ct is np.float16 else 1  # its ONNX type, for Cast
 
         input_ids = g.input("input_ids", np.int64, [B, S])
         attn_mask = g.input("attention_mask", np.int64, [B, T])
         position_ids = g.input("position_ids", np.int64, [B, S])
         past = []
         for i in range(spec.num_layers):
-            k = g.input(f"past_key_values.{i}.key", f32, [B, KV, P, D])
-            v = g.input(f"past_key_values.{i}.value", f32, [B, KV, P, D])
+            k = g.input(f"past_key_values.{i}.key", ct, [B, KV, P, D])
+            v = g.input(f"past_key_values.{i}.value", ct, [B, KV, P, D])
             past.append((k, v))
 
         overridable: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), f32), [slot.in_features, slot.rank_dim])
-            overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), f32), [slot.rank_dim, slot.out_features])
+            overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
+            overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
 
         # -- weights ---------------------------------------------------------------------------
         def float_weight(name: str, arr: np.ndarray) -> str:
             """A float initializer; stored as float16 (and cast up once at load) when the recipe says so."""
-            if not store_fp16:
-                return g.weight(name, arr.astype(f32))
+            if not store_fp16 or ct is np.float16:
+                return g.weight(name, arr.astype(ct))
             return g.op("Cast", [g.weight(f"{name}.fp16", arr.astype(np.float16))], to=1)
 
         quant_values: dict[str, dict[str, str]] = {}
@@ -133,13 +142,13 @@ class LlamaFamily:
             if name not in quant_values:
                 v = {"codes": g.weight(f"{name}.q{qt.bits}", qt.codes)}
                 scales = g.weight(f"{name}.scales", qt.scales)
-                v["scales"] = scales if qt.scales.dtype == f32 else g.op("Cast", [scales], to=1)  # fp16 on disk
+                v["scales"] = scales if qt.scales.dtype == ct else g.op("Cast", [scales], to=CT)  # fp16 on disk
                 if qt.zero_points is not None:
                     v["zero_points"] = g.weight(f"{name}.zero_points", qt.zero_points)
                 if qt.offsets is not None and name == "model.embed_tokens.weight":  # rows gathered, (N, nb)
-                    v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=1)
+                    v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=CT)
                 elif qt.offsets is not None:  # (nb, N): the right operand of a MatMul ORT can prepack
-                    v["offsets.T"] = g.op("Cast", [g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))], to=1)
+                    v["offsets.T"] = g.op("Cast", [g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))], to=CT)
                 quant_values[name] = v
             return quant_values[name]
 
@@ -210,16 +219,16 @@ class LlamaFamily:
 
             def unpack(p: str, length: int) -> str:  # uint8 codes -> float (.., length)
                 if qt.bits == 8:
-                    return g.op("Cast", [p], to=1)
+                    return g.op("Cast", [p], to=CT)
                 high = g.op("BitShift", [p, g.const(4, np.uint8)], direction="RIGHT")
                 low = g.op("Sub", [p, g.op("BitShift", [high, g.const(4, np.uint8)], direction="LEFT")])
                 both = g.op("Concat", [g.op("Unsqueeze", [low, g.const([-1])]), g.op("Unsqueeze", [high, g.const([-1])])], axis=-1)
                 flat = g.op("Reshape", [both, g.op("Concat", [g.op("Slice", [g.op("Shape", [p]), g.const([0]), g.const([-1])]), g.const([-1])], axis=0)])
-                return g.op("Cast", [g.op("Slice", [flat, g.const([0]), g.const([length]), g.const([-1])])], to=1)
+                return g.op("Cast", [g.op("Slice", [flat, g.const([0]), g.const([length]), g.const([-1])])], to=CT)
 
             q = unpack(codes, qt.block)  # (B, S, nb, block)
             if "zero_points" not in v:
-                zp = g.const(2.0 ** (qt.bits - 1), f32)
+                zp = g.const(2.0 ** (qt.bits - 1), ct)
             else:
                 zp = g.op("Unsqueeze", [unpack(g.op("Gather", [v["zero_points"], ids], axis=0), nb), g.const([-1])])  # (B, S, nb, 1)
             scale = g.op("Unsqueeze", [g.op("Gather", [v["scales"], ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
@@ -233,7 +242,7 @@ class LlamaFamily:
 
         # -- norms -----------------------------------------------------------------------------
         def rms_norm(x: str, weight_name: str) -> str:
-            w = g.weight(weight_name, weights[weight_name])
+            w = g.weight(weight_name, weights[weight_name].astype(ct))
             if fused:
                 return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
             # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
@@ -246,7 +255,7 @@ class LlamaFamily:
             if not fused:
                 h = g.op("Add", [residual, x])
                 return rms_norm(h, weight_name), h
-            w = g.weight(weight_name, weights[weight_name])
+            w = g.weight(weight_name, weights[weight_name].astype(ct))
             y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
                               epsilon=spec.rms_norm_eps)  # fmt: skip
             return y, h
@@ -256,8 +265,8 @@ class LlamaFamily:
             g.scope = "rotary"
             positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
             angles = positions * base.rope_inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
-            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(f32))
-            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(f32))
+            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
+            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
             g.scope = "mask"
             seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
             total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
@@ -365,10 +374,12 @@ class LlamaFamily:
                     logits = g.op("Add", [logits, delta])
 
         g.scope = ""
+        if ct is not f32:
+            logits = g.op("Cast", [logits], to=1)
         g.output(logits, "logits", f32, [B, S, spec.vocab_size])
         for i in range(spec.num_layers):
-            g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D]))
-            g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D]))
+            g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D], CT))
+            g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D], CT))
         return g.model(opset, overridable)
 
 
@@ -393,10 +404,10 @@ def _concat(ws: list):
                    bits=ws[0].bits, block=ws[0].block, k=ws[0].k, offsets=cat([w.offsets for w in ws]))  # fmt: skip
 
 
-def _vi(name: str, shape: list):
-    from onnx import TensorProto, helper
+def _vi(name: str, shape: list, elem_type: int = 1):
+    from onnx import helper
 
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    return helper.make_tensor_value_info(name, elem_type, shape)
 
 
 FAMILY = LlamaFamily()
