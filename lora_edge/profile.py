@@ -973,6 +973,8 @@ def plot(report: ProfileReport, path: Path) -> None:
         vals = [getattr(x, part) for x in report.memory]
         ax.bar(labels, vals, bottom=bottom, label=part.replace("_mib", "").replace("baseline", "runtime"))
         bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.bar(labels, [max(0.0, x.peak_mib - b) for x, b in zip(report.memory, bottom)], bottom=bottom, color="lightgray",
+           label="activations, arena, other")  # fmt: skip
     ax.scatter(labels, [x.peak_mib for x in report.memory], color="black", marker="_", s=400, label="peak RSS", zorder=3)
     ax.set_ylabel("MiB")
     ax.set_title("Memory")
@@ -1015,6 +1017,11 @@ def plot(report: ProfileReport, path: Path) -> None:
     elif counts:
         lines(group(counts, lambda p: f"{p.package} {p.threads}t", lambda p: (p.value, p.rss_mib)),
               "adapters loaded", "resident MiB", "Memory vs loaded adapters")  # fmt: skip
+    elif report.ops:
+        ax.bar([f"{o.package}\n{o.adapter} {o.threads}t" for o in report.ops], [o.lora_pct for o in report.ops])
+        ax.set_ylabel("% of decode operator time")
+        ax.set_title("Time in the LoRA branches (ONNX Runtime profiler)")
+        ax.tick_params(axis="x", labelsize=7)
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "no sweep (give several --prompt-tokens, --ranks or --adapter-counts)", ha="center", fontsize=9)

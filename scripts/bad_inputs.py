@@ -116,6 +116,7 @@ def run_cases() -> list[dict]:
         ("threads below 1", ["run", str(pkg), "--prompt", "hi", "--threads", "0"]),
         ("prompt longer than the context", ["run", str(pkg), "--prompt", "word " * 300]),
         ("unknown adapter at run time", ["run", str(pkg), "--prompt", "hi", "--adapter", "nope"]),
+        ("execution provider not installed", ["run", str(pkg), "--prompt", "hi", "--provider", "CUDAExecutionProvider"]),
         ("package path missing", ["run", str(tmp / "nope"), "--prompt", "hi"]),
         ("not a package", ["inspect", str(base)]),
         ("tampered weights file", ["run", str(tamper(pkg, "model.onnx.data")), "--prompt", "hi"]),
