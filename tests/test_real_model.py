@@ -7,6 +7,7 @@ over 30 residual layers). A wrong scaling or target moves them by whole units.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,30 @@ def test_trained_behaviour_survives_quantization(quantized):
         else:
             for a in (None, "pirate", "shout"):
                 assert _traits(model.generate(q, adapter=a, max_new_tokens=30), a), (kind, a, q)
+
+
+def test_real_profile_with_two_adapters_and_a_memory_limit(real, tmp_path):
+    """#5's acceptance on the real package: table, JSON, CSV and PNG; a too-small memory limit fails with
+    "needs at least N MiB", and a limit above N passes."""
+    from click.testing import CliRunner
+
+    from lora_edge.cli import cli
+
+    pkg = real[0].root
+    out = tmp_path / "p"
+    r = CliRunner().invoke(cli, ["profile", str(pkg), "-a", "none", "-a", "pirate", "-a", "shout", "--prompt-tokens", "32", "-n", "8",
+                                 "--runs", "2", "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(Path(f"{out}.json").read_text())
+    assert {x["adapter"] for x in data["runs"]} == {"none", "pirate", "shout"}
+    assert all(x["decode_tps"]["median"] > 1 for x in data["runs"])
+    assert data["memory"][0]["peak_mib"] > data["packages"][0]["package_mib"]
+    assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG" and Path(f"{out}.csv").stat().st_size > 0
+    small = CliRunner().invoke(cli, ["profile", str(pkg), "-a", "pirate", "--prompt-tokens", "16", "-n", "4", "--runs", "1",
+                                     "--no-op-profile", "--memory-limit", "200", "--json", f"{out}-small.json"])  # fmt: skip
+    assert small.exit_code == 1 and "needs at least" in small.output
+    need = json.loads(Path(f"{out}-small.json").read_text())["does_not_fit"][0]["needs_mib"]
+    assert need > 200
+    ok = CliRunner().invoke(cli, ["profile", str(pkg), "-a", "pirate", "--prompt-tokens", "16", "-n", "4", "--runs", "1",
+                                  "--no-op-profile", "--memory-limit", str(int(need) + 100)])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
