@@ -59,8 +59,9 @@ def _progress(start: float):
                    "(several adapters with merge is an error: export once per adapter). Merging before int4 can cost accuracy: "
                    "check with `lora-edge verify`.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lora-edge package (nothing else is ever deleted).")
-@click.option("--null-rank", type=click.IntRange(0, 1), default=1, show_default=True,
-              help="Rank of the 'no adapter' defaults: 1 (zeros, works on every provider) or 0 (empty, CPU only).")
+@click.option("--null-rank", type=click.IntRange(0, 1), default=None,
+              help="Rank of the 'no adapter' defaults: 0 (empty: no branch work; default for cpu/mobile) or 1 (zeros, "
+                   "works on every provider; default for cuda).")
 @click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
               help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32.")
 @click.option("--block-size", type=int, default=None,

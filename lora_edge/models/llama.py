@@ -157,12 +157,18 @@ class LlamaFamily:
         def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
             """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise), plus the
             float-offset correction blocksum(x) @ offsets.T when the blocks have float offsets."""
+            terms = matmul_nbits_terms(x, name, qt)
+            return terms[0] if len(terms) == 1 else g.op("Add", terms)
+
+        def matmul_nbits_terms(x: str, name: str, qt: QTensor) -> list[str]:
+            """The summands of :func:`matmul_nbits`: the integer-kernel product, and the float-offset
+            correction when there is one (callers add them in one node with any LoRA delta)."""
             v = quant_inputs(name, qt)
             ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
             y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
                      accuracy_level=accuracy_level)  # fmt: skip
             if "offsets" not in v and "offsets.T" not in v:
-                return y
+                return [y]
             key = (x, qt.block)
             if key not in block_sums:  # shared by every projection that reads the same x
                 xp = x
@@ -171,14 +177,25 @@ class LlamaFamily:
                 blocks = g.op("Reshape", [xp, g.const([0, 0, qt.n_blocks, qt.block])])  # (B, S, nb, block)
                 block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B, S, nb)
             if "offsets.T" in v:
-                return g.op("Add", [y, g.op("MatMul", [block_sums[key], v["offsets.T"]])])  # (B, S, N)
+                return [y, g.op("MatMul", [block_sums[key], v["offsets.T"]])]  # (B, S, N)
             flat = g.op("Reshape", [block_sums[key], g.const([-1, qt.n_blocks])])  # tied head: (B*S, nb) x (V, nb)^T
-            return g.op("Add", [y, g.op("Reshape", [g.op("Gemm", [flat, v["offsets"]], transB=1), g.op("Shape", [y])])])
+            return [y, g.op("Reshape", [g.op("Gemm", [flat, v["offsets"]], transB=1), g.op("Shape", [y])])]
+
+        def project_terms(x: str, name: str, w) -> list[str]:
+            if isinstance(w, QTensor):
+                return matmul_nbits_terms(x, f"{name}.weight", w)
+            return [g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])]  # (in, out)
 
         def project(x: str, name: str, w) -> str:
-            if isinstance(w, QTensor):
-                return matmul_nbits(x, f"{name}.weight", w)
-            return g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])  # (in, out)
+            terms = project_terms(x, name, w)
+            return terms[0] if len(terms) == 1 else g.op("Add", terms)
+
+        def summed(terms: list[str], scope: str) -> str:
+            """One node for the sum: Add for two terms, Sum for more (one pass over the output, not two)."""
+            if len(terms) == 1:
+                return terms[0]
+            with g.scoped(scope):
+                return g.op("Add" if len(terms) == 2 else "Sum", terms)
 
         def lora(x: str, group: str) -> str | None:
             """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
@@ -196,10 +213,9 @@ class LlamaFamily:
             sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
             delta = lora(x, group)
             if len(ws) == 1 or _concatenable(ws):
-                y = project(x, group, _concat(ws))
-                if delta is not None:
-                    with g.scoped(f"lora/{group}"):
-                        y = g.op("Add", [y, delta])
+                terms = project_terms(x, group, _concat(ws))
+                # the LoRA delta joins the base's own sum (Sum of 3) when there is one, else its own Add
+                y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
                 return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
             ys = [project(x, m, w) for m, w in zip(modules, ws)]
             if delta is not None:
@@ -362,16 +378,14 @@ class LlamaFamily:
             (logits,) = group_linear(x, "lm_head", ("lm_head",))
         else:  # tied: read the embedding's own weights, never a transposed copy
             if isinstance(table, QTensor):
-                logits = matmul_nbits(x, "model.embed_tokens.weight", table)
+                terms = matmul_nbits_terms(x, "model.embed_tokens.weight", table)
             else:
                 flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
                 logits2d = g.op("Gemm", [flat, embed_value], transB=1)  # (B*S, V)
                 dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
-                logits = g.op("Reshape", [logits2d, dims])  # (B, S, V)
+                terms = [g.op("Reshape", [logits2d, dims])]  # (B, S, V)
             delta = lora(x, "lm_head")
-            if delta is not None:
-                with g.scoped("lora/lm_head"):
-                    logits = g.op("Add", [logits, delta])
+            logits = summed(terms + ([delta] if delta is not None else []), "lora/lm_head" if len(terms) == 1 else g.scope)
 
         g.scope = ""
         if ct is not f32:
