@@ -47,21 +47,32 @@ def make_tokenizer(root: Path, vocab_size: int) -> None:
 
 
 TINY_CONFIGS = {
-    # name: LlamaConfig kwargs
+    # name: config kwargs ("config": the transformers config class, default LlamaConfig)
     "gqa_tied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                      tie_word_embeddings=True),
     "mha_untied": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
                        tie_word_embeddings=False, rope_theta=500000.0),
+    # other families: each differs from Llama where its real models do
+    "mistral": dict(config="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False, sliding_window=4096),
+    "mistral_window": dict(config="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=False, sliding_window=48),
+    "qwen2": dict(config="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True),  # q/k/v biases
+    "qwen3": dict(config="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),  # q/k norms, head_dim != hidden/heads
 }  # fmt: skip
 
 
 def make_tiny_base(root: Path, kind: str = "gqa_tied", seed: int = 0) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                      **TINY_CONFIGS[kind])  # fmt: skip
+    kw = dict(TINY_CONFIGS[kind])
+    config_cls = getattr(transformers, kw.pop("config", "LlamaConfig"))
+    cfg = config_cls(vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **kw)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random init has tiny weights; widen them so differences show in the logits
         for p in model.parameters():

@@ -1,4 +1,8 @@
-"""Llama-family decoders (LlamaForCausalLM: SmolLM2, TinyLlama, Llama 2/3 shapes), float32.
+"""Llama-shaped decoders: LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3), and the families that
+differ from it only in details this module reads from the model (``models/mistral.py``, ``qwen2.py``,
+``qwen3.py`` instantiate it): linear-layer biases (Qwen2's q/k/v; Llama's attention_bias/mlp_bias),
+per-head q/k RMSNorm (Qwen3), an explicit head_dim, sliding-window attention (exact within the window:
+the package's context is capped at the window).
 
 Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
 ``input_ids, attention_mask, position_ids, past_key_values.{i}.key/value`` ->
@@ -24,8 +28,9 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class LlamaFamily:
-    name = "llama"
-    architectures = ("LlamaForCausalLM",)
+    def __init__(self, name: str = "llama", architectures: tuple[str, ...] = ("LlamaForCausalLM",)) -> None:
+        self.name = name
+        self.architectures = architectures
 
     # -- reading the PyTorch model (compile side) ------------------------------------------
     def spec_from_hf(self, hf_model) -> tuple[DecoderSpec, np.ndarray]:
@@ -38,6 +43,13 @@ class LlamaFamily:
 
             raise ModelError("rope_scaling type 'dynamic' depends on the sequence length at run time; not supported yet")
         inv_freq = rotary.inv_freq.detach().float().cpu().numpy().astype(np.float32)
+        max_pos = int(cfg.max_position_embeddings)
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None) or []
+        sliding = window is not None and (getattr(cfg, "use_sliding_window", True) is not False or "sliding_attention" in layer_types)
+        if sliding and window < max_pos:
+            # attention over at most `window` keys equals full attention while the sequence fits in it
+            max_pos = int(window)
         spec = DecoderSpec(
             family=self.name,
             architecture=type(hf_model).__name__,
@@ -50,13 +62,10 @@ class LlamaFamily:
             vocab_size=cfg.vocab_size,
             rms_norm_eps=float(cfg.rms_norm_eps),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.max_position_embeddings),
+            max_position_embeddings=max_pos,
             rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+            qk_norm=hasattr(hf_model.model.layers[0].self_attn, "q_norm"),
         )
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-            from ..errors import ModelError
-
-            raise ModelError("Llama models with attention_bias or mlp_bias are not supported yet")
         return spec, inv_freq
 
     def linear_modules(self, spec: DecoderSpec) -> dict[str, LinearModule]:
@@ -77,6 +86,8 @@ class LlamaFamily:
         for i in range(spec.num_layers):
             p = f"model.layers.{i}"
             names |= {p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm", f"{p}.post_attention_layernorm"}
+            if spec.qk_norm:
+                names |= {f"{p}.self_attn.q_norm", f"{p}.self_attn.k_norm"}
         return frozenset(names)
 
     def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -207,17 +218,25 @@ class LlamaFamily:
                 xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
                 return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
 
+        def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
+            """The modules' biases as one constant (zeros for a module without one), or nothing."""
+            bs = [weights.get(f"{m}.bias") for m in modules]
+            if all(b is None for b in bs):
+                return []
+            cat = np.concatenate([np.zeros(n, f32) if b is None else np.asarray(b, f32) for b, n in zip(bs, sizes)])
+            return [g.weight(f"{name}.bias", cat.astype(ct))]
+
         def group_linear(x: str, group: str, modules: tuple[str, ...]) -> list[str]:
             """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
             ws = [weights[f"{m}.weight"] for m in modules]
             sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
             delta = lora(x, group)
             if len(ws) == 1 or _concatenable(ws):
-                terms = project_terms(x, group, _concat(ws))
-                # the LoRA delta joins the base's own sum (Sum of 3) when there is one, else its own Add
+                terms = project_terms(x, group, _concat(ws)) + bias_terms(group, modules, sizes)
+                # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
                 y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
                 return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
-            ys = [project(x, m, w) for m, w in zip(modules, ws)]
+            ys = [summed(project_terms(x, m, w) + bias_terms(m, (m,), [n]), g.scope) for m, w, n in zip(modules, ws, sizes)]
             if delta is not None:
                 with g.scoped(f"lora/{group}"):
                     parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
@@ -326,8 +345,14 @@ class LlamaFamily:
                                      g.op("Slice", [shape, g.const([3]), g.const([5])])], axis=0)  # fmt: skip
             return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
 
+        def head_norm(x: str, n: int, weight_name: str) -> str:  # RMSNorm over head_dim of each of n heads
+            return g.op("Reshape", [rms_norm(g.op("Reshape", [x, g.const([0, 0, n, D])]), weight_name), g.const([0, 0, n * D])])
+
         def attention(i: int, q: str, k: str, v: str) -> str:
             """Causal attention over past + new keys; writes present.{i}.key/value. Returns (B, S, H*D)."""
+            if spec.qk_norm:
+                q = head_norm(q, H, f"model.layers.{i}.self_attn.q_norm.weight")
+                k = head_norm(k, KV, f"model.layers.{i}.self_attn.k_norm.weight")
             if fused:
                 q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
                 k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)

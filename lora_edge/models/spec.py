@@ -25,6 +25,7 @@ class DecoderSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int
     rope_attention_scaling: float = 1.0
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
 
     def to_json(self) -> dict:
         return asdict(self)

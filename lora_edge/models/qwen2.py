@@ -1,0 +1,5 @@
+"""Qwen2ForCausalLM: the Llama graph (see llama.py for what it reads from the model)."""
+
+from .llama import LlamaFamily
+
+FAMILY = LlamaFamily("qwen2", ('Qwen2ForCausalLM',))
