@@ -31,11 +31,10 @@ _HARMLESS = {
 # Fields lora-edge computes with.
 _HANDLED = {
     "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "use_dora",
 }  # fmt: skip
 # Fields that change the computation in ways a plain low-rank branch cannot express (yet).
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA) rescales each output channel",
     "modules_to_save": "modules_to_save replaces whole modules with trained copies",
     "trainable_token_indices": "trainable tokens replace rows of the embedding",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
@@ -62,10 +61,18 @@ class LoraModule:
     scaling: float
     a: np.ndarray = field(repr=False)  # (in, r)  = lora_A.weight.T
     b: np.ndarray = field(repr=False)  # (r, out) = scaling * lora_B.weight.T
+    # DoRA: magnitude / ||W + s*B*A|| per output channel, from the float base weight W the adapter was
+    # trained on. The layer computes g * (x W^T + s x A^T B^T) + bias (PEFT's DoraLinearLayer, unmerged).
+    dora_scale: np.ndarray | None = field(default=None, repr=False)  # (out,)
 
     def delta_weight(self) -> np.ndarray:
         """s * B @ A in the HF layout (out, in), float32 — PEFT's ``get_delta_weight``."""
         return (self.a @ self.b).T.astype(np.float32)  # (in, r) @ (r, out) -> (in, out) -> (out, in)
+
+    def merged(self, w: np.ndarray) -> np.ndarray:
+        """The merged weight (out, in): W + s*B*A, and for DoRA g * (W + s*B*A)."""
+        merged = w + self.delta_weight()
+        return (merged if self.dora_scale is None else self.dora_scale[:, None] * merged).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ class Adapter:
         return bool(self.config.get("use_rslora", False))
 
     @property
+    def use_dora(self) -> bool:
+        return any(m.dora_scale is not None for m in self.modules.values())
+
+    @property
     def n_params(self) -> int:
         return sum(m.a.size + m.b.size for m in self.modules.values())
 
@@ -101,6 +112,7 @@ class Adapter:
             "ranks": ranks,
             "lora_alpha": self.lora_alpha,
             "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
             "scalings": scalings,
             "target_modules": targets,
             "modules": len(self.modules),
@@ -240,6 +252,20 @@ def _split_key(key: str) -> tuple[str, str]:
     return body, "unknown"
 
 
+def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | None, base: BaseModel) -> LoraModule:
+    """Attach DoRA's per-channel scale g = magnitude / ||W + s*B*A||_row, W the float base weight."""
+    if magnitude is None:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json sets use_dora but {st} has no lora_magnitude_vector for {lora.module!r}")
+    w = base.weights.get(f"{lora.module}.weight")
+    if w is None and lora.module == "lm_head" and base.spec.tie_word_embeddings:
+        w = base.weights["model.embed_tokens.weight"]
+    magnitude = np.asarray(magnitude, np.float32).reshape(-1)
+    if w is None or magnitude.shape != (w.shape[0],) or not np.isfinite(magnitude).all():
+        raise AdapterError(f"adapter {name!r}: the DoRA magnitude of {lora.module!r} has shape {magnitude.shape}, the layer has {w.shape[0] if w is not None else '?'} outputs")
+    norm = np.linalg.norm((w + lora.delta_weight()).astype(np.float32), axis=1)
+    return LoraModule(lora.module, lora.rank, lora.alpha, lora.scaling, lora.a, lora.b, dora_scale=(magnitude / norm).astype(np.float32))
+
+
 def check_adapter_files(name: str, path: Path) -> Path:
     """The cheap checks (before any model is loaded): a directory with a config and safetensors weights."""
     path = Path(path)
@@ -270,6 +296,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     tensors = read_safetensors(st, AdapterError)
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    magnitudes: dict[str, np.ndarray] = {}
     for key, arr in tensors.items():
         module, kind = _split_key(key)
         if kind in ("lora_A", "lora_B"):
@@ -277,7 +304,9 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         elif kind in ("lora_embedding_A", "lora_embedding_B"):
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} has LoRA on the embedding {module!r} ({key}); embedding LoRA is not supported yet")
         elif kind == "lora_magnitude_vector":
-            raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds DoRA magnitudes ({key}); DoRA is not supported yet")
+            if not cfg.get("use_dora"):
+                raise AdapterError(f"adapter {name!r}: {st} holds DoRA magnitudes ({key}) but adapter_config.json has no use_dora; the config and the weights disagree")
+            magnitudes[module] = arr
         elif kind == "modules_to_save":
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a module_to_save ({key}); modules_to_save is not supported yet")
         elif kind == "base_layer":
@@ -332,7 +361,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             raise AdapterError(f"adapter {name!r}: module {module!r} has rank {r} in the weights but {want_r} by adapter_config.json (r/rank_pattern)")
         alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[module] = LoraModule(
+        lora = LoraModule(
             module=module,
             rank=r,
             alpha=alpha,
@@ -340,6 +369,11 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             a=np.ascontiguousarray(a.T, dtype=np.float32),  # (in, r)
             b=np.ascontiguousarray((b * np.float32(scaling)).T, dtype=np.float32),  # (r, out)
         )
+        if cfg.get("use_dora"):
+            lora = _with_dora(name, st, lora, magnitudes.pop(module, None), base)
+        modules[module] = lora
+    if magnitudes:
+        raise AdapterError(f"adapter {name!r}: {st} has DoRA magnitudes for {sorted(magnitudes)[0]!r}, which has no lora_A/lora_B")
     expected = {m for m in linear if target_matches(cfg, m, set(linear))}
     missing = sorted(expected - set(modules))
     if missing:

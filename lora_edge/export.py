@@ -36,22 +36,23 @@ class ExportResult:
 def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) -> dict[str, Slot]:
     """One slot per group of linear layers (q/k/v, gate/up, or one module) that any adapter targets."""
     wanted = {m for a in adapters for m in a.modules}
+    dora = {m for a in adapters for m, lora in a.modules.items() if lora.dora_scale is not None}
     lin = base.linear_modules
     return {
-        name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules))
+        name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules), dora=bool(dora & set(modules)))
         for name, modules in family.groups(base.spec, fused)
         if wanted & set(modules)
     }
 
 
 def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
-    """W + s*B*A in float32 for every adapted module (PEFT's merge_and_unload)."""
+    """W + s*B*A (DoRA: g * (W + s*B*A)) in float32 for every adapted module (PEFT's merge_and_unload)."""
     weights = dict(base.weights)
     for module, lora in adapter.modules.items():
         key = f"{module}.weight"
         if key not in weights and module == "lm_head":  # tied head: merging unties it
             weights[key] = weights["model.embed_tokens.weight"]
-        weights[key] = (weights[key] + lora.delta_weight()).astype(np.float32)
+        weights[key] = lora.merged(weights[key])
     return weights
 
 
@@ -74,6 +75,10 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
             b[row : row + lora.rank, offsets[m] : offsets[m] + lora.b.shape[1]] = lora.b
             row += lora.rank
         out[slot.a_name], out[slot.b_name] = np.ascontiguousarray(a, np.float32), b
+        if slot.dora and any(lora.dora_scale is not None for _, lora in mods):  # DoRA scales; ones for plain LoRA parts
+            out[slot.m_name] = np.concatenate([
+                adapter.modules[m].dora_scale if m in adapter.modules and adapter.modules[m].dora_scale is not None
+                else np.ones(o, np.float32) for m, o in slot.parts])  # fmt: skip
     return out
 
 
@@ -202,6 +207,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "parts": [{"module": m, "out_features": o} for m, o in s.parts],
                     "lora_A": s.a_name,
                     "lora_B": s.b_name,
+                    **({"lora_M": s.m_name} if s.dora else {}),
                     "adapters": [a.name for a in adapters if set(s.modules) & set(a.modules)],
                 }
                 for s in slots.values()

@@ -390,6 +390,8 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
     for slot in manifest.get("slots", []):
         slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
         slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
+        if slot.get("lora_M"):
+            slot_inputs[slot["lora_M"]] = ("M", slot["out_features"])
     # (ranks of a slot's A and B must agree: checked per file below)
     identity = manifest["base"]["identity"]
     adapters: dict[str, dict[str, ort.OrtValue]] = {}
@@ -417,6 +419,10 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> di
             raise PackageError(f"{path} (adapter {name!r}) overrides {pname!r}, which is not a LoRA input of this graph; it belongs to another package")
         shape = value.shape()
         want_in, want_out = slot_inputs[pname]
+        if want_in == "M":  # a DoRA scale: one value per output channel
+            if list(shape) != [want_out]:
+                raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
+            continue
         if len(shape) != 2 or (want_in is not None and shape[0] != want_in) or (want_out is not None and shape[1] != want_out):
             raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
         module = pname.rsplit(".", 1)[0]  # the slot name

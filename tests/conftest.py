@@ -97,6 +97,8 @@ def make_adapter(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.mul_(2.0)
+            elif "lora_magnitude_vector" in n:  # DoRA starts at g = 1; move it as training would
+                p.mul_(1.0 + 0.3 * torch.randn_like(p))
     pm.save_pretrained(out)
     return out
 

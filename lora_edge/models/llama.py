@@ -138,6 +138,8 @@ class LlamaFamily:
         for slot in slots.values():
             overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
             overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
+            if slot.dora:
+                overridable[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
 
         # -- weights ---------------------------------------------------------------------------
         def float_weight(name: str, arr: np.ndarray) -> str:
@@ -232,16 +234,26 @@ class LlamaFamily:
             sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
             delta = lora(x, group)
             if len(ws) == 1 or _concatenable(ws):
-                terms = project_terms(x, group, _concat(ws)) + bias_terms(group, modules, sizes)
-                # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
-                y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
+                terms, bias = project_terms(x, group, _concat(ws)), bias_terms(group, modules, sizes)
+                slot = slots.get(group)
+                if slot is not None and slot.dora:  # DoRA: g * (x W^T + delta) + bias, g = 1 for plain LoRA
+                    y = summed(terms + [delta], g.scope)
+                    with g.scoped(f"lora/{group}"):
+                        y = g.op("Mul", [y, slot.m_name])
+                    y = summed([y] + bias, g.scope)
+                else:  # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
+                    terms += bias
+                    y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
                 return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
-            ys = [summed(project_terms(x, m, w) + bias_terms(m, (m,), [n]), g.scope) for m, w, n in zip(modules, ws, sizes)]
+            ys = [project(x, m, w) for m, w in zip(modules, ws)]
             if delta is not None:
                 with g.scoped(f"lora/{group}"):
                     parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
                     ys = [g.op("Add", [y, d]) for y, d in zip(ys, parts)]
-            return ys
+                    if slots[group].dora:
+                        scales = g.op("Split", [slots[group].m_name, g.const(sizes)], n_out=len(ws), axis=0)
+                        ys = [g.op("Mul", [y, m]) for y, m in zip(ys, scales)]
+            return [summed([y] + bias_terms(m, (m,), [n]), g.scope) for y, m, n in zip(ys, modules, sizes)]
 
         def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
             """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.

@@ -73,6 +73,9 @@ class Slot:
     name: str
     in_features: int
     parts: tuple[tuple[str, int], ...]  # (module path, out_features), in output order
+    # some adapter of the package is DoRA on one of these modules: the slot also takes <name>.lora_M,
+    # the per-output-channel magnitude scale (ones when the bound adapter is not DoRA here)
+    dora: bool = False
 
     @property
     def out_features(self) -> int:
@@ -89,6 +92,10 @@ class Slot:
     @property
     def b_name(self) -> str:
         return f"{self.name}.lora_B"
+
+    @property
+    def m_name(self) -> str:
+        return f"{self.name}.lora_M"
 
     @property
     def rank_dim(self) -> str:
