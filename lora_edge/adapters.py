@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AdapterError, InputError, UnsupportedFeatureError
-from .models.spec import BaseModel
+from .models.spec import BaseModel, LinearModule
 from .st_io import read_safetensors
 
 # Fields that never change the numbers at inference (bookkeeping or initialisation-only).
@@ -49,6 +49,7 @@ _UNSUPPORTED = {
     "arrow_config": "Arrow routing between adapters",
 }
 _PREFIX = "base_model.model."
+EMBEDDING = "model.embed_tokens"  # the token embedding of the decoder families (lora_embedding_A/B)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,13 @@ class LoraModule:
     # DoRA: magnitude / ||W + s*B*A|| per output channel, from the float base weight W the adapter was
     # trained on. The layer computes g * (x W^T + s x A^T B^T) + bias (PEFT's DoraLinearLayer, unmerged).
     dora_scale: np.ndarray | None = field(default=None, repr=False)  # (out,)
+    # LoRA on the token embedding (lora_embedding_A/B): a is (vocab, r), rows gathered by token id
+    embedding: bool = False
 
     def delta_weight(self) -> np.ndarray:
-        """s * B @ A in the HF layout (out, in), float32 — PEFT's ``get_delta_weight``."""
-        return (self.a @ self.b).T.astype(np.float32)  # (in, r) @ (r, out) -> (in, out) -> (out, in)
+        """s * B @ A in the HF layout ((out, in); (vocab, dim) for an embedding), float32 — PEFT's ``get_delta_weight``."""
+        d = self.a @ self.b  # (in, r) @ (r, out) -> (in, out)
+        return (d if self.embedding else d.T).astype(np.float32)
 
     def merged(self, w: np.ndarray) -> np.ndarray:
         """The merged weight (out, in): W + s*B*A, and for DoRA g * (W + s*B*A)."""
@@ -254,6 +258,8 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | None, base: BaseModel) -> LoraModule:
     """Attach DoRA's per-channel scale g = magnitude / ||W + s*B*A||_row, W the float base weight."""
+    if lora.embedding:
+        raise UnsupportedFeatureError(f"adapter {name!r}: DoRA on the embedding {lora.module!r} is not supported yet")
     if magnitude is None:
         raise AdapterError(f"adapter {name!r}: adapter_config.json sets use_dora but {st} has no lora_magnitude_vector for {lora.module!r}")
     w = base.weights.get(f"{lora.module}.weight")
@@ -297,12 +303,14 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
     magnitudes: dict[str, np.ndarray] = {}
+    embeddings: set[str] = set()
     for key, arr in tensors.items():
         module, kind = _split_key(key)
         if kind in ("lora_A", "lora_B"):
             pairs.setdefault(module, {})[kind] = arr
         elif kind in ("lora_embedding_A", "lora_embedding_B"):
-            raise UnsupportedFeatureError(f"adapter {name!r}: {st} has LoRA on the embedding {module!r} ({key}); embedding LoRA is not supported yet")
+            pairs.setdefault(module, {})[kind.replace("embedding_", "")] = arr
+            embeddings.add(module)
         elif kind == "lora_magnitude_vector":
             if not cfg.get("use_dora"):
                 raise AdapterError(f"adapter {name!r}: {st} holds DoRA magnitudes ({key}) but adapter_config.json has no use_dora; the config and the weights disagree")
@@ -335,11 +343,18 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         if set(ab) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(ab)).pop()
             raise AdapterError(f"adapter {name!r}: module {module!r} has no {missing} tensor in {st}; the file is incomplete")
-        if module not in linear:
+        if module in embeddings:
+            if module != EMBEDDING:
+                raise AdapterError(f"adapter {name!r}: has embedding LoRA on {module!r}, which is not this base's token embedding ({EMBEDDING})")
+            # PEFT stores lora_embedding_A (r, vocab) and lora_embedding_B (dim, r): the same shapes as a
+            # linear layer from vocab to dim, which is how it is checked below
+            lin = LinearModule(module, base.spec.vocab_size, base.spec.hidden_size)
+        elif module not in linear:
             if module in base.other_modules or module.endswith("embed_tokens"):
                 raise AdapterError(f"adapter {name!r}: targets {module!r}, which is not a linear layer in this base; it was trained for another model")
             raise AdapterError(f"adapter {name!r}: targets module {module!r}, which does not exist in the base model; it was trained for another model")
-        lin = linear[module]
+        else:
+            lin = linear[module]
         a, b = ab["lora_A"], ab["lora_B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(f"adapter {name!r}: module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not form a low-rank pair")
@@ -368,13 +383,14 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             scaling=scaling,
             a=np.ascontiguousarray(a.T, dtype=np.float32),  # (in, r)
             b=np.ascontiguousarray((b * np.float32(scaling)).T, dtype=np.float32),  # (r, out)
+            embedding=module in embeddings,
         )
         if cfg.get("use_dora"):
             lora = _with_dora(name, st, lora, magnitudes.pop(module, None), base)
         modules[module] = lora
     if magnitudes:
         raise AdapterError(f"adapter {name!r}: {st} has DoRA magnitudes for {sorted(magnitudes)[0]!r}, which has no lora_A/lora_B")
-    expected = {m for m in linear if target_matches(cfg, m, set(linear))}
+    expected = {m for m in (*linear, EMBEDDING) if target_matches(cfg, m, set(linear))}
     missing = sorted(expected - set(modules))
     if missing:
         raise AdapterError(

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .adapters import Adapter, check_adapter_files, read_adapter
+from .adapters import EMBEDDING, Adapter, check_adapter_files, read_adapter
 from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
@@ -38,11 +38,14 @@ def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) ->
     wanted = {m for a in adapters for m in a.modules}
     dora = {m for a in adapters for m, lora in a.modules.items() if lora.dora_scale is not None}
     lin = base.linear_modules
-    return {
+    slots = {
         name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules), dora=bool(dora & set(modules)))
         for name, modules in family.groups(base.spec, fused)
         if wanted & set(modules)
     }
+    if EMBEDDING in wanted:  # embedding LoRA: A is a (vocab, r) table gathered by token id, B is (r, dim)
+        slots = {EMBEDDING: Slot(EMBEDDING, base.spec.vocab_size, ((EMBEDDING, base.spec.hidden_size),)), **slots}
+    return slots
 
 
 def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
@@ -52,6 +55,8 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
         key = f"{module}.weight"
         if key not in weights and module == "lm_head":  # tied head: merging unties it
             weights[key] = weights["model.embed_tokens.weight"]
+        if module == EMBEDDING and base.spec.tie_word_embeddings and "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights[key]  # the head keeps the embedding it had: untie (PEFT's merge would not)
         weights[key] = lora.merged(weights[key])
     return weights
 

@@ -109,3 +109,23 @@ def test_dora_branch_and_merge_match_peft(tmp_path, kind):
     merged = tmp_path / "merged"
     export(ExportConfig(base=base, output=merged, adapters=(AdapterSpec("dora", dora),), mode=Mode.MERGE))
     assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "dora")).max() <= 5 * TOL
+
+
+@pytest.mark.parametrize("kind", ["gqa_tied", "mha_untied", "qwen3"])
+def test_embedding_lora_branch_and_merge_match_peft(tmp_path, kind):
+    """LoRA on the token embedding (lora_embedding_A/B): A's rows gathered by token id, then @ B; the
+    tied lm_head is not affected (as in PEFT's forward), and merging unties it rather than change it."""
+    base = make_tiny_base(tmp_path / "base", kind, seed=8)
+    ad = make_adapter(base, tmp_path / "emb", seed=5, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
+    out = tmp_path / "pkg"
+    export(ExportConfig(base=base, output=out, adapters=(AdapterSpec("emb", ad),)))
+    m, oracle = lora_edge.load(out), Oracle(base, {"emb": ad})
+    assert any(s["name"] == "model.embed_tokens" for s in m.manifest["slots"])
+    ids = np.random.RandomState(6).randint(0, 300, (1, 12))
+    for a in (None, "emb"):
+        assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
+    prompt = [3, 9, 27, 81]
+    assert m.generate_ids(prompt, "emb", 8, 8)[0] == oracle.greedy(prompt, "emb", 8)
+    merged = tmp_path / "merged"
+    export(ExportConfig(base=base, output=merged, adapters=(AdapterSpec("emb", ad),), mode=Mode.MERGE))
+    assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "emb")).max() <= 5 * TOL

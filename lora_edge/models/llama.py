@@ -387,6 +387,11 @@ class LlamaFamily:
         else:
             embed_value = float_weight("model.embed_tokens.weight", table)  # one copy serves Gather and a tied head
             residual = g.op("Gather", [embed_value, input_ids], axis=0)
+        emb_slot = slots.get("model.embed_tokens")
+        if emb_slot is not None:  # embedding LoRA: rows of A gathered by token id, then @ B
+            with g.scoped("lora/model.embed_tokens"):
+                delta = g.op("MatMul", [g.op("Gather", [emb_slot.a_name, input_ids], axis=0), emb_slot.b_name])
+                residual = g.op("Add", [residual, delta])
         groups = self.groups(spec, fused)
         per_layer = (len(groups) - 1) // spec.num_layers
         x = rms_norm(residual, "model.layers.0.input_layernorm.weight")
