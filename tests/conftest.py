@@ -59,6 +59,13 @@ TINY_CONFIGS = {
                            num_key_value_heads=2, tie_word_embeddings=False, sliding_window=48),
     "qwen2": dict(config="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True),  # q/k/v biases
+    "phi3": dict(config="Phi3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0),  # fused qkv_proj / gate_up_proj modules
+    "gemma": dict(config="GemmaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh", pad_token_id=0),
+    "gemma2": dict(config="Gemma2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=3.0, sliding_window=200, pad_token_id=0),  # softcaps small enough to matter
     "qwen3": dict(config="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),  # q/k norms, head_dim != hidden/heads
 }  # fmt: skip

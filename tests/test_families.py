@@ -1,7 +1,9 @@
 """Every decoder family against PyTorch + PEFT on tiny random models built from config: Mistral,
-Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm, head_dim != hidden/heads), with no adapter, an
-adapter on all attention and MLP projections, rank/alpha patterns, and rsLoRA; fused and reference
-graphs in branch mode, and merge mode. Tolerance 1e-4 as for Llama (test_parity_tiny.py): float32 on
+Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm, head_dim != hidden/heads), Phi-3 (LoRA on the fused
+qkv_proj / gate_up_proj modules), Gemma ((1+w) norms, scaled embeddings, GELU-tanh) and Gemma 2
+(+ soft-capping, sandwich norms, sliding window), with no adapter, an adapter on all attention and MLP
+projections, rank/alpha patterns, and rsLoRA; fused and reference graphs in branch mode, and merge
+mode. Also DoRA and embedding LoRA. Tolerance 1e-4 as for Llama (test_parity_tiny.py): float32 on
 both sides, observed ~1e-6."""
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from lora_edge.config import AdapterSpec, ExportConfig, Mode
 from lora_edge.export import export
 
 TOL = 1e-4
-FAMILIES = ["mistral", "qwen2", "qwen3"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"]
 ADAPTERS = {
     "all_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "patterns": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
@@ -24,11 +26,26 @@ ADAPTERS = {
 }  # fmt: skip
 
 
+PHI3_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def for_family(kw: dict, family: str) -> dict:
+    """Phi-3 has fused q/k/v and gate/up modules: the same adapter recipes target those instead."""
+    if family != "phi3":
+        return kw
+    rename = lambda s: next((s.replace(k, v) for k, v in PHI3_NAMES.items() if k in s), s)  # noqa: E731
+    out = dict(kw, target_modules=sorted({PHI3_NAMES.get(t, t) for t in kw["target_modules"]}))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if key in kw:
+            out[key] = {rename(k): v for k, v in kw[key].items()}
+    return out
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base = make_tiny_base(root / "base", request.param, seed=3)
-    adapters = {n: make_adapter(base, root / n, seed=i + 11, **kw) for i, (n, kw) in enumerate(ADAPTERS.items())}
+    adapters = {n: make_adapter(base, root / n, seed=i + 11, **for_family(kw, request.param)) for i, (n, kw) in enumerate(ADAPTERS.items())}
     packages = {}
     for fused in (True, False):
         out = root / ("fused" if fused else "reference")
@@ -42,7 +59,7 @@ def family(request, tmp_path_factory):
 def test_family_branch_matches_peft(family, fused, adapter):
     name, _, _, packages, oracle = family
     m = packages[fused]
-    assert m.manifest["base"]["spec"]["family"] == name
+    assert m.manifest["base"]["spec"]["architecture"].lower().startswith(name)
     ids = np.random.RandomState(1).randint(0, 300, (1, 13))
     assert np.abs(m.forward(ids, adapter) - oracle.logits(ids, adapter)).max() <= TOL
     prompt = [5, 17, 42, 99, 7]
@@ -67,6 +84,11 @@ def test_family_specifics_are_in_the_graph(family):
     spec = packages[True].manifest["base"]["spec"]
     if name == "qwen3":
         assert spec["qk_norm"] and spec["head_dim"] == 24
+    if name == "gemma2":  # soft-capping on, sliding window caps the context
+        assert (spec["attn_softcap"], spec["final_softcap"], spec["max_position_embeddings"]) == (5.0, 3.0, 200)
+        assert spec["sandwich_norms"] and spec["norm_offset"] == 1.0 and spec["activation"] == "gelu_tanh"
+    if name == "phi3":
+        assert any(s["name"].endswith("qkv_proj") and len(s["parts"]) == 1 for s in packages[True].manifest["slots"])
     if name == "qwen2":  # the q/k/v biases are one constant beside the fused qkv matmul
         import onnx
 

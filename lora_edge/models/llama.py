@@ -28,6 +28,10 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class LlamaFamily:
+    # q/k/v and gate/up are single modules in the HF model (Phi-3: qkv_proj, gate_up_proj); adapters
+    # target those fused modules, and the graph splits their outputs
+    hf_fused = False
+
     def __init__(self, name: str = "llama", architectures: tuple[str, ...] = ("LlamaForCausalLM",)) -> None:
         self.name = name
         self.architectures = architectures
@@ -38,11 +42,13 @@ class LlamaFamily:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rotary = hf_model.model.rotary_emb
         rope_type = getattr(rotary, "rope_type", "default")
-        if rope_type == "dynamic":
-            from ..errors import ModelError
+        from ..errors import ModelError
 
-            raise ModelError("rope_scaling type 'dynamic' depends on the sequence length at run time; not supported yet")
+        if rope_type in ("dynamic", "longrope"):
+            raise ModelError(f"rope_scaling type {rope_type!r} depends on the sequence length at run time; not supported yet")
         inv_freq = rotary.inv_freq.detach().float().cpu().numpy().astype(np.float32)
+        if 2 * inv_freq.size != head_dim:
+            raise ModelError(f"partial rotary embeddings ({2 * inv_freq.size} of {head_dim} head dimensions) are not supported yet")
         max_pos = int(cfg.max_position_embeddings)
         window = getattr(cfg, "sliding_window", None)
         layer_types = getattr(cfg, "layer_types", None) or []
@@ -288,8 +294,11 @@ class LlamaFamily:
             return rows
 
         # -- norms -----------------------------------------------------------------------------
+        def norm_weight(name: str) -> str:
+            return g.weight(name, (weights[name] + np.float32(spec.norm_offset)).astype(ct))
+
         def rms_norm(x: str, weight_name: str) -> str:
-            w = g.weight(weight_name, weights[weight_name].astype(ct))
+            w = norm_weight(weight_name)
             if fused:
                 return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
             # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
@@ -302,7 +311,7 @@ class LlamaFamily:
             if not fused:
                 h = g.op("Add", [residual, x])
                 return rms_norm(h, weight_name), h
-            w = g.weight(weight_name, weights[weight_name].astype(ct))
+            w = norm_weight(weight_name)
             y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
                               epsilon=spec.rms_norm_eps)  # fmt: skip
             return y, h
@@ -357,6 +366,20 @@ class LlamaFamily:
                                      g.op("Slice", [shape, g.const([3]), g.const([5])])], axis=0)  # fmt: skip
             return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
 
+        scale = spec.attn_scale if spec.attn_scale is not None else D**-0.5
+
+        def softcap(x: str, cap: float) -> str:  # cap * tanh(x / cap)
+            return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, g.const(cap, ct)])]), g.const(cap, ct)])
+
+        def activation(gate: str) -> str:
+            if spec.activation == "silu":
+                return g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+            if fused:  # the tanh approximation of GELU (gelu_pytorch_tanh), one fused kernel
+                return g.op("FastGelu", [gate], domain="com.microsoft")
+            inner = g.op("Mul", [g.op("Add", [gate, g.op("Mul", [g.op("Mul", [g.op("Mul", [gate, gate]), gate]), g.const(0.044715, ct)])]),
+                                 g.const(float(np.sqrt(2 / np.pi)), ct)])  # fmt: skip
+            return g.op("Mul", [g.op("Mul", [gate, g.const(0.5, ct)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, ct)])])
+
         def head_norm(x: str, n: int, weight_name: str) -> str:  # RMSNorm over head_dim of each of n heads
             return g.op("Reshape", [rms_norm(g.op("Reshape", [x, g.const([0, 0, n, D])]), weight_name), g.const([0, 0, n * D])])
 
@@ -369,13 +392,17 @@ class LlamaFamily:
                 q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
                 k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)
                 out, *_ = g.op("GroupQueryAttention", [q, k, v, past[i][0], past[i][1], seqlens_k, total_len], domain="com.microsoft",
-                                 outs=[None, f"present.{i}.key", f"present.{i}.value"], num_heads=H, kv_num_heads=KV, scale=D**-0.5)  # fmt: skip
+                                 outs=[None, f"present.{i}.key", f"present.{i}.value"], num_heads=H, kv_num_heads=KV, scale=scale,
+                                 **({"softcap": spec.attn_softcap} if spec.attn_softcap else {}))  # fmt: skip
                 return out
             q, k, v = rotate(heads(q, H)), rotate(heads(k, KV)), heads(v, KV)  # (B, n, S, D)
             k_all = g.op("Concat", [past[i][0], k], axis=2, out=f"present.{i}.key")  # (B, KV, T, D)
             v_all = g.op("Concat", [past[i][1], v], axis=2, out=f"present.{i}.value")
             scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])])  # (B, H, S, T)
-            scores = g.op("Add", [g.op("Mul", [scores, g.const(D**-0.5, f32)]), attn_bias])
+            scores = g.op("Mul", [scores, g.const(scale, f32)])
+            if spec.attn_softcap:
+                scores = softcap(scores, spec.attn_softcap)
+            scores = g.op("Add", [scores, attn_bias])
             ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeat_kv(v_all)])  # (B, H, S, D)
             return g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, H * D])])  # (B, S, H*D)
 
@@ -392,6 +419,8 @@ class LlamaFamily:
             with g.scoped("lora/model.embed_tokens"):
                 delta = g.op("MatMul", [g.op("Gather", [emb_slot.a_name, input_ids], axis=0), emb_slot.b_name])
                 residual = g.op("Add", [residual, delta])
+        if spec.embed_scale != 1.0:  # Gemma: after the lookup (and its LoRA), as the model does
+            residual = g.op("Mul", [residual, g.const(spec.embed_scale, ct)])
         groups = self.groups(spec, fused)
         per_layer = (len(groups) - 1) // spec.num_layers
         x = rms_norm(residual, "model.layers.0.input_layernorm.weight")
@@ -399,19 +428,31 @@ class LlamaFamily:
             p = f"model.layers.{i}"
             g.scope = p
             layer = dict(groups[i * per_layer : (i + 1) * per_layer])
-            if fused:
+            if self.hf_fused:  # one module in the model: its LoRA is one branch, its output is split here
+                (qkv,) = group_linear(x, f"{p}.self_attn.qkv_proj", (f"{p}.self_attn.qkv_proj",))
+                q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], n_out=3, axis=-1)
+            elif fused:
                 q, k, v = group_linear(x, f"{p}.self_attn.qkv_proj", layer[f"{p}.self_attn.qkv_proj"])
             else:
                 (q,), (k,), (v,) = (group_linear(x, f"{p}.self_attn.{n}", (f"{p}.self_attn.{n}",)) for n in ("q_proj", "k_proj", "v_proj"))
             ctx = attention(i, q, k, v)
             (o,) = group_linear(ctx, f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj",))
-            x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
-            if fused:
+            if spec.sandwich_norms:  # Gemma 2: norm the attention output, then the MLP input
+                o = rms_norm(o, f"{p}.post_attention_layernorm.weight")
+                x, residual = add_norm(residual, o, f"{p}.pre_feedforward_layernorm.weight")
+            else:
+                x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
+            if self.hf_fused:
+                (gate_up,) = group_linear(x, f"{p}.mlp.gate_up_proj", (f"{p}.mlp.gate_up_proj",))
+                gate, up = g.op("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
+            elif fused:
                 gate, up = group_linear(x, f"{p}.mlp.gate_up_proj", layer[f"{p}.mlp.gate_up_proj"])
             else:
                 (gate,), (up,) = (group_linear(x, f"{p}.mlp.{n}", (f"{p}.mlp.{n}",)) for n in ("gate_proj", "up_proj"))
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+            act = g.op("Mul", [activation(gate), up])  # act(gate) * up
             (down,) = group_linear(act, f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj",))
+            if spec.sandwich_norms:
+                down = rms_norm(down, f"{p}.post_feedforward_layernorm.weight")
             nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.num_layers else "model.norm.weight"
             x, residual = add_norm(residual, down, nxt)
 
@@ -429,6 +470,8 @@ class LlamaFamily:
             delta = lora(x, "lm_head")
             logits = summed(terms + ([delta] if delta is not None else []), "lora/lm_head" if len(terms) == 1 else g.scope)
 
+        if spec.final_softcap:
+            logits = softcap(logits, spec.final_softcap)
         g.scope = ""
         if ct is not f32:
             logits = g.op("Cast", [logits], to=1)

@@ -26,6 +26,14 @@ class DecoderSpec:
     max_position_embeddings: int
     rope_attention_scaling: float = 1.0
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
+    # Gemma / Gemma 2
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): Gemma's (1 + w)
+    embed_scale: float = 1.0  # embeddings times sqrt(hidden)
+    activation: str = "silu"  # of the gated MLP: silu | gelu_tanh
+    attn_scale: float | None = None  # None: head_dim**-0.5 (Gemma 2: query_pre_attn_scalar**-0.5)
+    attn_softcap: float | None = None  # scores = cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and MLP too (pre/post feed-forward)
 
     def to_json(self) -> dict:
         return asdict(self)
