@@ -86,6 +86,8 @@ class Adapter:
     config: dict = field(repr=False)
     modules: dict[str, LoraModule] = field(repr=False)
     sha256: str = ""
+    # PEFT bias="all"/"lora_only": module -> (trained bias - base bias), float32 (out,)
+    bias_deltas: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def r(self) -> int:
@@ -251,8 +253,8 @@ def _split_key(key: str) -> tuple[str, str]:
         return body, "modules_to_save"
     if body.endswith(".base_layer.weight"):
         return body[: -len(".base_layer.weight")], "base_layer"
-    if body.endswith(".bias"):
-        return body[: -len(".bias")], "bias"
+    if body.endswith(".bias"):  # a trained bias: of a LoRA-wrapped layer (".base_layer.bias") or a plain one
+        return body[: -len(".bias")].removesuffix(".base_layer"), "bias"
     return body, "unknown"
 
 
@@ -304,6 +306,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     pairs: dict[str, dict[str, np.ndarray]] = {}
     magnitudes: dict[str, np.ndarray] = {}
     embeddings: set[str] = set()
+    biases: dict[str, np.ndarray] = {}
     for key, arr in tensors.items():
         module, kind = _split_key(key)
         if kind in ("lora_A", "lora_B"):
@@ -328,13 +331,19 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
                     "changed base weights are not supported (or the adapter belongs to another base)"
                 )
         elif kind == "bias":
-            raise UnsupportedFeatureError(
-                f"adapter {name!r}: {st} holds a trained bias ({key}) from bias={cfg.get('bias')!r}; trained biases are not supported yet"
-            )
+            own = base.weights.get(f"{module}.bias")
+            if cfg.get("bias", "none") == "none":
+                raise AdapterError(f"adapter {name!r}: {st} holds a bias ({key}) but adapter_config.json has bias='none'; the config and the weights disagree")
+            if module not in base.linear_modules or own is None:
+                raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a trained bias for {module!r}, which is not a linear layer with a bias in this base")
+            if arr.shape != own.shape or not np.isfinite(arr).all():
+                raise AdapterError(f"adapter {name!r}: the trained bias of {module!r} has shape {tuple(arr.shape)}, the base's has {tuple(own.shape)}")
+            if not np.array_equal(arr, own):  # an unchanged bias costs nothing
+                biases[module] = (np.asarray(arr, np.float32) - own).astype(np.float32)
         else:
             raise AdapterError(f"adapter {name!r}: {st} holds tensor {key!r}, which is not part of a LoRA adapter")
     if not pairs:
-        raise AdapterError(f"adapter {name!r}: {st} holds no lora_A/lora_B tensors")
+        raise AdapterError(f"adapter {name!r}: {st} holds no lora_A/lora_B tensors")  # (a file of biases alone is not LoRA)
 
     linear = base.linear_modules
     modules: dict[str, LoraModule] = {}
@@ -398,4 +407,4 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             f"{len(modules)} (first missing: {missing[0]}); the file is incomplete or was trained for another model"
         )
     digest = hashlib.sha256(st.read_bytes()).hexdigest()
-    return Adapter(name=name, path=path.resolve(), config=cfg, modules=modules, sha256=digest)
+    return Adapter(name=name, path=path.resolve(), config=cfg, modules=modules, sha256=digest, bias_deltas=biases)

@@ -35,11 +35,13 @@ class ExportResult:
 
 def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) -> dict[str, Slot]:
     """One slot per group of linear layers (q/k/v, gate/up, or one module) that any adapter targets."""
-    wanted = {m for a in adapters for m in a.modules}
+    biased = {m for a in adapters for m in a.bias_deltas}
+    wanted = {m for a in adapters for m in a.modules} | biased
     dora = {m for a in adapters for m, lora in a.modules.items() if lora.dora_scale is not None}
     lin = base.linear_modules
     slots = {
-        name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules), dora=bool(dora & set(modules)))
+        name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules), dora=bool(dora & set(modules)),
+                   bias=bool(biased & set(modules)))  # fmt: skip
         for name, modules in family.groups(base.spec, fused)
         if wanted & set(modules)
     }
@@ -51,6 +53,8 @@ def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) ->
 def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
     """W + s*B*A (DoRA: g * (W + s*B*A)) in float32 for every adapted module (PEFT's merge_and_unload)."""
     weights = dict(base.weights)
+    for module, delta in adapter.bias_deltas.items():
+        weights[f"{module}.bias"] = (weights[f"{module}.bias"] + delta).astype(np.float32)
     for module, lora in adapter.modules.items():
         key = f"{module}.weight"
         if key not in weights and module == "lm_head":  # tied head: merging unties it
@@ -68,6 +72,8 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
     stay zero); a slot none of whose modules it targets is not bound at all (the default is zero)."""
     out = {}
     for slot in slots.values():
+        if slot.bias and any(m in adapter.bias_deltas for m in slot.modules):
+            out[slot.bias_name] = np.concatenate([adapter.bias_deltas.get(m, np.zeros(o, np.float32)) for m, o in slot.parts])
         mods = [(m, adapter.modules[m]) for m in slot.modules if m in adapter.modules]
         if not mods:
             continue
@@ -213,6 +219,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "lora_A": s.a_name,
                     "lora_B": s.b_name,
                     **({"lora_M": s.m_name} if s.dora else {}),
+                    **({"lora_bias": s.bias_name} if s.bias else {}),
                     "adapters": [a.name for a in adapters if set(s.modules) & set(a.modules)],
                 }
                 for s in slots.values()

@@ -390,8 +390,9 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
     for slot in manifest.get("slots", []):
         slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
         slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
-        if slot.get("lora_M"):
-            slot_inputs[slot["lora_M"]] = ("M", slot["out_features"])
+        for key in ("lora_M", "lora_bias"):  # per-output-channel vectors (DoRA scale, trained bias change)
+            if slot.get(key):
+                slot_inputs[slot[key]] = ("M", slot["out_features"])
     # (ranks of a slot's A and B must agree: checked per file below)
     identity = manifest["base"]["identity"]
     adapters: dict[str, dict[str, ort.OrtValue]] = {}

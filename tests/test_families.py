@@ -151,3 +151,33 @@ def test_embedding_lora_branch_and_merge_match_peft(tmp_path, kind):
     merged = tmp_path / "merged"
     export(ExportConfig(base=base, output=merged, adapters=(AdapterSpec("emb", ad),), mode=Mode.MERGE))
     assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "emb")).max() <= 5 * TOL
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_match_peft(tmp_path, bias):
+    """PEFT bias="lora_only"/"all" trains the linear layers' biases (here Qwen2's q/k/v); the change of
+    the bias is an adapter input like A and B, so it switches with the adapter, and merges exactly."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_base(tmp_path / "base", "qwen2", seed=7)
+    torch.manual_seed(3)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        bias=bias, target_modules=["q_proj", "o_proj"]))  # fmt: skip
+    with torch.no_grad():  # "training": move every trainable bias
+        for n, p in pm.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "ad")
+    plain = make_adapter(base, tmp_path / "plain", seed=2, r=2, lora_alpha=2, target_modules=["v_proj"])
+    out = tmp_path / "pkg"
+    export(ExportConfig(base=base, output=out, adapters=(AdapterSpec("b", tmp_path / "ad"), AdapterSpec("plain", plain))))
+    m, oracle = lora_edge.load(out), Oracle(base, {"b": tmp_path / "ad", "plain": plain})
+    assert any(s.get("lora_bias") for s in m.manifest["slots"])
+    ids = np.random.RandomState(7).randint(0, 300, (1, 9))
+    for a in ("b", None, "plain", "b"):
+        assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
+    merged = tmp_path / "merged"
+    export(ExportConfig(base=base, output=merged, adapters=(AdapterSpec("b", tmp_path / "ad"),), mode=Mode.MERGE))
+    assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "b")).max() <= 5 * TOL

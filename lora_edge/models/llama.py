@@ -146,6 +146,8 @@ class LlamaFamily:
             overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
             if slot.dora:
                 overridable[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
+            if slot.bias:
+                overridable[slot.bias_name] = (np.zeros(slot.out_features, ct), [slot.out_features])
 
         # -- weights ---------------------------------------------------------------------------
         def float_weight(name: str, arr: np.ndarray) -> str:
@@ -229,10 +231,12 @@ class LlamaFamily:
         def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
             """The modules' biases as one constant (zeros for a module without one), or nothing."""
             bs = [weights.get(f"{m}.bias") for m in modules]
+            slot = slots.get(name)
+            trained = [slot.bias_name] if slot is not None and slot.bias else []  # the adapter's change of the bias
             if all(b is None for b in bs):
-                return []
+                return trained
             cat = np.concatenate([np.zeros(n, f32) if b is None else np.asarray(b, f32) for b, n in zip(bs, sizes)])
-            return [g.weight(f"{name}.bias", cat.astype(ct))]
+            return [g.weight(f"{name}.bias", cat.astype(ct))] + trained
 
         def group_linear(x: str, group: str, modules: tuple[str, ...]) -> list[str]:
             """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
@@ -259,7 +263,10 @@ class LlamaFamily:
                     if slots[group].dora:
                         scales = g.op("Split", [slots[group].m_name, g.const(sizes)], n_out=len(ws), axis=0)
                         ys = [g.op("Mul", [y, m]) for y, m in zip(ys, scales)]
-            return [summed([y] + bias_terms(m, (m,), [n]), g.scope) for y, m, n in zip(ys, modules, sizes)]
+            slot = slots.get(group)
+            trained = (g.op("Split", [slot.bias_name, g.const(sizes)], n_out=len(ws), axis=0) if slot is not None and slot.bias
+                       else [None] * len(ws))  # fmt: skip
+            return [summed([y] + bias_terms(m, (m,), [n]) + ([t] if t else []), g.scope) for y, m, n, t in zip(ys, modules, sizes, trained)]
 
         def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
             """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.

@@ -84,6 +84,9 @@ class Slot:
     # some adapter of the package is DoRA on one of these modules: the slot also takes <name>.lora_M,
     # the per-output-channel magnitude scale (ones when the bound adapter is not DoRA here)
     dora: bool = False
+    # some adapter of the package brings trained biases (PEFT bias="all"/"lora_only") for these modules:
+    # the slot also takes <name>.lora_bias, the change of the bias (zeros when the adapter has none)
+    bias: bool = False
 
     @property
     def out_features(self) -> int:
@@ -104,6 +107,10 @@ class Slot:
     @property
     def m_name(self) -> str:
         return f"{self.name}.lora_M"
+
+    @property
+    def bias_name(self) -> str:
+        return f"{self.name}.lora_bias"
 
     @property
     def rank_dim(self) -> str:
