@@ -184,7 +184,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             progress("converting to ORT format (model.ort) and writing the operator config for a reduced build")
             to_ort_format(tmp / "model.onnx", tmp / "model.ort")
             (tmp / "model.onnx").unlink()
-            (tmp / "model.onnx.data").unlink()
+            (tmp / "model.onnx.data").unlink(missing_ok=True)
             graph_file = "model.ort"
         for fname, blob in sorted(base.tokenizer_files.items()):
             (tmp / fname).write_bytes(blob)

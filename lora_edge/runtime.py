@@ -374,10 +374,12 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
         target = manifest.get("graph", {}).get("target", "cpu")
         providers = [p for p in providers_for(target) if p in available]
         if providers_for(target)[0] not in providers:
-            import sys
+            import logging
 
-            print(f"note: {root} is built for {target} but this onnxruntime has no {providers_for(target)[0]} "
-                  f"(available: {', '.join(available)}); running on {providers[0]}", file=sys.stderr)  # fmt: skip
+            logging.getLogger("lora_edge").warning(
+                f"note: {root} is built for {target} but this onnxruntime has no {providers_for(target)[0]} "
+                f"(available: {', '.join(available)}); running on {providers[0]}"
+            )
     for p in providers:
         if p not in available:
             raise RuntimeInputError(f"execution provider {p!r} is not available in this onnxruntime (available: {', '.join(available)})")

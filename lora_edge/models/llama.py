@@ -1,8 +1,10 @@
 """Llama-shaped decoders: LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3), and the families that
-differ from it only in details this module reads from the model (``models/mistral.py``, ``qwen2.py``,
-``qwen3.py`` instantiate it): linear-layer biases (Qwen2's q/k/v; Llama's attention_bias/mlp_bias),
-per-head q/k RMSNorm (Qwen3), an explicit head_dim, sliding-window attention (exact within the window:
-the package's context is capped at the window).
+differ from it only in details this module reads from the model or from the spec their family module
+fills in (``mistral.py``, ``qwen2.py``, ``qwen3.py``, ``phi3.py``, ``gemma.py``): linear-layer biases
+(Qwen2's q/k/v; Llama's attention_bias/mlp_bias), per-head q/k RMSNorm (Qwen3), an explicit head_dim,
+sliding-window attention (exact within the window: the package's context is capped at the window),
+fused q/k/v and gate/up modules in the model (Phi-3), (1 + w) norms, scaled embeddings, GELU-tanh,
+soft-capping and sandwich norms (Gemma, Gemma 2).
 
 Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
 ``input_ids, attention_mask, position_ids, past_key_values.{i}.key/value`` ->
