@@ -334,6 +334,9 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             own = base.weights.get(f"{module}.bias")
             if cfg.get("bias", "none") == "none":
                 raise AdapterError(f"adapter {name!r}: {st} holds a bias ({key}) but adapter_config.json has bias='none'; the config and the weights disagree")
+            by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}
+            module = by_peft.get(module, module)
+            own = base.weights.get(f"{module}.bias")
             if module not in base.linear_modules or own is None:
                 raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a trained bias for {module!r}, which is not a linear layer with a bias in this base")
             if arr.shape != own.shape or not np.isfinite(arr).all():
@@ -345,7 +348,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {st} holds no lora_A/lora_B tensors")  # (a file of biases alone is not LoRA)
 
-    linear = base.linear_modules
+    linear = {lm.peft: lm for lm in base.linear_modules.values()}  # by the names the adapter uses
     modules: dict[str, LoraModule] = {}
     for module in sorted(pairs):
         ab = pairs[module]
@@ -386,7 +389,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         lora = LoraModule(
-            module=module,
+            module=lin.path,
             rank=r,
             alpha=alpha,
             scaling=scaling,
@@ -396,10 +399,10 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         )
         if cfg.get("use_dora"):
             lora = _with_dora(name, st, lora, magnitudes.pop(module, None), base)
-        modules[module] = lora
+        modules[lin.path] = lora
     if magnitudes:
         raise AdapterError(f"adapter {name!r}: {st} has DoRA magnitudes for {sorted(magnitudes)[0]!r}, which has no lora_A/lora_B")
-    expected = {m for m in (*linear, EMBEDDING) if target_matches(cfg, m, set(linear))}
+    expected = {linear[m].path if m in linear else m for m in (*linear, EMBEDDING) if target_matches(cfg, m, set(linear))}
     missing = sorted(expected - set(modules))
     if missing:
         raise AdapterError(

@@ -130,7 +130,8 @@ def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict:
     text = q.calibration.read_text(encoding="utf-8") if q.calibration else default_calibration_text()
     ids = Tokenizer.from_str(base.tokenizer_files["tokenizer.json"].decode()).encode(text, add_special_tokens=False).ids
     progress(f"calibrating GPTQ on {len(ids)} tokens")
-    return collect_hessians(hf_model, ids, list(base.linear_modules))
+    by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}  # hooks go on the PyTorch model's modules
+    return {by_peft[m]: h for m, h in collect_hessians(hf_model, ids, list(by_peft)).items()}
 
 
 def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportResult:

@@ -66,6 +66,7 @@ TINY_CONFIGS = {
     "gemma2": dict(config="Gemma2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                    final_logit_softcapping=3.0, sliding_window=200, pad_token_id=0),  # softcaps small enough to matter
+    "gpt2": dict(config="GPT2Config", n_embd=64, n_layer=2, n_head=4),  # Conv1D, LayerNorm, learned positions, biases
     "qwen3": dict(config="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),  # q/k norms, head_dim != hidden/heads
 }  # fmt: skip

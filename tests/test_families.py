@@ -1,7 +1,8 @@
 """Every decoder family against PyTorch + PEFT on tiny random models built from config: Mistral,
 Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm, head_dim != hidden/heads), Phi-3 (LoRA on the fused
 qkv_proj / gate_up_proj modules), Gemma ((1+w) norms, scaled embeddings, GELU-tanh) and Gemma 2
-(+ soft-capping, sandwich norms, sliding window), with no adapter, an adapter on all attention and MLP
+(+ soft-capping, sandwich norms, sliding window), GPT-2 (Conv1D / fan_in_fan_out, LayerNorm, learned
+positions, its own module names), with no adapter, an adapter on all attention and MLP
 projections, rank/alpha patterns, and rsLoRA; fused and reference graphs in branch mode, and merge
 mode. Also DoRA and embedding LoRA. Tolerance 1e-4 as for Llama (test_parity_tiny.py): float32 on
 both sides, observed ~1e-6."""
@@ -17,7 +18,7 @@ from lora_edge.config import AdapterSpec, ExportConfig, Mode
 from lora_edge.export import export
 
 TOL = 1e-4
-FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gpt2"]
 ADAPTERS = {
     "all_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "patterns": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
@@ -29,8 +30,20 @@ ADAPTERS = {
 PHI3_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
+GPT2_NAMES = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj", "gate_proj": "c_fc",
+              "up_proj": "c_fc", "down_proj": "mlp.c_proj"}  # fmt: skip
+
+
 def for_family(kw: dict, family: str) -> dict:
-    """Phi-3 has fused q/k/v and gate/up modules: the same adapter recipes target those instead."""
+    """Phi-3 has fused q/k/v and gate/up modules, GPT-2 its own names (c_attn, c_proj, c_fc; Conv1D
+    layers, so fan_in_fan_out): the same adapter recipes target those instead."""
+    if family == "gpt2":
+        out = dict(kw, target_modules=sorted({GPT2_NAMES[t] for t in kw["target_modules"]}), fan_in_fan_out=True)
+        if "rank_pattern" in kw:
+            out["rank_pattern"] = {"attn.c_proj": 5, r"h\.1\.attn\.c_attn": 3}
+        if "alpha_pattern" in kw:
+            out["alpha_pattern"] = {"mlp.c_proj": 9}
+        return out
     if family != "phi3":
         return kw
     rename = lambda s: next((s.replace(k, v) for k, v in PHI3_NAMES.items() if k in s), s)  # noqa: E731

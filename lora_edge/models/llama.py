@@ -38,6 +38,10 @@ class LlamaFamily:
         self.name = name
         self.architectures = architectures
 
+    def internal_weights(self, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The PyTorch state dict under the names (and layouts) the graph builder uses."""
+        return state_dict
+
     # -- reading the PyTorch model (compile side) ------------------------------------------
     def spec_from_hf(self, hf_model) -> tuple[DecoderSpec, np.ndarray]:
         cfg = hf_model.config
@@ -308,6 +312,9 @@ class LlamaFamily:
 
         def rms_norm(x: str, weight_name: str) -> str:
             w = norm_weight(weight_name)
+            if spec.norm == "layer":  # LayerNorm with bias (standard ONNX since opset 17)
+                beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
+                return g.op("LayerNormalization", [x, w, beta], axis=-1, epsilon=spec.rms_norm_eps)
             if fused:
                 return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
             # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
@@ -321,22 +328,30 @@ class LlamaFamily:
                 h = g.op("Add", [residual, x])
                 return rms_norm(h, weight_name), h
             w = norm_weight(weight_name)
+            if spec.norm == "layer":
+                beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
+                y, _, _, h = g.op("SkipLayerNormalization", [x, residual, w, beta], outs=[None, "", "", None], domain="com.microsoft",
+                                  epsilon=spec.rms_norm_eps)  # fmt: skip
+                return y, h
             y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
                               epsilon=spec.rms_norm_eps)  # fmt: skip
             return y, h
 
         # -- shared per-call values ------------------------------------------------------------
+        rope = spec.positions == "rope"
         if fused:
             g.scope = "rotary"
             positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
             angles = positions * base.rope_inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
-            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
-            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
+            if rope:
+                cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
+                sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
             g.scope = "mask"
             seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
             total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
         else:
             g.scope = "rotary"
+        if not fused and rope:
             pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
             freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
             emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
@@ -346,7 +361,7 @@ class LlamaFamily:
                 cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
             cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
             sin = g.op("Unsqueeze", [sin, g.const([1])])
-
+        if not fused:
             g.scope = "mask"
             seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
             total = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
@@ -398,13 +413,16 @@ class LlamaFamily:
                 q = head_norm(q, H, f"model.layers.{i}.self_attn.q_norm.weight")
                 k = head_norm(k, KV, f"model.layers.{i}.self_attn.k_norm.weight")
             if fused:
-                q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
-                k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)
+                if rope:
+                    q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
+                    k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)
                 out, *_ = g.op("GroupQueryAttention", [q, k, v, past[i][0], past[i][1], seqlens_k, total_len], domain="com.microsoft",
                                  outs=[None, f"present.{i}.key", f"present.{i}.value"], num_heads=H, kv_num_heads=KV, scale=scale,
                                  **({"softcap": spec.attn_softcap} if spec.attn_softcap else {}))  # fmt: skip
                 return out
-            q, k, v = rotate(heads(q, H)), rotate(heads(k, KV)), heads(v, KV)  # (B, n, S, D)
+            q, k, v = heads(q, H), heads(k, KV), heads(v, KV)  # (B, n, S, D)
+            if rope:
+                q, k = rotate(q), rotate(k)
             k_all = g.op("Concat", [past[i][0], k], axis=2, out=f"present.{i}.key")  # (B, KV, T, D)
             v_all = g.op("Concat", [past[i][1], v], axis=2, out=f"present.{i}.value")
             scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])])  # (B, H, S, T)
@@ -430,6 +448,9 @@ class LlamaFamily:
                 residual = g.op("Add", [residual, delta])
         if spec.embed_scale != 1.0:  # Gemma: after the lookup (and its LoRA), as the model does
             residual = g.op("Mul", [residual, g.const(spec.embed_scale, ct)])
+        if spec.positions == "learned":  # GPT-2: a table of position embeddings, gathered by position id
+            pos_table = g.weight("model.embed_positions.weight", weights["model.embed_positions.weight"].astype(ct))
+            residual = g.op("Add", [residual, g.op("Gather", [pos_table, position_ids], axis=0)])
         groups = self.groups(spec, fused)
         per_layer = (len(groups) - 1) // spec.num_layers
         x = rms_norm(residual, "model.layers.0.input_layernorm.weight")
@@ -451,14 +472,18 @@ class LlamaFamily:
                 x, residual = add_norm(residual, o, f"{p}.pre_feedforward_layernorm.weight")
             else:
                 x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
-            if self.hf_fused:
-                (gate_up,) = group_linear(x, f"{p}.mlp.gate_up_proj", (f"{p}.mlp.gate_up_proj",))
-                gate, up = g.op("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
-            elif fused:
-                gate, up = group_linear(x, f"{p}.mlp.gate_up_proj", layer[f"{p}.mlp.gate_up_proj"])
+            if not spec.mlp_gated:  # GPT-2: act(up(x))
+                (up,) = group_linear(x, f"{p}.mlp.up_proj", (f"{p}.mlp.up_proj",))
+                act = activation(up)
             else:
-                (gate,), (up,) = (group_linear(x, f"{p}.mlp.{n}", (f"{p}.mlp.{n}",)) for n in ("gate_proj", "up_proj"))
-            act = g.op("Mul", [activation(gate), up])  # act(gate) * up
+                if self.hf_fused:
+                    (gate_up,) = group_linear(x, f"{p}.mlp.gate_up_proj", (f"{p}.mlp.gate_up_proj",))
+                    gate, up = g.op("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
+                elif fused:
+                    gate, up = group_linear(x, f"{p}.mlp.gate_up_proj", layer[f"{p}.mlp.gate_up_proj"])
+                else:
+                    (gate,), (up,) = (group_linear(x, f"{p}.mlp.{n}", (f"{p}.mlp.{n}",)) for n in ("gate_proj", "up_proj"))
+                act = g.op("Mul", [activation(gate), up])  # act(gate) * up
             (down,) = group_linear(act, f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj",))
             if spec.sandwich_norms:
                 down = rms_norm(down, f"{p}.post_feedforward_layernorm.weight")

@@ -95,7 +95,7 @@ def load_base(path: Path) -> tuple[BaseModel, object]:
     model = load_hf_model(path)
     family = family_for(type(model).__name__)
     spec, inv_freq = family.spec_from_hf(model)
-    weights = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    weights = family.internal_weights({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
     if spec.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     if kind == "gguf":

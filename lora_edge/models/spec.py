@@ -34,6 +34,10 @@ class DecoderSpec:
     attn_softcap: float | None = None  # scores = cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     sandwich_norms: bool = False  # Gemma 2: norms after attention and MLP too (pre/post feed-forward)
+    # GPT-2
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    positions: str = "rope"  # rope | learned (an embedding table by position id, no rotary)
+    mlp_gated: bool = True  # act(gate) * up, or act(up) alone
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -43,9 +47,14 @@ class DecoderSpec:
 class LinearModule:
     """A linear layer an adapter may target: y = x @ W.T, W of shape (out_features, in_features)."""
 
-    path: str  # PEFT module path, e.g. "model.layers.0.self_attn.q_proj"
+    path: str  # the name inside lora-edge (graph, slots, manifest), e.g. "model.layers.0.self_attn.q_proj"
     in_features: int
     out_features: int
+    peft_path: str = ""  # the module's name in the PyTorch model, which adapters use; "" = path
+
+    @property
+    def peft(self) -> str:
+        return self.peft_path or self.path
 
 
 @dataclass
