@@ -11,7 +11,6 @@ rounding of accuracy level 4 (measured separately by `lora-edge verify`).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from importlib import resources

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, PackageError
+from .errors import InputError
 from .package import read_manifest
 
 DEFAULT_PROMPT = "What is the capital of Italy?"

@@ -1,0 +1,228 @@
+"""The linear algebra every decoder graph shares, as closures over one graph being built: float and
+quantized (MatMulNBits + float-offset correction) projections, LoRA branches with their DoRA scales
+and trained-bias inputs, biases, grouped projections (q/k/v, gate/up) and norms.
+
+``linear_ops(...)`` returns them as attributes; a family's ``build_graph`` calls them in its order.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..graph import GraphBuilder
+from ..quant import QTensor
+from .spec import DecoderSpec, Slot
+
+
+def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
+               accuracy_level: int, fused: bool) -> SimpleNamespace:  # fmt: skip
+    """``ct``: the compute dtype (np.float32 or np.float16)."""
+    f32 = np.float32
+    CT = 10 if ct is np.float16 else 1  # the compute dtype's ONNX type, for Cast
+
+    # -- weights ---------------------------------------------------------------------------
+    def float_weight(name: str, arr: np.ndarray) -> str:
+        """A float initializer; stored as float16 (and cast up once at load) when the recipe says so."""
+        if not store_fp16 or ct is np.float16:
+            return g.weight(name, arr.astype(ct))
+        return g.op("Cast", [g.weight(f"{name}.fp16", arr.astype(np.float16))], to=1)
+
+    quant_values: dict[str, dict[str, str]] = {}
+
+    def quant_inputs(name: str, qt: QTensor) -> dict[str, str]:
+        """Initializers of a quantized weight, created once (a tied head reuses the embedding's)."""
+        if name not in quant_values:
+            v = {"codes": g.weight(f"{name}.q{qt.bits}", qt.codes)}
+            scales = g.weight(f"{name}.scales", qt.scales)
+            v["scales"] = scales if qt.scales.dtype == ct else g.op("Cast", [scales], to=CT)  # fp16 on disk
+            if qt.zero_points is not None:
+                v["zero_points"] = g.weight(f"{name}.zero_points", qt.zero_points)
+            if qt.offsets is not None and name == "model.embed_tokens.weight":  # rows gathered, (N, nb)
+                v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=CT)
+            elif qt.offsets is not None:  # (nb, N): the right operand of a MatMul ORT can prepack
+                v["offsets.T"] = g.op("Cast", [g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))], to=CT)
+            quant_values[name] = v
+        return quant_values[name]
+
+    block_sums: dict[tuple[str, int], str] = {}
+
+    def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
+        """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise), plus the
+        float-offset correction blocksum(x) @ offsets.T when the blocks have float offsets."""
+        terms = matmul_nbits_terms(x, name, qt)
+        return terms[0] if len(terms) == 1 else g.op("Add", terms)
+
+    def matmul_nbits_terms(x: str, name: str, qt: QTensor) -> list[str]:
+        """The summands of :func:`matmul_nbits`: the integer-kernel product, and the float-offset
+        correction when there is one (callers add them in one node with any LoRA delta)."""
+        v = quant_inputs(name, qt)
+        ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
+        y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
+                 accuracy_level=accuracy_level)  # fmt: skip
+        if "offsets" not in v and "offsets.T" not in v:
+            return [y]
+        key = (x, qt.block)
+        if key not in block_sums:  # shared by every projection that reads the same x
+            xp = x
+            if qt.n_blocks * qt.block != qt.k:
+                xp = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, qt.n_blocks * qt.block - qt.k])])
+            blocks = g.op("Reshape", [xp, g.const([0, 0, qt.n_blocks, qt.block])])  # (B, S, nb, block)
+            block_sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)  # (B, S, nb)
+        if "offsets.T" in v:
+            return [y, g.op("MatMul", [block_sums[key], v["offsets.T"]])]  # (B, S, N)
+        flat = g.op("Reshape", [block_sums[key], g.const([-1, qt.n_blocks])])  # tied head: (B*S, nb) x (V, nb)^T
+        return [y, g.op("Reshape", [g.op("Gemm", [flat, v["offsets"]], transB=1), g.op("Shape", [y])])]
+
+    def project_terms(x: str, name: str, w) -> list[str]:
+        if isinstance(w, QTensor):
+            return matmul_nbits_terms(x, f"{name}.weight", w)
+        return [g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])]  # (in, out)
+
+    def project(x: str, name: str, w) -> str:
+        terms = project_terms(x, name, w)
+        return terms[0] if len(terms) == 1 else g.op("Add", terms)
+
+    def summed(terms: list[str], scope: str) -> str:
+        """One node for the sum: Add for two terms, Sum for more (one pass over the output, not two)."""
+        if len(terms) == 1:
+            return terms[0]
+        with g.scoped(scope):
+            return g.op("Add" if len(terms) == 2 else "Sum", terms)
+
+    def lora(x: str, group: str) -> str | None:
+        """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
+        Its nodes are named ``lora/...`` so that profiles can tell the branch from the base."""
+        slot = slots.get(group)
+        if slot is None:
+            return None
+        with g.scoped(f"lora/{group}"):
+            xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
+            return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+
+    def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
+        """The modules' biases as one constant (zeros for a module without one), or nothing."""
+        bs = [weights.get(f"{m}.bias") for m in modules]
+        slot = slots.get(name)
+        trained = [slot.bias_name] if slot is not None and slot.bias else []  # the adapter's change of the bias
+        if all(b is None for b in bs):
+            return trained
+        cat = np.concatenate([np.zeros(n, f32) if b is None else np.asarray(b, f32) for b, n in zip(bs, sizes)])
+        return [g.weight(f"{name}.bias", cat.astype(ct))] + trained
+
+    def group_linear(x: str, group: str, modules: tuple[str, ...]) -> list[str]:
+        """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
+        ws = [weights[f"{m}.weight"] for m in modules]
+        sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
+        delta = lora(x, group)
+        if len(ws) == 1 or _concatenable(ws):
+            terms, bias = project_terms(x, group, _concat(ws)), bias_terms(group, modules, sizes)
+            slot = slots.get(group)
+            if slot is not None and slot.dora:  # DoRA: g * (x W^T + delta) + bias, g = 1 for plain LoRA
+                y = summed(terms + [delta], g.scope)
+                with g.scoped(f"lora/{group}"):
+                    y = g.op("Mul", [y, slot.m_name])
+                y = summed([y] + bias, g.scope)
+            else:  # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
+                terms += bias
+                y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
+            return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
+        ys = [project(x, m, w) for m, w in zip(modules, ws)]
+        if delta is not None:
+            with g.scoped(f"lora/{group}"):
+                parts = g.op("Split", [delta, g.const(sizes)], n_out=len(ws), axis=-1)
+                ys = [g.op("Add", [y, d]) for y, d in zip(ys, parts)]
+                if slots[group].dora:
+                    scales = g.op("Split", [slots[group].m_name, g.const(sizes)], n_out=len(ws), axis=0)
+                    ys = [g.op("Mul", [y, m]) for y, m in zip(ys, scales)]
+        slot = slots.get(group)
+        trained = (g.op("Split", [slot.bias_name, g.const(sizes)], n_out=len(ws), axis=0) if slot is not None and slot.bias
+                   else [None] * len(ws))  # fmt: skip
+        return [summed([y] + bias_terms(m, (m,), [n]) + ([t] if t else []), g.scope) for y, m, n, t in zip(ys, modules, sizes, trained)]
+
+    def gather_dequant(table: str, qt: QTensor, ids: str) -> str:
+        """Embedding rows from a quantized table: gather codes/scales/zero points of the ids, dequantize.
+
+        Only the looked-up rows are dequantized, with standard ops, so a tied lm_head can share the
+        very same MatMulNBits initializers (one quantized copy of the table serves both)."""
+        v = quant_inputs(table, qt)
+        nb = qt.n_blocks
+        codes = g.op("Gather", [v["codes"], ids], axis=0)  # (B, S, nb, blob) uint8
+
+        def unpack(p: str, length: int) -> str:  # uint8 codes -> float (.., length)
+            if qt.bits == 8:
+                return g.op("Cast", [p], to=CT)
+            high = g.op("BitShift", [p, g.const(4, np.uint8)], direction="RIGHT")
+            low = g.op("Sub", [p, g.op("BitShift", [high, g.const(4, np.uint8)], direction="LEFT")])
+            both = g.op("Concat", [g.op("Unsqueeze", [low, g.const([-1])]), g.op("Unsqueeze", [high, g.const([-1])])], axis=-1)
+            flat = g.op("Reshape", [both, g.op("Concat", [g.op("Slice", [g.op("Shape", [p]), g.const([0]), g.const([-1])]), g.const([-1])], axis=0)])
+            return g.op("Cast", [g.op("Slice", [flat, g.const([0]), g.const([length]), g.const([-1])])], to=CT)
+
+        q = unpack(codes, qt.block)  # (B, S, nb, block)
+        if "zero_points" not in v:
+            zp = g.const(2.0 ** (qt.bits - 1), ct)
+        else:
+            zp = g.op("Unsqueeze", [unpack(g.op("Gather", [v["zero_points"], ids], axis=0), nb), g.const([-1])])  # (B, S, nb, 1)
+        scale = g.op("Unsqueeze", [g.op("Gather", [v["scales"], ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
+        rows = g.op("Mul", [g.op("Sub", [q, zp]), scale])  # (B, S, nb, block)
+        if "offsets" in v:
+            rows = g.op("Add", [rows, g.op("Unsqueeze", [g.op("Gather", [v["offsets"], ids], axis=0), g.const([-1])])])
+        rows = g.op("Reshape", [rows, g.const([0, 0, -1])])  # (B, S, nb*block)
+        if nb * qt.block != qt.k:
+            rows = g.op("Slice", [rows, g.const([0]), g.const([qt.k]), g.const([-1])])
+        return rows
+
+    # -- norms -----------------------------------------------------------------------------
+    def norm_weight(name: str) -> str:
+        return g.weight(name, (weights[name] + np.float32(spec.norm_offset)).astype(ct))
+
+    def rms_norm(x: str, weight_name: str) -> str:
+        w = norm_weight(weight_name)
+        if spec.norm == "layer":  # LayerNorm with bias (standard ONNX since opset 17)
+            beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
+            return g.op("LayerNormalization", [x, w, beta], axis=-1, epsilon=spec.rms_norm_eps)
+        if fused:
+            return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
+        # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
+        var = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0, f32)])], axes=[-1], keepdims=1)
+        denom = g.op("Sqrt", [g.op("Add", [var, g.const(spec.rms_norm_eps, f32)])])
+        return g.op("Mul", [g.op("Div", [x, denom]), w])
+
+    def add_norm(residual: str, x: str, weight_name: str) -> tuple[str, str]:
+        """(norm(residual + x), residual + x)."""
+        if not fused:
+            h = g.op("Add", [residual, x])
+            return rms_norm(h, weight_name), h
+        w = norm_weight(weight_name)
+        if spec.norm == "layer":
+            beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
+            y, _, _, h = g.op("SkipLayerNormalization", [x, residual, w, beta], outs=[None, "", "", None], domain="com.microsoft",
+                              epsilon=spec.rms_norm_eps)  # fmt: skip
+            return y, h
+        y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
+                          epsilon=spec.rms_norm_eps)  # fmt: skip
+        return y, h
+
+    return SimpleNamespace(**{name: fn for name, fn in locals().items() if callable(fn) and not isinstance(fn, type)})
+
+
+def _concatenable(ws: list) -> bool:
+    """Weights that can become one matmul: all float, or all quantized the same way."""
+    if all(isinstance(w, np.ndarray) for w in ws):
+        return len({w.dtype for w in ws}) == 1
+    if not all(isinstance(w, QTensor) for w in ws):
+        return False
+    kinds = {(w.bits, w.block, w.k, w.zero_points is None, w.offsets is None, w.scales.dtype) for w in ws}
+    return len(kinds) == 1
+
+
+def _concat(ws: list):
+    """Stack weights along the output dimension (N); quantized blocks are per row, so this is exact."""
+    if len(ws) == 1:
+        return ws[0]
+    if isinstance(ws[0], np.ndarray):
+        return np.concatenate(ws, axis=0)
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)  # noqa: E731
+    return QTensor(codes=cat([w.codes for w in ws]), scales=cat([w.scales for w in ws]), zero_points=cat([w.zero_points for w in ws]),
+                   bits=ws[0].bits, block=ws[0].block, k=ws[0].k, offsets=cat([w.offsets for w in ws]))  # fmt: skip
