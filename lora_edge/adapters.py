@@ -31,11 +31,10 @@ _HARMLESS = {
 # Fields lora-edge computes with.
 _HANDLED = {
     "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "use_dora",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "modules_to_save",
 }  # fmt: skip
 # Fields that change the computation in ways a plain low-rank branch cannot express (yet).
 _UNSUPPORTED = {
-    "modules_to_save": "modules_to_save replaces whole modules with trained copies",
     "trainable_token_indices": "trainable tokens replace rows of the embedding",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "layer_replication": "layer replication changes the model's depth",
@@ -88,6 +87,8 @@ class Adapter:
     sha256: str = ""
     # PEFT bias="all"/"lora_only": module -> (trained bias - base bias), float32 (out,)
     bias_deltas: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # PEFT modules_to_save: linear module -> {"weight": (out, in), "bias": (out,)} replacing the base's
+    replacements: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def r(self) -> int:
@@ -119,6 +120,7 @@ class Adapter:
             "lora_alpha": self.lora_alpha,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
+            "modules_to_save": sorted(self.replacements),
             "scalings": scalings,
             "target_modules": targets,
             "modules": len(self.modules),
@@ -228,6 +230,7 @@ def _check_config(cfg: dict, where: Path) -> None:
     need("rank_pattern", dict, lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()))
     need("alpha_pattern", dict, lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()))
     need("bias", str, lambda v: v in ("none", "all", "lora_only"), "; one of none, all, lora_only")
+    need("modules_to_save", list, lambda v: all(isinstance(t, str) for t in v), "; a list of module names")
     if cfg.get("target_modules") is None:
         raise AdapterError(f"{f}: field 'target_modules' is missing; the adapter does not say which modules it targets")
     patterns = [(k, cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), str)]
@@ -274,6 +277,34 @@ def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | No
     return LoraModule(lora.module, lora.rank, lora.alpha, lora.scaling, lora.a, lora.b, dora_scale=(magnitude / norm).astype(np.float32))
 
 
+def _saved_module(key: str, to_save: list[str]) -> tuple[str, str] | None:
+    """(module, "weight"|"bias") when ``key`` is a modules_to_save tensor, PEFT's current layout
+    (``<module>.weight``) or its older one (``<module>.modules_to_save.<adapter>.weight``)."""
+    if not to_save:
+        return None
+    body = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+    body = re.sub(r"\.modules_to_save\.[^.]+\.", ".", body)
+    if ".lora_" in body or ".original_module." in body or ".base_layer." in body:
+        return None
+    module, _, part = body.rpartition(".")
+    if part not in ("weight", "bias"):
+        return None
+    hit = any(module == t or module.endswith(f".{t}") or module.startswith(f"{t}.") or f".{t}." in f".{module}." for t in to_save)
+    return (module, part) if hit else None
+
+
+def _check_replacement(name: str, st: Path, base: BaseModel, module: str, part: str, arr: np.ndarray) -> None:
+    if module not in base.replaceable or module not in base.linear_modules:
+        raise UnsupportedFeatureError(
+            f"adapter {name!r}: {st} replaces {module!r} (modules_to_save); lora-edge replaces only classification heads "
+            f"({', '.join(sorted(base.replaceable)) or 'none in this model'}); merge the adapter in PyTorch first"
+        )
+    own = base.weights.get(f"{module}.{part}")
+    if own is None or arr.shape != own.shape or not np.isfinite(arr).all():
+        raise AdapterError(f"adapter {name!r}: the saved {module}.{part} has shape {tuple(arr.shape)}, the base's has "
+                           f"{tuple(own.shape) if own is not None else 'none'}; the adapter belongs to another model")  # fmt: skip
+
+
 def check_adapter_files(name: str, path: Path) -> Path:
     """The cheap checks (before any model is loaded): a directory with a config and safetensors weights."""
     path = Path(path)
@@ -307,7 +338,15 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     magnitudes: dict[str, np.ndarray] = {}
     embeddings: set[str] = set()
     biases: dict[str, np.ndarray] = {}
+    replacements: dict[str, dict[str, np.ndarray]] = {}
+    to_save = cfg.get("modules_to_save") or []
     for key, arr in tensors.items():
+        saved = _saved_module(key, to_save)
+        if saved is not None:  # modules_to_save: a trained copy of a whole module
+            module, part = saved
+            _check_replacement(name, st, base, module, part, arr)
+            replacements.setdefault(module, {})[part] = np.asarray(arr, np.float32)
+            continue
         module, kind = _split_key(key)
         if kind in ("lora_A", "lora_B"):
             pairs.setdefault(module, {})[kind] = arr
@@ -409,5 +448,14 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             f"adapter {name!r}: adapter_config.json targets {len(expected)} modules of this base but {st} has weights for "
             f"{len(modules)} (first missing: {missing[0]}); the file is incomplete or was trained for another model"
         )
+    if to_save and not replacements:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json lists modules_to_save {to_save} but {st} holds a copy of none of them; "
+                           "the config and the weights disagree")  # fmt: skip
+    for module, parts in replacements.items():
+        if "weight" not in parts:
+            raise AdapterError(f"adapter {name!r}: {st} replaces {module!r} (modules_to_save) but holds no weight for it")
+        if module in modules:
+            raise AdapterError(f"adapter {name!r}: {module!r} is both replaced (modules_to_save) and LoRA-adapted; PEFT never saves both")
     digest = hashlib.sha256(st.read_bytes()).hexdigest()
-    return Adapter(name=name, path=path.resolve(), config=cfg, modules=modules, sha256=digest, bias_deltas=biases)
+    return Adapter(name=name, path=path.resolve(), config=cfg, modules=modules, sha256=digest, bias_deltas=biases,
+                   replacements=replacements)  # fmt: skip

@@ -151,10 +151,23 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
     """
     from .runtime import load
 
+    from .runtime import EncoderModel
+
     model = load(package, threads=threads, providers=list(providers) or None)
     choices = [None if a.lower() == "none" else a for a in adapters] or [None]
     for a in choices:  # unknown names fail before any generation
         model.check_adapter(a)
+    if isinstance(model, EncoderModel):  # classify (label probabilities) or embed (the sentence vector)
+        width = max(len(a or "none") for a in choices)
+        for a in choices:
+            if model.num_labels:
+                probs = model.classify([prompt], a)[0]
+                shown = "  ".join(f"label {i}: {p:.3f}" for i, p in enumerate(probs))
+            else:
+                vec = model.embed([prompt], a)[0]
+                shown = f"embedding ({vec.size}): " + " ".join(f"{v:+.3f}" for v in vec[:8]) + " ..."
+            click.echo(f"{(a or 'none'):>{width}} | {shown}")
+        return
     if len(choices) == 1:
         for piece in model.stream(prompt, adapter=choices[0], max_new_tokens=max_new_tokens, chat=not raw):
             click.echo(piece, nl=False)

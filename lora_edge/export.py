@@ -36,12 +36,13 @@ class ExportResult:
 def plan_slots(base: BaseModel, adapters: list[Adapter], family, fused: bool) -> dict[str, Slot]:
     """One slot per group of linear layers (q/k/v, gate/up, or one module) that any adapter targets."""
     biased = {m for a in adapters for m in a.bias_deltas}
-    wanted = {m for a in adapters for m in a.modules} | biased
+    replaced = {m for a in adapters for m in a.replacements}
+    wanted = {m for a in adapters for m in a.modules} | biased | replaced
     dora = {m for a in adapters for m, lora in a.modules.items() if lora.dora_scale is not None}
     lin = base.linear_modules
     slots = {
         name: Slot(name, lin[modules[0]].in_features, tuple((m, lin[m].out_features) for m in modules), dora=bool(dora & set(modules)),
-                   bias=bool(biased & set(modules)))  # fmt: skip
+                   bias=bool(biased & set(modules)), replace=modules == (name,) and name in replaced)  # fmt: skip
         for name, modules in family.groups(base.spec, fused)
         if wanted & set(modules)
     }
@@ -55,6 +56,9 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
     weights = dict(base.weights)
     for module, delta in adapter.bias_deltas.items():
         weights[f"{module}.bias"] = (weights[f"{module}.bias"] + delta).astype(np.float32)
+    for module, parts in adapter.replacements.items():  # modules_to_save: the adapter's own copy
+        for part, arr in parts.items():
+            weights[f"{module}.{part}"] = arr
     for module, lora in adapter.modules.items():
         key = f"{module}.weight"
         if key not in weights and module == "lm_head":  # tied head: merging unties it
@@ -72,6 +76,11 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
     stay zero); a slot none of whose modules it targets is not bound at all (the default is zero)."""
     out = {}
     for slot in slots.values():
+        if slot.replace and slot.name in adapter.replacements:
+            parts = adapter.replacements[slot.name]
+            out[slot.weight_name] = np.ascontiguousarray(parts["weight"].T, np.float32)
+            if "bias" in parts:
+                out[slot.replaced_bias_name] = parts["bias"]
         if slot.bias and any(m in adapter.bias_deltas for m in slot.modules):
             out[slot.bias_name] = np.concatenate([adapter.bias_deltas.get(m, np.zeros(o, np.float32)) for m, o in slot.parts])
         mods = [(m, adapter.modules[m]) for m in slot.modules if m in adapter.modules]
@@ -131,7 +140,8 @@ def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict:
     ids = Tokenizer.from_str(base.tokenizer_files["tokenizer.json"].decode()).encode(text, add_special_tokens=False).ids
     progress(f"calibrating GPTQ on {len(ids)} tokens")
     by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}  # hooks go on the PyTorch model's modules
-    return {by_peft[m]: h for m, h in collect_hessians(hf_model, ids, list(by_peft)).items()}
+    chunk = min(512, base.spec.max_position_embeddings)
+    return {by_peft[m]: h for m, h in collect_hessians(hf_model, ids, list(by_peft), chunk=chunk).items()}
 
 
 def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportResult:
@@ -160,6 +170,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         if q.algo == "gptq" and q.weights is WeightType.INT4:
             hessians = calibrate(base, hf_model, q, progress)
         weights, qreport = quantize_weights(weights, base.linear_modules, q, progress, hessians)
+        for s in slots.values():  # a module adapters may replace stays float: its weight is an input
+            if s.replace:
+                weights[f"{s.name}.weight"] = base.weights[f"{s.name}.weight"]
     else:
         qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
@@ -190,7 +203,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         for fname, blob in sorted(base.tokenizer_files.items()):
             (tmp / fname).write_bytes(blob)
         (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
-        if cfg.fused:
+        if cfg.fused and base.spec.kind == "decoder":
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         manifest = {
             "lora_edge_version": __version__,
@@ -221,6 +234,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "lora_B": s.b_name,
                     **({"lora_M": s.m_name} if s.dora else {}),
                     **({"lora_bias": s.bias_name} if s.bias else {}),
+                    **({"weight": s.weight_name, "bias_in": s.replaced_bias_name} if s.replace else {}),
                     "adapters": [a.name for a in adapters if set(s.modules) & set(a.modules)],
                 }
                 for s in slots.values()

@@ -497,6 +497,8 @@ def profile(cfg: ProfileConfig, progress: Progress | None = None) -> ProfileRepo
     facts, plans = [], []
     for label, pkg in zip(labels, cfg.packages):
         manifest = read_manifest(pkg, verify=True)
+        if manifest.get("base", {}).get("spec", {}).get("kind", "decoder") == "encoder":
+            raise InputError(f"{pkg} is an encoder package; `profile` measures generation (time to first token, decode tokens/s)")
         adapters = _choose_adapters(pkg, manifest, cfg.adapters)
         files = manifest.get("files", {})
         ad_files = {n: files.get(i["file"], {}).get("bytes", 0) / MiB for n, i in manifest.get("adapters", {}).items() if i.get("file")}

@@ -260,8 +260,9 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         counts[wtype.value] = counts.get(wtype.value, 0) + 1
 
     emb = "model.embed_tokens.weight"
-    progress(f"quantizing the embedding to {qcfg.embedding_type.value}")
-    store(emb, qcfg.embedding_type, "embeddings")
+    if emb in weights:  # (encoders keep their embeddings in float32)
+        progress(f"quantizing the embedding to {qcfg.embedding_type.value}")
+        store(emb, qcfg.embedding_type, "embeddings")
     mods = [m for m in linear_modules if f"{m}.weight" in weights]
     progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block}, {qcfg.algo})")
     for m in mods:
@@ -277,4 +278,7 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     for key, w in weights.items():
         if key != emb and not any(key == f"{m}.weight" for m in mods):
             sizes["other"] += w.size * 4
-    return out, {**qcfg.to_json(), "tensors": counts, "bytes": sizes}
+    report = {**qcfg.to_json(), "tensors": counts, "bytes": sizes}
+    if emb not in weights:  # (encoders: the embeddings stay float32)
+        report["embeddings"] = "fp32"
+    return out, report

@@ -392,6 +392,9 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
     for slot in manifest.get("slots", []):
         slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
         slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
+        if slot.get("weight"):  # a module adapters may replace (modules_to_save): (in, out) and its bias
+            slot_inputs[slot["weight"]] = (slot["in_features"], slot["out_features"])
+            slot_inputs[slot["bias_in"]] = ("M", slot["out_features"])
         for key in ("lora_M", "lora_bias"):  # per-output-channel vectors (DoRA scale, trained bias change)
             if slot.get(key):
                 slot_inputs[slot[key]] = ("M", slot["out_features"])
@@ -404,7 +407,80 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
         adapters[name] = _load_adapter(root / info["file"], name, identity, slot_inputs)
     if session.get_providers()[0] == "CUDAExecutionProvider":  # keep the adapters on the GPU: binding copies nothing
         adapters = {n: {k: ort.OrtValue.ortvalue_from_numpy(v.numpy(), "cuda", 0) for k, v in t.items()} for n, t in adapters.items()}
+    if manifest["base"]["spec"].get("kind", "decoder") == "encoder":
+        return EncoderModel(root, manifest, session, adapters)
     return Model(root, manifest, session, adapters)
+
+
+class EncoderModel(Model):
+    """A BERT-style encoder package: ``forward`` gives the last hidden state (and classification logits);
+    ``embed`` mean-pools sentences; ``classify`` gives label probabilities. Adapters as for decoders."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        spec = self.manifest["base"]["spec"]
+        self.num_labels = spec.get("num_labels", 0)
+        self.position_offset = spec.get("position_offset", -1)
+        self.has_token_types = bool(spec.get("type_vocab_size"))
+
+    def forward(self, input_ids, adapter: str | None = None, attention_mask=None, token_type_ids=None, **_ignored) -> dict[str, np.ndarray]:
+        """{"last_hidden_state": (batch, seq, hidden), "logits": (batch, num_labels) for a classifier}."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise RuntimeInputError(f"input_ids must be (batch, seq) with seq > 0, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        if ids.shape[1] > self.max_length:
+            raise RuntimeInputError(f"{ids.shape[1]} tokens exceed the model's {self.max_length} positions; shorten the text")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(ids.shape)
+        if self.position_offset >= 0:  # RoBERTa: count the non-padding tokens, starting after pad_token_id
+            real = (ids != self.position_offset).astype(np.int64)
+            positions = np.cumsum(real, axis=1) * real + self.position_offset
+        else:
+            positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+        io = self._binding(adapter)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        if self.has_token_types:
+            types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64).reshape(ids.shape)
+            io.bind_cpu_input("token_type_ids", types)
+        for name in self._output_names:
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        return dict(zip(self._output_names, io.copy_outputs_to_cpu()))
+
+    def _batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = [self.tokenizer.tok.encode(t, add_special_tokens=True).ids[: self.max_length] for t in texts]
+        n = max(len(e) for e in enc)
+        pad = self.tokenizer.tok.token_to_id(self.tokenizer.special.get("pad_token") or "") or 0
+        ids = np.full((len(enc), n), pad, np.int64)
+        mask = np.zeros((len(enc), n), np.int64)
+        for i, e in enumerate(enc):
+            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+        return ids, mask
+
+    def embed(self, texts: Sequence[str], adapter: str | None = None, normalize: bool = True) -> np.ndarray:
+        """Mean-pooled sentence embeddings (batch, hidden), as sentence-transformers computes them."""
+        ids, mask = self._batch([texts] if isinstance(texts, str) else list(texts))
+        hidden = self.forward(ids, adapter, attention_mask=mask)["last_hidden_state"]
+        pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True) if normalize else pooled
+
+    def classify(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+        """Label probabilities (batch, num_labels), softmax of the classifier's logits."""
+        if not self.num_labels:
+            raise RuntimeInputError(f"{self.root} is an encoder without a classification head; use embed()")
+        ids, mask = self._batch([texts] if isinstance(texts, str) else list(texts))
+        logits = self.forward(ids, adapter, attention_mask=mask)["logits"]
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def generate_ids(self, *args, **kwargs):
+        raise RuntimeInputError(f"{self.root} is an encoder (BERT-style) package: it embeds and classifies, it does not generate")
+
+    generate = stream = steps = generate_ids
 
 
 def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> dict[str, ort.OrtValue]:
@@ -428,6 +504,8 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> di
             continue
         if len(shape) != 2 or (want_in is not None and shape[0] != want_in) or (want_out is not None and shape[1] != want_out):
             raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
+        if not pname.endswith(("lora_A", "lora_B")):
+            continue
         module = pname.rsplit(".", 1)[0]  # the slot name
         r = shape[1] if pname.endswith("lora_A") else shape[0]
         if ranks.setdefault(module, r) != r:

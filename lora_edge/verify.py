@@ -160,6 +160,9 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
 
     progress("loading the package")
     model = runtime.load(cfg.package, providers=list(cfg.providers) or None)
+    if isinstance(model, runtime.EncoderModel):
+        raise InputError(f"{cfg.package} is an encoder package; `verify` measures generation (perplexity, greedy tokens). "
+                         "Compare encoders in Python: tests/test_real_encoder.py shows how")  # fmt: skip
     text = cfg.text.read_text(encoding="utf-8") if cfg.text else resources.files("lora_edge").joinpath("data/verify_text.txt").read_text()
     ids = model.tokenizer.encode(text, chat=False)[: min(cfg.max_tokens, model.max_length)]
     if len(ids) < 16:

@@ -100,7 +100,7 @@ def run_cases() -> list[dict]:
         ("adapter trained for another base", with_adapter(make_adapter(other, tmp / 'otherad'))),
         ("target module not in the base", with_adapter(variant('nomod', lambda d: (tensors(lambda t: {k.replace('layers.0.', 'layers.9.'): v for k, v in t.items()})(d), config(target_modules='.*')(d))))),
         ("use_dora set but no DoRA magnitudes", with_adapter(variant('dora', config(use_dora=True)))),
-        ("modules_to_save (unsupported)", with_adapter(variant('mts', config(modules_to_save=['lm_head'])))),
+        ("modules_to_save listed but not in the file", with_adapter(variant('mts', config(modules_to_save=['lm_head'])))),
         ("unknown adapter_config field", with_adapter(variant('unk', config(new_peft_knob=2)))),
         ("config and weights disagree (rank)", with_adapter(variant('rank', config(r=5)))),
         ("NaN in adapter weights", with_adapter(variant('nan', tensors(nan)))),

@@ -100,7 +100,7 @@ BAD = {
     "garbage": (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x00" * 7), AdapterError, "not a valid safetensors"),
     "bad_json": (lambda p: (p / "adapter_config.json").write_text("{not json"), AdapterError, "not valid JSON"),
     "dora_without_magnitudes": (lambda p: _edit_config(p, use_dora=True), AdapterError, "no lora_magnitude_vector"),
-    "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), UnsupportedFeatureError, "'modules_to_save'"),
+    "modules_to_save_not_saved": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), AdapterError, "modules_to_save"),
     "unknown_field": (lambda p: _edit_config(p, fancy_new_thing=3), UnsupportedFeatureError, "'fancy_new_thing'"),
     "not_lora": (lambda p: _edit_config(p, peft_type="IA3"), UnsupportedFeatureError, "peft_type"),
     "rank_mismatch": (lambda p: _edit_config(p, r=5), AdapterError, "rank 4 in the weights but 5"),

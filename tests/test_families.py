@@ -194,3 +194,13 @@ def test_trained_biases_match_peft(tmp_path, bias):
     merged = tmp_path / "merged"
     export(ExportConfig(base=base, output=merged, adapters=(AdapterSpec("b", tmp_path / "ad"),), mode=Mode.MERGE))
     assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "b")).max() <= 5 * TOL
+
+
+def test_modules_to_save_on_a_decoder_is_refused_by_name(tmp_path):
+    """A decoder adapter that replaces lm_head outright (modules_to_save) would need a full head per
+    adapter; lora-edge says so instead of dropping it (encoders' classification heads are supported)."""
+    base = make_tiny_base(tmp_path / "base", "mha_untied", seed=2)
+    ad = make_adapter(base, tmp_path / "ad", seed=2, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(lora_edge.UnsupportedFeatureError, match="replaces only classification heads"):
+        export(ExportConfig(base=base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", ad),)))
+    assert not (tmp_path / "pkg").exists()

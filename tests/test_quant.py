@@ -164,7 +164,8 @@ def test_quantized_package_computes_its_quantized_weights(tiny_base, tiny_adapte
         want = ref(torch.tensor(ids)).logits.numpy()
     # Float offsets run as a separate correction (x·W_int + blocksum(x)·C instead of x·(W_int + C)): two
     # partial sums instead of one, so float32 rounding doubles-to-triples; 5e-4 on logits of magnitude ~1-3.
-    tol = 5e-4 if qcfg.zero_for(qcfg.weights) == "float" or qcfg.zero_for(qcfg.embedding_type) == "float" else 1e-4
+    # Otherwise MatMulNBits dequantizes and sums in its own order: observed up to 1.2e-4 (2e-4 allowed).
+    tol = 5e-4 if qcfg.zero_for(qcfg.weights) == "float" or qcfg.zero_for(qcfg.embedding_type) == "float" else 2e-4
     assert np.abs(m.forward(ids, adapter=use) - want).max() <= tol
     if mode == "branch":  # the same quantized base serves "no adapter"
         base_ref = _reference(tiny_base, qcfg)

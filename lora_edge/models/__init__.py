@@ -12,7 +12,7 @@ from typing import Protocol
 from ..errors import ModelError
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
 
-_FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2")
+_FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "bert")
 
 
 class Family(Protocol):

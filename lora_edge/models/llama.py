@@ -147,16 +147,8 @@ class LlamaFamily:
             v = g.input(f"past_key_values.{i}.value", ct, [B, KV, P, D])
             past.append((k, v))
 
-        overridable: dict[str, tuple[np.ndarray, list]] = {}
-        for slot in slots.values():
-            overridable[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
-            overridable[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
-            if slot.dora:
-                overridable[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
-            if slot.bias:
-                overridable[slot.bias_name] = (np.zeros(slot.out_features, ct), [slot.out_features])
-
         ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused)
+        overridable = ops.adapter_inputs(null_rank)
         float_weight, matmul_nbits_terms, summed, lora = ops.float_weight, ops.matmul_nbits_terms, ops.summed, ops.lora
         group_linear, gather_dequant, rms_norm, add_norm = ops.group_linear, ops.gather_dequant, ops.rms_norm, ops.add_norm
 

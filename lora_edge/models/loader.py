@@ -64,6 +64,7 @@ def describe_base(path: Path) -> tuple[str, list[Path]]:
 def load_hf_model(path: Path):
     """The PyTorch model, float32, eval mode: the exporter's source and the verifier's oracle."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kind, _ = describe_base(path)
@@ -80,8 +81,10 @@ def load_hf_model(path: Path):
                 )
         else:
             cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-            family_for((cfg.architectures or ["?"])[0])
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+            arch = (cfg.architectures or ["?"])[0]
+            family = family_for(arch)
+            auto = getattr(transformers, family.auto_class(arch)) if hasattr(family, "auto_class") else AutoModelForCausalLM
+            model = auto.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load base model {path}: {first}") from None
@@ -116,5 +119,6 @@ def load_base(path: Path) -> tuple[BaseModel, object]:
         sha256=_sha256_files(weight_files),
         linear_modules=family.linear_modules(spec),
         other_modules=family.other_modules(spec),
+        replaceable=family.replaceable(spec) if hasattr(family, "replaceable") else frozenset(),
     )
     return base, model

@@ -23,6 +23,23 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     CT = 10 if ct is np.float16 else 1  # the compute dtype's ONNX type, for Cast
 
     # -- weights ---------------------------------------------------------------------------
+    def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
+        """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
+        out: dict[str, tuple[np.ndarray, list]] = {}
+        for slot in slots.values():
+            out[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
+            out[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
+            if slot.dora:
+                out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
+            if slot.bias:
+                out[slot.bias_name] = (np.zeros(slot.out_features, ct), [slot.out_features])
+            if slot.replace:
+                w = weights[f"{slot.name}.weight"]
+                out[slot.weight_name] = (np.ascontiguousarray(w.T).astype(ct), [slot.in_features, slot.out_features])
+                if f"{slot.name}.bias" in weights:
+                    out[slot.replaced_bias_name] = (np.asarray(weights[f"{slot.name}.bias"]).astype(ct), [slot.out_features])
+        return out
+
     def float_weight(name: str, arr: np.ndarray) -> str:
         """A float initializer; stored as float16 (and cast up once at load) when the recipe says so."""
         if not store_fp16 or ct is np.float16:
@@ -76,6 +93,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         return [y, g.op("Reshape", [g.op("Gemm", [flat, v["offsets"]], transB=1), g.op("Shape", [y])])]
 
     def project_terms(x: str, name: str, w) -> list[str]:
+        slot = slots.get(name)
+        if slot is not None and slot.replace:  # the weight is an input (adapters may replace the module)
+            return [g.op("MatMul", [x, slot.weight_name])]
         if isinstance(w, QTensor):
             return matmul_nbits_terms(x, f"{name}.weight", w)
         return [g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])]  # (in, out)
@@ -105,6 +125,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """The modules' biases as one constant (zeros for a module without one), or nothing."""
         bs = [weights.get(f"{m}.bias") for m in modules]
         slot = slots.get(name)
+        if slot is not None and slot.replace and bs[0] is not None:
+            return [slot.replaced_bias_name]
         trained = [slot.bias_name] if slot is not None and slot.bias else []  # the adapter's change of the bias
         if all(b is None for b in bs):
             return trained

@@ -38,6 +38,12 @@ class DecoderSpec:
     norm: str = "rms"  # rms | layer (LayerNorm with bias)
     positions: str = "rope"  # rope | learned (an embedding table by position id, no rotary)
     mlp_gated: bool = True  # act(gate) * up, or act(up) alone
+    # encoders (BERT, RoBERTa): no KV cache, bidirectional attention, post-norm layers
+    kind: str = "decoder"  # decoder | encoder
+    type_vocab_size: int = 0  # token type (segment) embeddings
+    num_labels: int = 0  # > 0: a sequence-classification head, whose logits are an output
+    head: str = "none"  # none | bert (pooler dense+tanh on [CLS], then classifier) | roberta (classifier.dense+tanh, out_proj)
+    position_offset: int = -1  # RoBERTa: positions count non-padding tokens from pad_token_id + 1 (-1: 0, 1, 2, ...)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,6 +76,7 @@ class BaseModel:
     sha256: str  # of the weight file(s): the base identity adapters are checked against
     linear_modules: dict[str, LinearModule] = field(default_factory=dict)
     other_modules: frozenset[str] = frozenset()  # module paths that exist but are not LoRA-able here
+    replaceable: frozenset[str] = frozenset()  # modules an adapter may replace outright (modules_to_save)
 
     @property
     def identity(self) -> int:
@@ -96,6 +103,9 @@ class Slot:
     # some adapter of the package brings trained biases (PEFT bias="all"/"lora_only") for these modules:
     # the slot also takes <name>.lora_bias, the change of the bias (zeros when the adapter has none)
     bias: bool = False
+    # some adapter replaces this (single) module outright (PEFT modules_to_save, e.g. a classifier head):
+    # its weight and bias are inputs <name>.weight.T / <name>.bias_in whose defaults are the base's
+    replace: bool = False
 
     @property
     def out_features(self) -> int:
@@ -120,6 +130,14 @@ class Slot:
     @property
     def bias_name(self) -> str:
         return f"{self.name}.lora_bias"
+
+    @property
+    def weight_name(self) -> str:  # a replaced module's weight, (in, out)
+        return f"{self.name}.weight.T"
+
+    @property
+    def replaced_bias_name(self) -> str:
+        return f"{self.name}.bias_in"
 
     @property
     def rank_dim(self) -> str:
