@@ -320,17 +320,96 @@ class Model:
     ):
         """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``.
 
-        A list of prompts gives a list of answers. They run one after another on the fused graph (whose
-        attention takes unpadded sequences); concurrent calls from threads are also safe."""
-        if not isinstance(prompt, str):
-            return [self.generate(p, adapter, max_new_tokens, min_new_tokens, chat, return_result) for p in prompt]
+        A list of prompts gives a list of answers, decoded together as one batch on the fused graph
+        (:meth:`generate_ids_batch`), one after another on a reference graph."""
         tok = self.tokenizer
+        if not isinstance(prompt, str):
+            prompts = [tok.encode(p, chat) for p in prompt]
+            if self.fused_attention and len(prompts) > 1:
+                results = self.generate_ids_batch(prompts, adapter, max_new_tokens, min_new_tokens)
+            else:
+                results = [self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens) for ids in prompts]
+            return [GenerationResult(tok.decode(out), out, len(ids), reason) if return_result else tok.decode(out)
+                    for ids, (out, reason) in zip(prompts, results)]  # fmt: skip
         ids = tok.encode(prompt, chat)
         out, reason = self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens)
         text = tok.decode(out)
         if return_result:
             return GenerationResult(text=text, token_ids=out, prompt_tokens=len(ids), finish_reason=reason)
         return text
+
+    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: str | None = None, max_new_tokens: int = 64,
+                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
+        """Greedy decoding of several prompts of any lengths as one batch (fused graphs): the prompts are
+        right-padded and prefilled in one call; then each step feeds every row its next token. The
+        attention mask carries each row's length (GroupQueryAttention reads it as seqlens), so every row
+        attends to its own tokens only and writes its keys/values at its own position of the shared
+        cache. Rows that finished keep computing until all have (their outputs are not used). Returns
+        (tokens, "eos"|"length") per prompt, exactly what :meth:`generate_ids` gives for each alone."""
+        if not self.fused_attention:
+            return [self.generate_ids(p, adapter, max_new_tokens, min_new_tokens, eos_ids=eos_ids) for p in prompts]
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise RuntimeInputError("every prompt needs at least one token")
+        if max_new_tokens < 0 or min_new_tokens < 0:
+            raise RuntimeInputError("max_new_tokens and min_new_tokens must be >= 0")
+        lens = np.array([len(p) for p in prompts], np.int64)
+        if lens.max() + max_new_tokens > self.max_length:
+            raise RuntimeInputError(f"the longest prompt ({lens.max()} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                                    f"model's context of {self.max_length} tokens")  # fmt: skip
+        if min(min(p) for p in prompts) < 0 or max(max(p) for p in prompts) >= self.vocab_size:
+            raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
+        if eos_ids is None:
+            eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+        b, width = len(prompts), int(lens.max())
+        if max_new_tokens == 0:
+            return [([], "length") for _ in prompts]
+        capacity = width + max_new_tokens
+        io = self._binding(adapter)
+        io.bind_output("logits")
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((b, self.num_kv_heads, capacity, self.head_dim), self.dtype), self.device, 0)
+                 for _ in range(2 * self.num_layers)]  # fmt: skip
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", cache[2 * i + j])
+                io.bind_ortvalue_output(f"present.{i}.{kind}", cache[2 * i + j])
+        columns = np.arange(capacity, dtype=np.int64)
+
+        def step(ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", (columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
+            io.bind_cpu_input("position_ids", positions)
+            io.bind_output("logits")
+            self.session.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy()
+
+        ids = np.zeros((b, width), np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = p
+        logits = step(ids, np.repeat(columns[None, :width], b, axis=0), lens)
+        last = logits[np.arange(b), lens - 1]  # each row's last real token
+        outs: list[list[int]] = [[] for _ in range(b)]
+        reasons = ["length"] * b
+        active = np.ones(b, bool)
+        eos = list(eos_ids)
+        for produced in range(max_new_tokens):
+            if produced < min_new_tokens and eos:
+                last = last.copy()
+                last[:, eos] = -np.inf
+            nxt = np.argmax(last, axis=-1)
+            for r in np.flatnonzero(active):
+                if int(nxt[r]) in eos_ids:
+                    active[r], reasons[r] = False, "eos"
+                else:
+                    outs[r].append(int(nxt[r]))
+                    if len(outs[r]) >= max_new_tokens:
+                        active[r] = False
+            if not active.any():
+                break
+            logits = step(nxt[:, None].astype(np.int64), lens[:, None].copy(), lens + 1)
+            lens = lens + 1
+            last = logits[:, -1]
+        return list(zip(outs, reasons))
 
 
 def load(path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True,

@@ -158,3 +158,13 @@ def test_merge_mode_matches_peft_merge(tiny_base, tiny_adapters, tiny_oracle, tm
         # merged model no longer equals its own unmerged forward. lora-edge unties the head instead
         # and keeps the adapter's meaning; this asserts that PEFT's result really differs.
         assert np.abs(got - tiny_oracle.logits(ids, adapter, merge=True)).max() > 100 * TOL
+
+
+@pytest.mark.parametrize("adapter", [None, "all_r8_rslora", "patterns"])
+def test_batched_generation_of_different_lengths_equals_one_by_one(model, adapter):
+    """generate_ids_batch right-pads prompts of different lengths into one batch on the fused graph;
+    each row must give exactly the tokens (and finish reason) it gives alone."""
+    prompts = [[5, 17, 42, 99, 7, 3, 250], [11, 12], [200, 9, 31, 4], [77]]
+    alone = [model.generate_ids(p, adapter, 12, 4) for p in prompts]
+    assert model.generate_ids_batch(prompts, adapter, 12, 4) == alone
+    assert model.generate_ids_batch(prompts, adapter, 0) == [([], "length")] * 4

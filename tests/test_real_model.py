@@ -157,3 +157,14 @@ def test_real_profile_with_two_adapters_and_a_memory_limit(real, tmp_path):
     ok = CliRunner().invoke(cli, ["profile", str(pkg), "-a", "pirate", "--prompt-tokens", "16", "-n", "4", "--runs", "1",
                                   "--no-op-profile", "--memory-limit", str(int(need) + 100)])  # fmt: skip
     assert ok.exit_code == 0, ok.output
+
+
+def test_real_batched_generation_equals_one_by_one(real):
+    """Prompts of different lengths decoded as one right-padded batch give exactly their one-by-one answers."""
+    model = real[0]
+    prompts = ["What is the capital of Italy?", "What is snow?", "Why is the sea salty? Answer in one sentence."]
+    for adapter in (None, "pirate"):
+        together = model.generate(prompts, adapter=adapter, max_new_tokens=24, return_result=True)
+        alone = [model.generate(p, adapter=adapter, max_new_tokens=24, return_result=True) for p in prompts]
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone], adapter
+        assert len({len(model.tokenizer.encode(p, True)) for p in prompts}) > 1  # really different lengths
