@@ -31,7 +31,7 @@ def main() -> None:
 
     import lora_edge
 
-    print(f"| threads | prompts | one by one tok/s | one batch tok/s | speed-up |\n|---|---|---|---|---|")
+    print("| threads | prompts | one by one tok/s | one batch tok/s | speed-up |\n|---|---|---|---|---|")
     for threads in args.threads:
         m = lora_edge.load(args.package, threads=threads)
         for n in args.prompts:
