@@ -168,3 +168,16 @@ def test_batched_generation_of_different_lengths_equals_one_by_one(model, adapte
     alone = [model.generate_ids(p, adapter, 12, 4) for p in prompts]
     assert model.generate_ids_batch(prompts, adapter, 12, 4) == alone
     assert model.generate_ids_batch(prompts, adapter, 0) == [([], "length")] * 4
+
+
+def test_pooled_bindings_keep_nested_and_interleaved_calls_apart(model):
+    """Bindings are pooled per thread and adapter; a call made from inside a generation (here from the
+    token callback, with another adapter) gets its own and changes nothing in the generation."""
+    prompt, ids = [5, 17, 42, 99], np.array([[3, 9, 27, 81, 243 % 300]])
+    want_gen = model.generate_ids(prompt, "qv_r4", 8, 8)
+    want_fwd = model.forward(ids, "all_r8_rslora")
+    inner = []
+    got = model.generate_ids(prompt, "qv_r4", 8, 8, on_token=lambda t: inner.append(model.forward(ids, "all_r8_rslora")))
+    assert got == want_gen and len(inner) == 8
+    assert all(np.array_equal(x, want_fwd) for x in inner)
+    assert np.array_equal(model.forward(ids, None), model.forward(ids, None))  # and the base stays the base
