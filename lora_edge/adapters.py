@@ -296,10 +296,12 @@ def _saved_module(key: str, to_save: list[str]) -> tuple[str, str] | None:
 def _check_replacement(name: str, st: Path, base: BaseModel, module: str, part: str, arr: np.ndarray) -> None:
     if module not in base.replaceable or module not in base.linear_modules:
         raise UnsupportedFeatureError(
-            f"adapter {name!r}: {st} replaces {module!r} (modules_to_save); lora-edge replaces only classification heads "
+            f"adapter {name!r}: {st} replaces {module!r} (modules_to_save); lora-edge replaces only output and classification heads "
             f"({', '.join(sorted(base.replaceable)) or 'none in this model'}); merge the adapter in PyTorch first"
         )
     own = base.weights.get(f"{module}.{part}")
+    if own is None and module == "lm_head" and base.spec.tie_word_embeddings and part == "weight":
+        own = base.weights.get("model.embed_tokens.weight")
     if own is None or arr.shape != own.shape or not np.isfinite(arr).all():
         raise AdapterError(f"adapter {name!r}: the saved {module}.{part} has shape {tuple(arr.shape)}, the base's has "
                            f"{tuple(own.shape) if own is not None else 'none'}; the adapter belongs to another model")  # fmt: skip

@@ -69,6 +69,14 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
     return weights
 
 
+def _float_weight(base: BaseModel, module: str) -> np.ndarray:
+    """The base's float weight of ``module`` (a tied lm_head: the embedding table)."""
+    w = base.weights.get(f"{module}.weight")
+    if w is None and module == "lm_head" and base.spec.tie_word_embeddings:
+        w = base.weights["model.embed_tokens.weight"]
+    return w
+
+
 def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.ndarray]:
     """The adapter as graph inputs: per slot, its modules' A side by side and their B block-diagonal.
 
@@ -164,15 +172,17 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         adapters.append(read_adapter(spec.name, spec.path, base))
     slots = plan_slots(base, adapters, family, cfg.fused) if cfg.mode is Mode.BRANCH else {}
     weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights  # merge in fp32, then quantize
+    replaced = {s.name: _float_weight(base, s.name) for s in slots.values() if s.replace}
+    if replaced:  # a replaceable module's weight is an input with the base's (float) weight as default
+        weights = {**weights, **{f"{m}.weight": w for m, w in replaced.items()}}
     q = cfg.quant
     if q.weights is not WeightType.FP32 or q.embedding_type is not WeightType.FP32:
         hessians = None
         if q.algo == "gptq" and q.weights is WeightType.INT4:
             hessians = calibrate(base, hf_model, q, progress)
         weights, qreport = quantize_weights(weights, base.linear_modules, q, progress, hessians)
-        for s in slots.values():  # a module adapters may replace stays float: its weight is an input
-            if s.replace:
-                weights[f"{s.name}.weight"] = base.weights[f"{s.name}.weight"]
+        for m, w in replaced.items():  # a module adapters may replace stays float: its weight is an input
+            weights[f"{m}.weight"] = w
     else:
         qreport = {**q.to_json(), "tensors": {"fp32": len(base.linear_modules) + 1}}
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")

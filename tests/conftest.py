@@ -107,6 +107,8 @@ def make_adapter(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
                 p.mul_(2.0)
             elif "lora_magnitude_vector" in n:  # DoRA starts at g = 1; move it as training would
                 p.mul_(1.0 + 0.3 * torch.randn_like(p))
+            elif "modules_to_save" in n:  # a saved module starts as the base's copy; train it a little
+                p.add_(0.05 * torch.randn_like(p))
     pm.save_pretrained(out)
     return out
 

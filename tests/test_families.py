@@ -24,6 +24,7 @@ ADAPTERS = {
     "patterns": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
                      rank_pattern={"o_proj": 5, r"layers\.1\.self_attn\.v_proj": 3}, alpha_pattern={"down_proj": 9}),
     "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "gate_proj", "up_proj"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
 }  # fmt: skip
 
 
@@ -196,11 +197,30 @@ def test_trained_biases_match_peft(tmp_path, bias):
     assert np.abs(lora_edge.load(merged).forward(ids) - oracle.logits(ids, "b")).max() <= 5 * TOL
 
 
-def test_modules_to_save_on_a_decoder_is_refused_by_name(tmp_path):
-    """A decoder adapter that replaces lm_head outright (modules_to_save) would need a full head per
-    adapter; lora-edge says so instead of dropping it (encoders' classification heads are supported)."""
+@pytest.mark.parametrize("kind", ["gqa_tied", "mha_untied", "gpt2"])
+def test_modules_to_save_lm_head_branch_and_merge_match_peft(tmp_path, kind):
+    """An adapter that replaces the output head (modules_to_save=["lm_head"], e.g. after adding tokens
+    or tuning the head): the head's weight is a graph input, the base's by default and the adapter's copy
+    when bound, switchable with a plain adapter; a tied head stops sharing the embedding's codes."""
+    base = make_tiny_base(tmp_path / "base", kind, seed=2)
+    kw = dict(target_modules=["c_attn"], fan_in_fan_out=True) if kind == "gpt2" else dict(target_modules=["q_proj"])
+    head = make_adapter(base, tmp_path / "head", seed=2, r=2, modules_to_save=["lm_head"], **kw)
+    plain = make_adapter(base, tmp_path / "plain", seed=3, r=2, **kw)
+    export(ExportConfig(base=base, output=tmp_path / "pkg", adapters=(AdapterSpec("head", head), AdapterSpec("plain", plain))))
+    m, oracle = lora_edge.load(tmp_path / "pkg"), Oracle(base, {"head": head, "plain": plain})
+    assert m.manifest["adapters"]["head"]["modules_to_save"] == ["lm_head"]
+    ids = np.random.RandomState(8).randint(0, 300, (1, 9))
+    for a in ("head", None, "plain", "head"):
+        assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
+    export(ExportConfig(base=base, output=tmp_path / "merged", adapters=(AdapterSpec("head", head),), mode=Mode.MERGE))
+    assert np.abs(lora_edge.load(tmp_path / "merged").forward(ids) - oracle.logits(ids, "head")).max() <= 5 * TOL
+
+
+def test_modules_to_save_outside_the_heads_is_refused_by_name(tmp_path):
+    """Replacing, say, a whole MLP layer per adapter is not supported: lora-edge says so instead of
+    dropping it."""
     base = make_tiny_base(tmp_path / "base", "mha_untied", seed=2)
-    ad = make_adapter(base, tmp_path / "ad", seed=2, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    with pytest.raises(lora_edge.UnsupportedFeatureError, match="replaces only classification heads"):
+    ad = make_adapter(base, tmp_path / "ad", seed=2, r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp.down_proj"])
+    with pytest.raises(lora_edge.UnsupportedFeatureError, match="replaces only output and classification heads"):
         export(ExportConfig(base=base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", ad),)))
     assert not (tmp_path / "pkg").exists()

@@ -39,6 +39,11 @@ class LlamaFamily:
         self.name = name
         self.architectures = architectures
 
+    def replaceable(self, spec: DecoderSpec) -> frozenset[str]:
+        """Modules an adapter may replace outright (modules_to_save): the output head. Its weight becomes
+        an input (float32, vocab x hidden per adapter that replaces it: large; merging avoids that)."""
+        return frozenset({"lm_head"})
+
     def internal_weights(self, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The PyTorch state dict under the names (and layouts) the graph builder uses."""
         return state_dict
