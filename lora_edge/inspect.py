@@ -60,13 +60,15 @@ def render(info: dict) -> str:
     lines.append(f"slots       {len(slots)} LoRA branches" + (": " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else ""))
     if info["adapters"]:
         lines.append("adapters")
-        head = f"  {'name':<14}{'rank':>6}{'alpha':>8}{'rslora':>8}{'modules':>9}{'params':>11}{'size':>12}  targets"
+        head = f"  {'name':<14}{'rank':>6}{'alpha':>8}{'kind':>8}{'modules':>9}{'params':>11}{'size':>12}  targets"
         lines.append(head)
         for name, a in info["adapters"].items():
             ranks = "/".join(str(r) for r in a["ranks"])
+            kind = "dora" if a.get("use_dora") else "rslora" if a["use_rslora"] else "lora"
+            saves = f"; replaces {', '.join(a['modules_to_save'])}" if a.get("modules_to_save") else ""
             lines.append(
-                f"  {name:<14}{ranks:>6}{a['lora_alpha']:>8g}{'yes' if a['use_rslora'] else 'no':>8}{a['modules']:>9}"
-                f"{a['parameters']:>11,}{_mib(a['bytes']) if not a.get('merged') else 'merged':>12}  {', '.join(a['target_modules'])}"
+                f"  {name:<14}{ranks:>6}{a['lora_alpha']:>8g}{kind:>8}{a['modules']:>9}"
+                f"{a['parameters']:>11,}{_mib(a['bytes']) if not a.get('merged') else 'merged':>12}  {', '.join(a['target_modules'])}{saves}"
             )
     else:
         lines.append("adapters    none")
