@@ -289,7 +289,7 @@ def _saved_module(key: str, to_save: list[str]) -> tuple[str, str] | None:
     module, _, part = body.rpartition(".")
     if part not in ("weight", "bias"):
         return None
-    hit = any(module == t or module.endswith(f".{t}") or module.startswith(f"{t}.") or f".{t}." in f".{module}." for t in to_save)
+    hit = any(f".{t}." in f".{module}." for t in to_save)  # the module itself, or inside it (RoBERTa's classifier.dense)
     return (module, part) if hit else None
 
 
@@ -372,7 +372,6 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
                     "changed base weights are not supported (or the adapter belongs to another base)"
                 )
         elif kind == "bias":
-            own = base.weights.get(f"{module}.bias")
             if cfg.get("bias", "none") == "none":
                 raise AdapterError(f"adapter {name!r}: {st} holds a bias ({key}) but adapter_config.json has bias='none'; the config and the weights disagree")
             by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}
