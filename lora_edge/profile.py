@@ -503,7 +503,7 @@ def profile(cfg: ProfileConfig, progress: Progress | None = None) -> ProfileRepo
         adapters = _choose_adapters(pkg, manifest, cfg.adapters)
         files = manifest.get("files", {})
         ad_files = {n: files.get(i["file"], {}).get("bytes", 0) / MiB for n, i in manifest.get("adapters", {}).items() if i.get("file")}
-        facts.append(PackageFacts(label=label, path=str(pkg), quant=manifest.get("quant", {}).get("weights", "fp32"),
+        facts.append(PackageFacts(label=label, path=str(pkg), quant=manifest.get("quantization", {}).get("weights", "fp32"),
                                   mode=manifest.get("mode", "branch"), attention=manifest.get("graph", {}).get("attention", "?"),
                                   package_mib=sum(f.get("bytes", 0) for f in files.values()) / MiB, adapter_file_mib=ad_files))  # fmt: skip
         merged = [n for n, i in manifest.get("adapters", {}).items() if i.get("merged")]
@@ -512,9 +512,10 @@ def profile(cfg: ProfileConfig, progress: Progress | None = None) -> ProfileRepo
         plans.append((label, pkg, adapters, merged[0] if merged else None, manifest))
 
     w, lim = cfg.workload, cfg.limits
-    per_measure = lambda ads: len(ads) * len(w.prompt_tokens) * (w.warmup + w.runs)  # noqa: E731
-    total = sum(len(lim.threads) * (per_measure(a) + (len(a) if cfg.op_profile else 0) + len(cfg.ranks) + len(cfg.adapter_counts))
-                for _, _, a, _, _ in plans)  # fmt: skip
+    def per_block(ads) -> int:  # progress steps of one package x thread count
+        return len(ads) * len(w.prompt_tokens) * (w.warmup + w.runs) + (len(ads) if cfg.op_profile else 0) + len(cfg.ranks) + len(cfg.adapter_counts)
+
+    total = sum(len(lim.threads) * per_block(a) for _, _, a, _, _ in plans)
     done = [0]
 
     def tick(what: str) -> None:
@@ -523,11 +524,12 @@ def profile(cfg: ProfileConfig, progress: Progress | None = None) -> ProfileRepo
 
     report = ProfileReport(schema=SCHEMA, machine=machine_info(), workload=asdict(w), limits=asdict(lim), packages=facts,
                            runs=[], memory=[], ops=[], sweeps=[], does_not_fit=[])  # fmt: skip
-    report.limits["memory_limit_method"] = _MemoryCage(None).method if lim.memory_mib is None else None
+    report.limits["memory_limit_method"] = None  # set by the first limited run: cgroup-v2, cgroup-v1 or rss-watchdog
     for label, pkg, adapters, merged, manifest in plans:
         for threads in lim.threads:
             job = {"kind": "measure", "package": str(pkg), "label": label, "threads": threads, "adapters": adapters,
                    "merged": merged, "workload": asdict(w), "provider": lim.provider}  # fmt: skip
+            block_end = done[0] + per_block(adapters)
             cage = _MemoryCage(lim.memory_mib)
             res = _run_child(job, lim.affinity, cage, tick)
             if lim.memory_mib is not None:
@@ -536,7 +538,8 @@ def profile(cfg: ProfileConfig, progress: Progress | None = None) -> ProfileRepo
                 need_job = {**job, "workload": {**asdict(w), "warmup": 0, "runs": 1}}
                 need = _run_child(need_job, lim.affinity, _MemoryCage(None), lambda what: None)
                 report.does_not_fit.append(DoesNotFit(label, threads, lim.memory_mib, cage.method, need["memory"]["peak_mib"] if need else None))
-                done[0] += per_measure(adapters) - 1
+                done[0] = block_end
+                progress(min(done[0], total), total, f"{label} does not fit")
                 continue
             report.runs += [_run_figures(r) for r in res["runs"]]
             m = res["memory"]

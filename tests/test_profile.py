@@ -143,8 +143,10 @@ def test_memory_limit_fails_small_and_passes_large(tiny_package, monkeypatch, me
     if method == "rss-watchdog":
         monkeypatch.setattr(P, "_cgroup_dir", lambda: None)
     w = P.Workload(prompt_tokens=(8,), new_tokens=4, warmup=0, runs=1)
+    seen = []
     small = P.profile(P.ProfileConfig(packages=(tiny_package,), adapters=("qv_r4",), workload=w, op_profile=False,
-                                      limits=P.Limits(memory_mib=20)))  # fmt: skip
+                                      limits=P.Limits(memory_mib=20)), progress=lambda d, t, what: seen.append((d, t)))  # fmt: skip
+    assert seen[-1][0] == seen[-1][1]  # the progress bar still completes
     assert not small.fits and not small.runs
     (d,) = small.does_not_fit
     assert d.needs_mib > 20 and "needs at least" in d.message and "does not fit in 20 MiB" in d.message
