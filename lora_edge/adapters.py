@@ -267,9 +267,7 @@ def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | No
         raise UnsupportedFeatureError(f"adapter {name!r}: DoRA on the embedding {lora.module!r} is not supported yet")
     if magnitude is None:
         raise AdapterError(f"adapter {name!r}: adapter_config.json sets use_dora but {st} has no lora_magnitude_vector for {lora.module!r}")
-    w = base.weights.get(f"{lora.module}.weight")
-    if w is None and lora.module == "lm_head" and base.spec.tie_word_embeddings:
-        w = base.weights["model.embed_tokens.weight"]
+    w = base.weight_of(lora.module)
     magnitude = np.asarray(magnitude, np.float32).reshape(-1)
     if w is None or magnitude.shape != (w.shape[0],) or not np.isfinite(magnitude).all():
         raise AdapterError(f"adapter {name!r}: the DoRA magnitude of {lora.module!r} has shape {magnitude.shape}, the layer has {w.shape[0] if w is not None else '?'} outputs")
@@ -299,9 +297,7 @@ def _check_replacement(name: str, st: Path, base: BaseModel, module: str, part: 
             f"adapter {name!r}: {st} replaces {module!r} (modules_to_save); lora-edge replaces only output and classification heads "
             f"({', '.join(sorted(base.replaceable)) or 'none in this model'}); merge the adapter in PyTorch first"
         )
-    own = base.weights.get(f"{module}.{part}")
-    if own is None and module == "lm_head" and base.spec.tie_word_embeddings and part == "weight":
-        own = base.weights.get("model.embed_tokens.weight")
+    own = base.weight_of(module) if part == "weight" else base.weights.get(f"{module}.{part}")
     if own is None or arr.shape != own.shape or not np.isfinite(arr).all():
         raise AdapterError(f"adapter {name!r}: the saved {module}.{part} has shape {tuple(arr.shape)}, the base's has "
                            f"{tuple(own.shape) if own is not None else 'none'}; the adapter belongs to another model")  # fmt: skip
@@ -342,6 +338,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     biases: dict[str, np.ndarray] = {}
     replacements: dict[str, dict[str, np.ndarray]] = {}
     to_save = cfg.get("modules_to_save") or []
+    linear = {lm.peft: lm for lm in base.linear_modules.values()}  # by the names the adapter uses
     for key, arr in tensors.items():
         saved = _saved_module(key, to_save)
         if saved is not None:  # modules_to_save: a trained copy of a whole module
@@ -363,9 +360,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a module_to_save ({key}); modules_to_save is not supported yet")
         elif kind == "base_layer":
             # PEFT saves a copy of a tied lm_head's base weight; accept it only if it is the base's own.
-            own = base.weights.get(f"{module}.weight")
-            if own is None and module == "lm_head" and base.spec.tie_word_embeddings:
-                own = base.weights.get("model.embed_tokens.weight")
+            own = base.weight_of(module)
             if own is None or own.shape != arr.shape or not np.array_equal(own, arr):
                 raise UnsupportedFeatureError(
                     f"adapter {name!r}: {st} holds replaced base weights for {module!r} ({key}), which differ from this base's; "
@@ -374,8 +369,7 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         elif kind == "bias":
             if cfg.get("bias", "none") == "none":
                 raise AdapterError(f"adapter {name!r}: {st} holds a bias ({key}) but adapter_config.json has bias='none'; the config and the weights disagree")
-            by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}
-            module = by_peft.get(module, module)
+            module = linear[module].path if module in linear else module
             own = base.weights.get(f"{module}.bias")
             if module not in base.linear_modules or own is None:
                 raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a trained bias for {module!r}, which is not a linear layer with a bias in this base")
@@ -388,7 +382,6 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {st} holds no lora_A/lora_B tensors")  # (a file of biases alone is not LoRA)
 
-    linear = {lm.peft: lm for lm in base.linear_modules.values()}  # by the names the adapter uses
     modules: dict[str, LoraModule] = {}
     for module in sorted(pairs):
         ab = pairs[module]

@@ -62,19 +62,11 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
     for module, lora in adapter.modules.items():
         key = f"{module}.weight"
         if key not in weights and module == "lm_head":  # tied head: merging unties it
-            weights[key] = weights["model.embed_tokens.weight"]
+            weights[key] = base.weight_of(module)
         if module == EMBEDDING and base.spec.tie_word_embeddings and "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights[key]  # the head keeps the embedding it had: untie (PEFT's merge would not)
         weights[key] = lora.merged(weights[key])
     return weights
-
-
-def _float_weight(base: BaseModel, module: str) -> np.ndarray:
-    """The base's float weight of ``module`` (a tied lm_head: the embedding table)."""
-    w = base.weights.get(f"{module}.weight")
-    if w is None and module == "lm_head" and base.spec.tie_word_embeddings:
-        w = base.weights["model.embed_tokens.weight"]
-    return w
 
 
 def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.ndarray]:
@@ -172,7 +164,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         adapters.append(read_adapter(spec.name, spec.path, base))
     slots = plan_slots(base, adapters, family, cfg.fused) if cfg.mode is Mode.BRANCH else {}
     weights = merged_weights(base, adapters[0]) if cfg.mode is Mode.MERGE else base.weights  # merge in fp32, then quantize
-    replaced = {s.name: _float_weight(base, s.name) for s in slots.values() if s.replace}
+    replaced = {s.name: base.weight_of(s.name) for s in slots.values() if s.replace}
     if replaced:  # a replaceable module's weight is an input with the base's (float) weight as default
         weights = {**weights, **{f"{m}.weight": w for m, w in replaced.items()}}
     q = cfg.quant

@@ -78,6 +78,13 @@ class BaseModel:
     other_modules: frozenset[str] = frozenset()  # module paths that exist but are not LoRA-able here
     replaceable: frozenset[str] = frozenset()  # modules an adapter may replace outright (modules_to_save)
 
+    def weight_of(self, module: str) -> np.ndarray | None:
+        """The float weight of ``module`` (out, in); a tied lm_head's is the embedding table."""
+        w = self.weights.get(f"{module}.weight")
+        if w is None and module == "lm_head" and self.spec.tie_word_embeddings:
+            w = self.weights.get("model.embed_tokens.weight")
+        return w
+
     @property
     def identity(self) -> int:
         """A 31-bit number from the weights' hash, stored as each adapter file's model_version."""
