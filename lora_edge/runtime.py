@@ -112,7 +112,9 @@ class Model:
         self.providers = session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._pools = threading.local()
-        self._past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        inputs = {i.name for i in session.get_inputs()}  # (an encoder has no KV cache)
+        self._past_names = [n for i in range(self.num_layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+                            if n in inputs]  # layer order, key then value: the order of ``past`` lists  # fmt: skip
         self._empty_past = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.dtype), self.device, 0)
 
     # -- facts ----------------------------------------------------------------------------
@@ -171,6 +173,31 @@ class Model:
         finally:
             self._release(adapter, io)
 
+    def _as_ids(self, input_ids) -> np.ndarray:
+        """``input_ids`` as an int64 (batch, seq) array; a clear error for a wrong shape or an id outside the vocabulary."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise RuntimeInputError(f"input_ids must be (batch, seq) with seq > 0, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        return ids
+
+    def _default_eos(self) -> frozenset[int]:
+        return self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+
+    def _bind_cache(self, io: ort.IOBinding, batch: int, capacity: int) -> None:
+        """Bind a zeroed KV cache for ``capacity`` tokens as both past and present of every layer, so
+        GroupQueryAttention writes each step's keys/values in place; the logits output is bound first
+        (``get_outputs()[0]``). The binding holds the cache until it is rebound or released."""
+        io.bind_output("logits")
+        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+        for name in self._past_names:
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, 0)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
         z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
         return [z] * (2 * self.num_layers)
@@ -186,13 +213,7 @@ class Model:
         return_past: bool = False,
     ):
         """Logits (batch, seq, vocab) for ``input_ids`` (batch, seq); optionally the new KV cache."""
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise RuntimeInputError(f"input_ids must be (batch, seq) with seq > 0, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        ids = self._as_ids(input_ids)
         b, s = ids.shape
         past = past if past is not None else self.empty_past(b)
         p = past[0].shape[2]
@@ -210,9 +231,8 @@ class Model:
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-            for i in range(self.num_layers):
-                io.bind_cpu_input(f"past_key_values.{i}.key", np.ascontiguousarray(past[2 * i], self.dtype))
-                io.bind_cpu_input(f"past_key_values.{i}.value", np.ascontiguousarray(past[2 * i + 1], self.dtype))
+            for name, value in zip(self._past_names, past):  # as OrtValues: _release then drops them
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, self.dtype)))
             for name in self._output_names:
                 io.bind_output(name)
             self.session.run_with_iobinding(io)
@@ -241,7 +261,7 @@ class Model:
                 f"{self.max_length} tokens; shorten the prompt or lower max_new_tokens"
             )
         if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+            eos_ids = self._default_eos()
         if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
             raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
         if not self.fused_attention:
@@ -281,13 +301,7 @@ class Model:
         tokens and GroupQueryAttention writes each new key/value into it in place (past and present
         bound to the same buffer), so nothing is copied or reallocated per token."""
         io = io if io is not None else self._binding(adapter)
-        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
-        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, 0) for _ in range(2 * self.num_layers)]
-        io.bind_output("logits")  # first, so get_outputs()[0] is the logits
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", cache[2 * i + j])
-                io.bind_ortvalue_output(f"present.{i}.{kind}", cache[2 * i + j])
+        self._bind_cache(io, batch, capacity)
         ones = np.ones((batch, capacity), np.int64)
         positions = np.repeat(np.arange(capacity, dtype=np.int64)[None], batch, axis=0)
 
@@ -395,7 +409,7 @@ class Model:
         if min(min(p) for p in prompts) < 0 or max(max(p) for p in prompts) >= self.vocab_size:
             raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
         if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+            eos_ids = self._default_eos()
         if max_new_tokens == 0:
             return [([], "length") for _ in prompts]
         with self._bound(adapter) as io:
@@ -404,13 +418,7 @@ class Model:
     def _batch_loop(self, io, prompts, lens, max_new_tokens: int, min_new_tokens: int, eos_ids) -> list[tuple[list[int], str]]:
         b, width = len(prompts), int(lens.max())
         capacity = width + max_new_tokens
-        io.bind_output("logits")
-        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((b, self.num_kv_heads, capacity, self.head_dim), self.dtype), self.device, 0)
-                 for _ in range(2 * self.num_layers)]  # fmt: skip
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", cache[2 * i + j])
-                io.bind_ortvalue_output(f"present.{i}.{kind}", cache[2 * i + j])
+        self._bind_cache(io, b, capacity)
         columns = np.arange(capacity, dtype=np.int64)
 
         def step(ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -542,12 +550,7 @@ class EncoderModel(Model):
 
     def forward(self, input_ids, adapter: str | None = None, attention_mask=None, token_type_ids=None, **_ignored) -> dict[str, np.ndarray]:
         """{"last_hidden_state": (batch, seq, hidden), "logits": (batch, num_labels) for a classifier}."""
-        ids = np.asarray(input_ids, dtype=np.int64)
-        ids = ids[None, :] if ids.ndim == 1 else ids
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise RuntimeInputError(f"input_ids must be (batch, seq) with seq > 0, got shape {ids.shape}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        ids = self._as_ids(input_ids)
         if ids.shape[1] > self.max_length:
             raise RuntimeInputError(f"{ids.shape[1]} tokens exceed the model's {self.max_length} positions; shorten the text")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(ids.shape)
