@@ -159,19 +159,13 @@ class LlamaFamily:
 
         # -- shared per-call values ------------------------------------------------------------
         rope = spec.positions == "rope"
-        if fused:
-            g.scope = "rotary"
+        g.scope = "rotary"
+        if rope and fused:  # one (max_pos, D/2) table of cos and sin for RotaryEmbedding
             positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
             angles = positions * base.rope_inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
-            if rope:
-                cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
-                sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
-            g.scope = "mask"
-            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
-            total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
-        else:
-            g.scope = "rotary"
-        if not fused and rope:
+            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
+            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
+        elif rope:  # cos and sin of this call's positions, standard ops
             pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
             freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
             emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
@@ -181,8 +175,11 @@ class LlamaFamily:
                 cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
             cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
             sin = g.op("Unsqueeze", [sin, g.const([1])])
-        if not fused:
-            g.scope = "mask"
+        g.scope = "mask"
+        if fused:
+            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
+            total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
+        else:
             seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
             total = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
             past_len = g.op("Sub", [total, seq_len])  # P
