@@ -149,7 +149,7 @@ class BertFamily:
         if token_types is not None:
             table = g.weight(f"{e}.token_type_embeddings.weight", weights[f"{e}.token_type_embeddings.weight"])
             x = g.op("Add", [x, g.op("Gather", [table, token_types], axis=0)])
-        x = ops.rms_norm(x, f"{e}.LayerNorm.weight")  # a LayerNorm: spec.norm == "layer"
+        x = ops.norm(x, f"{e}.LayerNorm.weight")  # LayerNorm: spec.norm == "layer"
 
         g.scope = "mask"  # (B, 1, 1, S): 0 where a key may be attended to, the float minimum where it is padding
         keep = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])

@@ -155,7 +155,7 @@ class LlamaFamily:
         ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused)
         overridable = ops.adapter_inputs(null_rank)
         float_weight, matmul_nbits_terms, summed, lora = ops.float_weight, ops.matmul_nbits_terms, ops.summed, ops.lora
-        group_linear, gather_dequant, rms_norm, add_norm = ops.group_linear, ops.gather_dequant, ops.rms_norm, ops.add_norm
+        group_linear, gather_dequant, norm, add_norm = ops.group_linear, ops.gather_dequant, ops.norm, ops.add_norm
 
         # -- shared per-call values ------------------------------------------------------------
         rope = spec.positions == "rope"
@@ -222,7 +222,7 @@ class LlamaFamily:
             return g.op("Mul", [g.op("Mul", [gate, g.const(0.5, ct)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, ct)])])
 
         def head_norm(x: str, n: int, weight_name: str) -> str:  # RMSNorm over head_dim of each of n heads
-            return g.op("Reshape", [rms_norm(g.op("Reshape", [x, g.const([0, 0, n, D])]), weight_name), g.const([0, 0, n * D])])
+            return g.op("Reshape", [norm(g.op("Reshape", [x, g.const([0, 0, n, D])]), weight_name), g.const([0, 0, n * D])])
 
         def attention(i: int, q: str, k: str, v: str) -> str:
             """Causal attention over past + new keys; writes present.{i}.key/value. Returns (B, S, H*D)."""
@@ -270,7 +270,7 @@ class LlamaFamily:
             residual = g.op("Add", [residual, g.op("Gather", [pos_table, position_ids], axis=0)])
         groups = self.groups(spec, fused)
         per_layer = (len(groups) - 1) // spec.num_layers
-        x = rms_norm(residual, "model.layers.0.input_layernorm.weight")
+        x = norm(residual, "model.layers.0.input_layernorm.weight")
         for i in range(spec.num_layers):
             p = f"model.layers.{i}"
             g.scope = p
@@ -285,7 +285,7 @@ class LlamaFamily:
             ctx = attention(i, q, k, v)
             (o,) = group_linear(ctx, f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj",))
             if spec.sandwich_norms:  # Gemma 2: norm the attention output, then the MLP input
-                o = rms_norm(o, f"{p}.post_attention_layernorm.weight")
+                o = norm(o, f"{p}.post_attention_layernorm.weight")
                 x, residual = add_norm(residual, o, f"{p}.pre_feedforward_layernorm.weight")
             else:
                 x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
@@ -303,7 +303,7 @@ class LlamaFamily:
                 act = g.op("Mul", [activation(gate), up])  # act(gate) * up
             (down,) = group_linear(act, f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj",))
             if spec.sandwich_norms:
-                down = rms_norm(down, f"{p}.post_feedforward_layernorm.weight")
+                down = norm(down, f"{p}.post_feedforward_layernorm.weight")
             nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.num_layers else "model.norm.weight"
             x, residual = add_norm(residual, down, nxt)
 

@@ -199,11 +199,15 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     def norm_weight(name: str) -> str:
         return g.weight(name, (weights[name] + np.float32(spec.norm_offset)).astype(ct))
 
-    def rms_norm(x: str, weight_name: str) -> str:
+    def norm_bias(weight_name: str) -> str:  # a LayerNorm's beta, beside its weight
+        name = weight_name.replace(".weight", ".bias")
+        return g.weight(name, weights[name].astype(ct))
+
+    def norm(x: str, weight_name: str) -> str:
+        """The family's norm: RMSNorm, or LayerNorm with bias when ``spec.norm == "layer"``."""
         w = norm_weight(weight_name)
         if spec.norm == "layer":  # LayerNorm with bias (standard ONNX since opset 17)
-            beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
-            return g.op("LayerNormalization", [x, w, beta], axis=-1, epsilon=spec.rms_norm_eps)
+            return g.op("LayerNormalization", [x, w, norm_bias(weight_name)], axis=-1, epsilon=spec.rms_norm_eps)
         if fused:
             return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
         # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ORT itself fuses into SimplifiedLayerNormalization.
@@ -215,11 +219,10 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """(norm(residual + x), residual + x)."""
         if not fused:
             h = g.op("Add", [residual, x])
-            return rms_norm(h, weight_name), h
+            return norm(h, weight_name), h
         w = norm_weight(weight_name)
         if spec.norm == "layer":
-            beta = g.weight(weight_name.replace(".weight", ".bias"), weights[weight_name.replace(".weight", ".bias")].astype(ct))
-            y, _, _, h = g.op("SkipLayerNormalization", [x, residual, w, beta], outs=[None, "", "", None], domain="com.microsoft",
+            y, _, _, h = g.op("SkipLayerNormalization", [x, residual, w, norm_bias(weight_name)], outs=[None, "", "", None], domain="com.microsoft",
                               epsilon=spec.rms_norm_eps)  # fmt: skip
             return y, h
         y, _, _, h = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], outs=[None, "", "", None], domain="com.microsoft",
