@@ -734,9 +734,9 @@ def _measure(job: dict, tick) -> dict:
     adapters_bytes = sum(_ortvalue_bytes(v) for a in model.adapters for v in model.check_adapter(a).values())
     ranks = {n: i.get("rank") for n, i in model.manifest.get("adapters", {}).items()}
     runs = []
+    prompts = {n: _prompt(model, n) for n in w.prompt_tokens}  # tokenized once, not per adapter
     for adapter in job["adapters"]:
-        for n in w.prompt_tokens:
-            prompt = _prompt(model, n)
+        for n, prompt in prompts.items():
             ttfts, lats = [], []
             for k in range(w.warmup + w.runs):
                 step = model.steps(adapter, n + w.new_tokens, w.batch)
