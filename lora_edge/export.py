@@ -86,20 +86,46 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
         mods = [(m, adapter.modules[m]) for m in slot.modules if m in adapter.modules]
         if not mods:
             continue
-        r = sum(lora.rank for _, lora in mods)
-        a = np.concatenate([lora.a for _, lora in mods], axis=1)  # (in, r)
-        b = np.zeros((r, slot.out_features), np.float32)  # (r, sum(out))
-        offsets = dict(zip(slot.modules, np.cumsum([0] + [o for _, o in slot.parts])))
-        row = 0
-        for m, lora in mods:
-            b[row : row + lora.rank, offsets[m] : offsets[m] + lora.b.shape[1]] = lora.b
-            row += lora.rank
-        out[slot.a_name], out[slot.b_name] = np.ascontiguousarray(a, np.float32), b
+        if slot.chunk_width:
+            out[slot.a_name], out[slot.b_name] = _chunked(slot, adapter)
+        else:
+            out[slot.a_name], out[slot.b_name] = _block_diagonal(slot, mods)
         if slot.dora and any(lora.dora_scale is not None for _, lora in mods):  # DoRA scales; ones for plain LoRA parts
             out[slot.m_name] = np.concatenate([
                 adapter.modules[m].dora_scale if m in adapter.modules and adapter.modules[m].dora_scale is not None
                 else np.ones(o, np.float32) for m, o in slot.parts])  # fmt: skip
     return out
+
+
+def _block_diagonal(slot: Slot, mods: list) -> tuple[np.ndarray, np.ndarray]:
+    """A: the targeted modules' A side by side (in, r); B: their B block-diagonal (r, sum(out))."""
+    r = sum(lora.rank for _, lora in mods)
+    a = np.concatenate([lora.a for _, lora in mods], axis=1)  # (in, r)
+    b = np.zeros((r, slot.out_features), np.float32)  # (r, sum(out))
+    offsets = dict(zip(slot.modules, np.cumsum([0] + [o for _, o in slot.parts])))
+    row = 0
+    for m, lora in mods:
+        b[row : row + lora.rank, offsets[m] : offsets[m] + lora.b.shape[1]] = lora.b
+        row += lora.rank
+    return np.ascontiguousarray(a, np.float32), b
+
+
+def _chunked(slot: Slot, adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """A: every module's A side by side at one rank r_m (in, n*r_m), zero columns where the adapter ranks
+    a module lower or skips it; B: (chunks, r_m, c), chunk j the columns of its module's B it produces."""
+    r = max(adapter.modules[m].rank for m in slot.modules if m in adapter.modules)
+    c = slot.chunk_width
+    a = np.zeros((slot.in_features, len(slot.parts) * r), np.float32)  # (in, n*r_m)
+    b = np.zeros((len(slot.chunk_modules), r, c), np.float32)  # (chunks, r_m, c)
+    first = 0  # the first chunk of module i
+    for i, (m, out) in enumerate(slot.parts):
+        lora = adapter.modules.get(m)
+        if lora is not None:
+            a[:, i * r : i * r + lora.rank] = lora.a
+            for j in range(out // c):  # (r, out) -> its chunks of c columns
+                b[first + j, : lora.rank] = lora.b[:, j * c : (j + 1) * c]
+        first += out // c
+    return a, b
 
 
 def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32) -> None:
@@ -234,6 +260,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "parts": [{"module": m, "out_features": o} for m, o in s.parts],
                     "lora_A": s.a_name,
                     "lora_B": s.b_name,
+                    **({"lora_B_chunks": {"width": s.chunk_width, "modules": list(s.chunk_modules)}} if s.chunk_width else {}),
                     **({"lora_M": s.m_name} if s.dora else {}),
                     **({"lora_bias": s.bias_name} if s.bias else {}),
                     **({"weight": s.weight_name, "bias_in": s.replaced_bias_name} if s.replace else {}),

@@ -819,7 +819,7 @@ def _sweep(job: dict, tick) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from .runtime import _load_adapter
+    from .runtime import _load_adapter, ranked_shapes, slot_shapes
 
     w = job["workload"]
     n, new, batch = min(w["prompt_tokens"]), w["new_tokens"], w["batch"]
@@ -840,10 +840,7 @@ def _sweep(job: dict, tick) -> dict:
         if not files:
             raise InputError(f"{job['package']} has no adapter files; the adapter-count sweep loads copies of one")
         path, name = max(files, key=lambda f: f[0].stat().st_size)
-        slot_inputs = {}
-        for s in slots:
-            slot_inputs[s["lora_A"]] = (s["in_features"], None)
-            slot_inputs[s["lora_B"]] = (None, s["out_features"])
+        slot_inputs = slot_shapes(slots)
         held = []
         identity = model.manifest["base"]["identity"]
         for c in sorted(job["counts"]):
@@ -859,8 +856,8 @@ def _sweep(job: dict, tick) -> dict:
         for r in job["ranks"]:
             arrays = {}
             for s in slots:
-                arrays[s["lora_A"]] = (0.02 * rng.standard_normal((s["in_features"], r))).astype(np.float32)
-                arrays[s["lora_B"]] = (0.02 * rng.standard_normal((r, s["out_features"]))).astype(np.float32)
+                for name, shape in ranked_shapes(s, r).items():
+                    arrays[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
             model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
             t = tps(f"rank{r}")
             points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,

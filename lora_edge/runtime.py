@@ -513,16 +513,7 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
     except Exception as exc:  # ORT raises its own exception types
         raise PackageError(f"onnxruntime cannot load {graph_file}: {str(exc).splitlines()[0]}") from None
 
-    slot_inputs = {}
-    for slot in manifest.get("slots", []):
-        slot_inputs[slot["lora_A"]] = (slot["in_features"], None)
-        slot_inputs[slot["lora_B"]] = (None, slot["out_features"])
-        if slot.get("weight"):  # a module adapters may replace (modules_to_save): (in, out) and its bias
-            slot_inputs[slot["weight"]] = (slot["in_features"], slot["out_features"])
-            slot_inputs[slot["bias_in"]] = ("M", slot["out_features"])
-        for key in ("lora_M", "lora_bias"):  # per-output-channel vectors (DoRA scale, trained bias change)
-            if slot.get(key):
-                slot_inputs[slot[key]] = ("M", slot["out_features"])
+    slot_inputs = slot_shapes(manifest.get("slots", []))
     # (ranks of a slot's A and B must agree: checked per file below)
     identity = manifest["base"]["identity"]
     adapters: dict[str, dict[str, ort.OrtValue]] = {}
@@ -603,6 +594,33 @@ class EncoderModel(Model):
     generate = stream = steps = generate_ids
 
 
+def slot_shapes(slots: list[dict]) -> dict[str, tuple[str, tuple]]:
+    """Every overridable input of the manifest's ``slots``: name -> (slot, expected shape), where an int is
+    a fixed size, "r" the slot's rank and "r/N" the rank per module of a chunked B (N modules)."""
+    out: dict[str, tuple[str, tuple]] = {}
+    for s in slots:
+        n, o = s["name"], s["out_features"]
+        out[s["lora_A"]] = (n, (s["in_features"], "r"))
+        chunks = s.get("lora_B_chunks")  # {"width": c, "modules": [module index of each chunk]}
+        out[s["lora_B"]] = (n, (len(chunks["modules"]), f"r/{len(s['parts'])}", chunks["width"]) if chunks else ("r", o))
+        if s.get("weight"):  # a module adapters may replace (modules_to_save): (in, out) and its bias
+            out[s["weight"]] = (n, (s["in_features"], o))
+            out[s["bias_in"]] = (n, (o,))
+        for key in ("lora_M", "lora_bias"):  # per-output-channel vectors (DoRA scale, trained bias change)
+            if s.get(key):
+                out[s[key]] = (n, (o,))
+    return out
+
+
+def ranked_shapes(slot: dict, rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of a slot's lora_A and lora_B for an adapter of ``rank`` on each of its modules."""
+    chunks = slot.get("lora_B_chunks")
+    if chunks:
+        n = len(slot["parts"])
+        return {slot["lora_A"]: (slot["in_features"], n * rank), slot["lora_B"]: (len(chunks["modules"]), rank, chunks["width"])}
+    return {slot["lora_A"]: (slot["in_features"], rank), slot["lora_B"]: (rank, slot["out_features"])}
+
+
 def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> dict[str, ort.OrtValue]:
     """Read an .onnx_adapter file; check it belongs to this base and this graph."""
     try:
@@ -616,18 +634,13 @@ def _load_adapter(path: Path, name: str, identity: int, slot_inputs: dict) -> di
     for pname, value in params.items():
         if pname not in slot_inputs:
             raise PackageError(f"{path} (adapter {name!r}) overrides {pname!r}, which is not a LoRA input of this graph; it belongs to another package")
-        shape = value.shape()
-        want_in, want_out = slot_inputs[pname]
-        if want_in == "M":  # a DoRA scale: one value per output channel
-            if list(shape) != [want_out]:
-                raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
-            continue
-        if len(shape) != 2 or (want_in is not None and shape[0] != want_in) or (want_out is not None and shape[1] != want_out):
-            raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {tuple(shape)}, which does not fit this graph; it belongs to another package")
-        if not pname.endswith(("lora_A", "lora_B")):
-            continue
-        module = pname.rsplit(".", 1)[0]  # the slot name
-        r = shape[1] if pname.endswith("lora_A") else shape[0]
-        if ranks.setdefault(module, r) != r:
-            raise PackageError(f"{path} (adapter {name!r}): {module} has lora_A and lora_B of different ranks")
+        slot, want = slot_inputs[pname]
+        shape = tuple(value.shape())
+        if len(shape) != len(want) or any(isinstance(w, int) and d != w for d, w in zip(shape, want)):
+            raise PackageError(f"{path} (adapter {name!r}): {pname} has shape {shape}, which does not fit this graph; it belongs to another package")
+        for d, w in zip(shape, want):
+            if isinstance(w, str):  # the slot's rank, or the rank per module of a chunked B ("r/N")
+                r = d * (int(w[2:]) if w.startswith("r/") else 1)
+                if ranks.setdefault(slot, r) != r:
+                    raise PackageError(f"{path} (adapter {name!r}): {slot} has lora_A and lora_B of different ranks")
     return dict(params)

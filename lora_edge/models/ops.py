@@ -28,7 +28,12 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
             out[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
-            out[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
+            if slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
+                c, n = slot.chunk_width, len(slot.chunk_modules)
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), ct), [slot.in_features, slot.rank_dim])
+                out[slot.b_name] = (np.zeros((n, null_rank, c), ct), [n, slot.module_rank_dim, c])
+            else:
+                out[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
             if slot.dora:
                 out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
             if slot.bias:
@@ -119,7 +124,14 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             return None
         with g.scoped(f"lora/{group}"):
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
-            return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+            if not slot.chunk_width:
+                return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+            chunks = list(slot.chunk_modules)
+            xa = g.op("Reshape", [xa, g.const([0, 0, len(slot.parts), 1, -1])])  # (B, S, n_modules, 1, r_m)
+            if chunks != list(range(len(slot.parts))):  # a module with several chunks reads its x@A once per chunk
+                xa = g.op("Gather", [xa, g.const(chunks)], axis=2)  # (B, S, chunks, 1, r_m)
+            y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c): one small product per chunk
+            return g.op("Reshape", [y, g.const([0, 0, slot.out_features])])  # (B, S, out)
 
     def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
         """The modules' biases as one constant (zeros for a module without one), or nothing."""

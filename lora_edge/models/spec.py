@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,10 @@ class BaseModel:
         return int(self.sha256[:8], 16) & 0x7FFFFFFF
 
 
+# Narrower chunks would make the batched B product many tiny matmuls; keep those groups block-diagonal.
+MIN_CHUNK_WIDTH = 32
+
+
 @dataclass(frozen=True)
 class Slot:
     """One LoRA branch in the graph: a group of linear layers that read the same input (q/k/v, gate/up,
@@ -99,6 +104,12 @@ class Slot:
     ``<name>.lora_A``: (in, r) — the A matrices of the group's modules side by side;
     ``<name>.lora_B``: (r, sum(out)) — their B matrices block-diagonal, so one pair of small matmuls
     serves the whole group. ``r`` is symbolic: every adapter brings its own.
+
+    A group whose outputs are whole multiples of one width ``c`` (q/k/v under GQA: c = kv_heads*head_dim;
+    gate/up: c = intermediate) keeps B without the block-diagonal zeros: ``lora_B`` is (chunks, r_m, c),
+    chunk j of module ``chunk_modules[j]``, every module at the same rank r_m (A: (in, n_modules*r_m),
+    lower ranks zero-padded), and the graph multiplies each chunk by its module's slice of x@A in one
+    batched MatMul. For rank 16 on SmolLM2's seven projections this reads 19.5 MB per token instead of 29.
     """
 
     name: str
@@ -117,6 +128,20 @@ class Slot:
     @property
     def out_features(self) -> int:
         return sum(o for _, o in self.parts)
+
+    @property
+    def chunk_width(self) -> int:
+        """Width c of B's chunks (0: B is one block-diagonal (r, out) matrix)."""
+        if len(self.parts) < 2:
+            return 0
+        c = math.gcd(*(o for _, o in self.parts))
+        return c if c >= MIN_CHUNK_WIDTH else 0
+
+    @property
+    def chunk_modules(self) -> tuple[int, ...]:
+        """For each chunk of B, the index of the module (in ``parts``) whose output it is."""
+        c = self.chunk_width
+        return tuple(i for i, (_, o) in enumerate(self.parts) for _ in range(o // c)) if c else ()
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -149,3 +174,7 @@ class Slot:
     @property
     def rank_dim(self) -> str:
         return f"rank.{self.name}"
+
+    @property
+    def module_rank_dim(self) -> str:  # the per-module rank of a chunked B
+        return f"rank.{self.name}.module"
