@@ -129,6 +129,7 @@ print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
 CHILD_LLAMA_CPP = r"""
 import json, sys, time
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 model, lora, threads, n_prompt, n_new = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 t0 = time.perf_counter()
@@ -137,16 +138,19 @@ llm = Llama(model_path=model, lora_path=lora, n_threads=threads, n_threads_batch
 load_s = time.perf_counter() - t0
 words = llm.tokenize(open(sys.argv[7], "rb").read(), add_bos=False)
 prompt = (words * (n_prompt // len(words) + 1))[:n_prompt]
+# llama-cpp-python >= 0.3 leaves llm.scores at zero without logits_all (which would copy every row and
+# slow the prefill): read the last row of the context's logits instead
+last_logits = lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 runs = []
 for _ in range(int(sys.argv[8]) + 1):  # the first run is the warm-up
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = int(np.argmax(last_logits()))
     t1 = time.perf_counter()
     for _ in range(n_new - 1):
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
     t2 = time.perf_counter()
     runs.append({"ttft_s": t1 - start, "prefill_tps": n_prompt / (t1 - start), "decode_tps": (n_new - 1) / (t2 - t1)})
 best = max(runs[1:], key=lambda r: r["decode_tps"])
