@@ -70,7 +70,7 @@ def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:
 
 
 def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.ndarray]:
-    """The adapter as graph inputs: per slot, its modules' A side by side and their B block-diagonal.
+    """The adapter as graph inputs: per slot, its modules' A side by side and their B chunked or block-diagonal.
 
     A module of the group that this adapter does not target contributes no rank (its columns of B
     stay zero); a slot none of whose modules it targets is not bound at all (the default is zero)."""

@@ -12,8 +12,8 @@ Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
 
 Each linear layer ``y = x @ W.T`` is a MatMul (or MatMulNBits) against the weight; a group of layers
 targeted by an adapter (see :class:`~lora_edge.models.spec.Slot`) also gets ``y += (x @ A) @ B`` with
-A, B overridable graph inputs (``<group>.lora_A``: (in, r), ``<group>.lora_B``: (r, out), the LoRA
-scaling already folded into B).
+A, B overridable graph inputs (``<group>.lora_A``: (in, r), ``<group>.lora_B``: (r, out), or (chunks, r_m, c)
+without block-diagonal zeros, see :class:`~lora_edge.models.spec.Slot`; the LoRA scaling already folded into B).
 """
 
 from __future__ import annotations
