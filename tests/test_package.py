@@ -36,6 +36,35 @@ def test_manifest_records_slots_and_adapters(tiny_package):
     assert [o["name"] for o in m["graph"]["outputs"]][:2] == ["logits", "present.0.key"]
 
 
+
+def test_grouped_b_is_stored_in_chunks_without_block_diagonal_zeros(tiny_package):
+    """q (64) / k (32) / v (32) as four 32-wide chunks of B and gate/up as two 128-wide ones, every module at
+    the group's highest rank: an adapter of q/v only leaves k's chunk and A columns zero, a lower rank is
+    zero-padded, and every nonzero value of the adapter's own B appears exactly once."""
+    import numpy as np
+    import onnxruntime as ort
+
+    m = json.loads((tiny_package / "manifest.json").read_text())
+    by = {s["name"]: s for s in m["slots"]}
+    assert by["model.layers.0.self_attn.qkv_proj"]["lora_B_chunks"] == {"width": 32, "modules": [0, 0, 1, 2]}
+    assert by["model.layers.0.mlp.gate_up_proj"]["lora_B_chunks"] == {"width": 128, "modules": [0, 1]}
+    assert "lora_B_chunks" not in by["model.layers.0.self_attn.o_proj"]  # one module: B is (r, out)
+
+    def params(name):
+        t = ort.AdapterFormat.read_adapter(str(tiny_package / "adapters" / f"{name}.onnx_adapter")).get_parameters()
+        return {k: v.numpy() for k, v in t.items()}
+
+    qv = params("qv_r4")
+    a, b = qv["model.layers.0.self_attn.qkv_proj.lora_A"], qv["model.layers.0.self_attn.qkv_proj.lora_B"]
+    assert a.shape == (64, 12) and b.shape == (4, 4, 32)  # (in, 3 modules x r 4), (chunks, r, width)
+    assert not a[:, 4:8].any() and not b[2].any()  # k_proj: not targeted
+    assert a[:, :4].any() and a[:, 8:].any() and b[0].any() and b[1].any() and b[3].any()
+    pat = params("patterns")  # up_proj rank 3 in layer 1, gate_proj not targeted
+    gu = pat["model.layers.1.mlp.gate_up_proj.lora_B"]
+    assert gu.shape == (2, 3, 128) and not gu[0].any() and gu[1].any()
+    assert pat["model.layers.1.mlp.gate_up_proj.lora_A"].shape == (64, 6)
+
+
 def test_tampered_file_is_refused_by_name(tiny_package, tmp_path):
     pkg = _copy(tiny_package, tmp_path)
     data = bytearray((pkg / "model.onnx.data").read_bytes())
