@@ -202,24 +202,23 @@ def main() -> None:
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
     best: dict[tuple[str, int], dict] = {}
-    for rnd in range(args.rounds):  # round-robin: a slow spell of the machine hits every config alike
-      for threads in args.threads:  # fmt: skip
-        for c in configs:
-            common = [str(threads), str(args.prompt_tokens), str(args.new_tokens), str(text), str(args.runs)]
-            if c == "torch":
-                fig = run_child(CHILD_TORCH, [str(base), str(args.work / "r16all"), *common])
-            elif c.startswith("llamacpp-"):
-                _, q, kind = c.split("-")
-                gguf = getattr(args, f"gguf_{q}")
-                fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
-            else:
-                q, kind = c.split("-")
-                pkg = pkgs[f"{q}-{'merged' if kind == 'merged' else 'branch'}"]
-                fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind == "branch" else "", *common])
-            row = {"config": c, "threads": threads, "round": rnd, **fig}
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            if (c, threads) not in best or fig["decode_tps"] > best[c, threads]["decode_tps"]:
-                best[c, threads] = row
+    # round-robin: a slow spell of the machine hits every configuration alike
+    for rnd, threads, c in ((r, t, c) for r in range(args.rounds) for t in args.threads for c in configs):
+        common = [str(threads), str(args.prompt_tokens), str(args.new_tokens), str(text), str(args.runs)]
+        if c == "torch":
+            fig = run_child(CHILD_TORCH, [str(base), str(args.work / "r16all"), *common])
+        elif c.startswith("llamacpp-"):
+            _, q, kind = c.split("-")
+            gguf = getattr(args, f"gguf_{q}")
+            fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
+        else:
+            q, kind = c.split("-")
+            pkg = pkgs[f"{q}-{'merged' if kind == 'merged' else 'branch'}"]
+            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind == "branch" else "", *common])
+        row = {"config": c, "threads": threads, "round": rnd, **fig}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if (c, threads) not in best or fig["decode_tps"] > best[c, threads]["decode_tps"]:
+            best[c, threads] = row
     rows = [best[c, t] for t in args.threads for c in configs]
 
     print(f"\nSmolLM2-135M-Instruct, adapter r16all (rank 16, all 7 projections); prompt {args.prompt_tokens} tokens, "
