@@ -87,7 +87,7 @@ def adapter_tensors(adapter: Adapter, slots: dict[str, Slot]) -> dict[str, np.nd
         if not mods:
             continue
         if slot.chunk_width:
-            out[slot.a_name], out[slot.b_name] = _chunked(slot, adapter)
+            out[slot.a_name], out[slot.b_name] = _chunked(slot, dict(mods))
         else:
             out[slot.a_name], out[slot.b_name] = _block_diagonal(slot, mods)
         if slot.dora and any(lora.dora_scale is not None for _, lora in mods):  # DoRA scales; ones for plain LoRA parts
@@ -110,16 +110,16 @@ def _block_diagonal(slot: Slot, mods: list) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(a, np.float32), b
 
 
-def _chunked(slot: Slot, adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
+def _chunked(slot: Slot, mods: dict) -> tuple[np.ndarray, np.ndarray]:
     """A: every module's A side by side at one rank r_m (in, n*r_m), zero columns where the adapter ranks
     a module lower or skips it; B: (chunks, r_m, c), chunk j the columns of its module's B it produces."""
-    r = max(adapter.modules[m].rank for m in slot.modules if m in adapter.modules)
+    r = max(lora.rank for lora in mods.values())
     c = slot.chunk_width
     a = np.zeros((slot.in_features, len(slot.parts) * r), np.float32)  # (in, n*r_m)
     b = np.zeros((len(slot.chunk_modules), r, c), np.float32)  # (chunks, r_m, c)
     first = 0  # the first chunk of module i
     for i, (m, out) in enumerate(slot.parts):
-        lora = adapter.modules.get(m)
+        lora = mods.get(m)
         if lora is not None:
             a[:, i * r : i * r + lora.rank] = lora.a
             for j in range(out // c):  # (r, out) -> its chunks of c columns

@@ -27,12 +27,12 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            out[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
             if slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), ct), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((n, null_rank, c), ct), [n, slot.module_rank_dim, c])
             else:
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
             if slot.dora:
                 out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
