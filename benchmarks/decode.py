@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -181,7 +182,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=2, help="measured runs per configuration and process (the best is reported)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the whole set of configurations this many times, round-robin, and report each one's best")  # fmt: skip
+                    help="repeat the whole set of configurations this many times, round-robin: tok/s columns are each one's best, "
+                         "ratio columns the median of the ratios within each round")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
     ap.add_argument("--configs", nargs="*", default=None,
                     help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int4-...")  # fmt: skip
@@ -202,6 +204,7 @@ def main() -> None:
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
     best: dict[tuple[str, int], dict] = {}
+    per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
     # round-robin: a slow spell of the machine hits every configuration alike
     for rnd, threads, c in ((r, t, c) for r in range(args.rounds) for t in args.threads for c in configs):
         common = [str(threads), str(args.prompt_tokens), str(args.new_tokens), str(text), str(args.runs)]
@@ -217,34 +220,35 @@ def main() -> None:
             fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind == "branch" else "", *common])
         row = {"config": c, "threads": threads, "round": rnd, **fig}
         print(json.dumps(row), file=sys.stderr, flush=True)
+        per_round[c, threads, rnd] = fig["decode_tps"]
         if (c, threads) not in best or fig["decode_tps"] > best[c, threads]["decode_tps"]:
             best[c, threads] = row
     rows = [best[c, t] for t in args.threads for c in configs]
 
+    def ratio(a: str, b: str, threads: int) -> float | None:
+        """Speed of a over b: the median over rounds of the ratio within each round (two rows of one round
+        run close together in time; the best-of figures of two rows may come from different rounds)."""
+        pairs = [per_round[a, threads, r] / per_round[b, threads, r] for r in range(args.rounds)
+                 if (a, threads, r) in per_round and (b, threads, r) in per_round]  # fmt: skip
+        return statistics.median(pairs) if pairs else None
+
     print(f"\nSmolLM2-135M-Instruct, adapter r16all (rank 16, all 7 projections); prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens forced; best of {args.runs} runs x {args.rounds} rounds\n")  # fmt: skip
+          f"{args.new_tokens} new tokens forced; tok/s: best of {args.runs} runs x {args.rounds} rounds; "
+          f"ratios: median over rounds of the ratio within a round\n")  # fmt: skip
     print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | vs llama.cpp same bits | branch cost vs merged |")
     print("|---|---|---|---|---|---|---|---|---|")
-    by = {(r["config"], r["threads"]): r for r in rows}
     for r in rows:
-        torch_r = by.get(("torch", r["threads"]))
-        vs = f"{r['decode_tps'] / torch_r['decode_tps']:.2f}x" if torch_r else "-"
+        c, t = r["config"], r["threads"]
+        vs = ratio(c, "torch", t)
         cost = "-"
-        if r["config"].endswith("-branch") and (r["config"].replace("branch", "merged"), r["threads"]) in by:
-            merged = by[(r["config"].replace("branch", "merged"), r["threads"])]
-            cost = f"{100 * (merged['decode_tps'] / r['decode_tps'] - 1):+.1f}%"
-        if r["config"].endswith("-lora") and (r["config"].replace("lora", "none"), r["threads"]) in by:
-            plain = by[(r["config"].replace("lora", "none"), r["threads"])]
-            cost = f"{100 * (plain['decode_tps'] / r['decode_tps'] - 1):+.1f}% (vs no LoRA)"
-        vs_ll = "-"
-        q = r["config"].split("-")[0]
-        twin = {"int8": "llamacpp-q8", "int4": "llamacpp-q4"}.get(q)
-        if twin:
-            kind = "lora" if r["config"].endswith("branch") else "none"
-            other = by.get((f"{twin}-{kind}", r["threads"]))
-            vs_ll = f"{r['decode_tps'] / other['decode_tps']:.2f}x" if other else "-"
-        print(f"| {r['config']} | {r['threads']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | "
-              f"{r['peak_rss_mib']:.0f} | {vs} | {vs_ll} | {cost} |")  # fmt: skip
+        if c.endswith("-branch") and (x := ratio(c.replace("branch", "merged"), c, t)):
+            cost = f"{100 * (x - 1):+.1f}%"
+        if c.endswith("-lora") and (x := ratio(c.replace("lora", "none"), c, t)):
+            cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
+        twin = {"int8": "llamacpp-q8", "int4": "llamacpp-q4"}.get(c.split("-")[0])
+        vs_ll = ratio(c, f"{twin}-{'lora' if c.endswith('branch') else 'none'}", t) if twin else None
+        print(f"| {c} | {t} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+              f"{f'{vs:.2f}x' if vs else '-'} | {f'{vs_ll:.2f}x' if vs_ll else '-'} | {cost} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,0 +1,78 @@
+"""What an unmerged adapter costs on decode, measured the steady way: one process, packages alternated.
+
+    python benchmarks/branch_cost.py                          # int4, int8, fp32 at 1 and 2 threads, 12 rounds
+    python benchmarks/branch_cost.py --quants int4 --threads 1 --rounds 6 --new-tokens 64
+
+`decode.py` runs every configuration in its own process (it needs each one's peak RSS), a few
+tens of seconds apart, and this shared machine drifts by 25-40% over minutes, so its branch-vs-merged
+column stays noisy even as a median over rounds. Here the merged package, the branch package with
+r16all bound and the branch package with no adapter are loaded side by side in one process and run
+in turn, one decode each, round after round; every round gives ratios to the merged model measured
+seconds apart, and the table reports their median and range. The packages are the ones `decode.py`
+builds (same --work folder; built here when missing).
+
+"branch cost" is the target's figure: how much longer a decode step takes with r16all as a branch
+than merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import QUANTS, ROOT, build
+
+
+def decode_tps(model, prompt: list[int], adapter: str | None, new: int) -> float:
+    """Decode tokens/s of one forced-length generation (the prompt pass excluded)."""
+    stamps: list[float] = []
+    model.generate_ids(prompt, adapter, new, new, on_token=lambda _t: stamps.append(time.perf_counter()))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=QUANTS)
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
+    args = ap.parse_args()
+
+    import lora_edge
+    from lora_edge.realmodel import smollm2_gguf
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    pkgs = build(args.work, smollm2_gguf())
+    print(f"\nSmolLM2-135M-Instruct, r16all (rank 16, all 7 projections); {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens forced; {args.rounds} rounds, one process, configurations alternated\n")  # fmt: skip
+    print("| quant | threads | merged tok/s | branch tok/s | no-adapter tok/s | branch / merged speed (median, range) | branch cost | no-adapter cost |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        for q in args.quants:
+            merged = lora_edge.load(pkgs[f"{q}-merged"], threads=threads)
+            branch = lora_edge.load(pkgs[f"{q}-branch"], threads=threads)
+            words = merged.tokenizer.encode((ROOT / "lora_edge/data/verify_text.txt").read_text(), chat=False)
+            prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
+            runs = {"merged": (merged, None), "branch": (branch, "r16all"), "none": (branch, None)}
+            for m, a in runs.values():  # warm-up
+                decode_tps(m, prompt[:16], a, 8)
+            tps: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(args.rounds):
+                for k, (m, a) in runs.items():
+                    tps[k].append(decode_tps(m, prompt, a, args.new_tokens))
+            ratio = {k: [x / y for x, y in zip(tps[k], tps["merged"])] for k in ("branch", "none")}
+            med = {k: statistics.median(v) for k, v in ratio.items()}
+            print(f"| {q} | {threads} | {statistics.median(tps['merged']):.1f} | {statistics.median(tps['branch']):.1f} | "
+                  f"{statistics.median(tps['none']):.1f} | {med['branch']:.3f} ({min(ratio['branch']):.3f}-{max(ratio['branch']):.3f}) | "
+                  f"{100 * (1 / med['branch'] - 1):+.1f}% | {100 * (1 / med['none'] - 1):+.1f}% |", flush=True)  # fmt: skip
+            del merged, branch
+
+
+if __name__ == "__main__":
+    main()
