@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import QUANTS, ROOT, build
+from decode import QUANTS, RECIPES, ROOT, build
 
 
 def decode_tps(model, prompt: list[int], adapter: str | None, new: int) -> float:
@@ -36,7 +36,7 @@ def decode_tps(model, prompt: list[int], adapter: str | None, new: int) -> float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=QUANTS)
+    ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=list(RECIPES))
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -48,7 +48,7 @@ def main() -> None:
     from lora_edge.realmodel import smollm2_gguf
 
     args.work.mkdir(parents=True, exist_ok=True)
-    pkgs = build(args.work, smollm2_gguf())
+    pkgs = build(args.work, smollm2_gguf(), args.quants)
     print(f"\nSmolLM2-135M-Instruct, r16all (rank 16, all 7 projections); {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens forced; {args.rounds} rounds, one process, configurations alternated\n")  # fmt: skip
     print("| quant | threads | merged tok/s | branch tok/s | no-adapter tok/s | branch / merged speed (median, range) | branch cost | no-adapter cost |")  # fmt: skip

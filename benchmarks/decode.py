@@ -11,15 +11,22 @@ adapters loaded beside it in branch packages. Each measurement runs in a fresh s
 to the full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
 llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp-python`) and
-GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-lora (convert with llama.cpp's
+GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-q41 / --gguf-lora (convert with llama.cpp's
 convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency. How it was done here
 (llama-cpp-python 0.3.36, in its own venv; its sdist carries vendor/llama.cpp with both scripts):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
       -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python
     (GGML_NATIVE=ON built AMX kernels that died with "Illegal instruction" on this VM)
-    save the float base as an HF folder (load_hf_model + save_pretrained), then
-    convert_hf_to_gguf.py BASE --outtype f16; llama_cpp.llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q8_0 / Q4_0)
+    save the float base as an HF folder: load_hf_model(smollm2_gguf()), then (transformers refuses to save a
+    GGUF-loaded model) AutoModelForCausalLM.from_config(config without quantization_config) + load_state_dict
+    + save_pretrained, and AutoTokenizer.from_pretrained(dir, gguf_file=...).save_pretrained; then
+    convert_hf_to_gguf.py BASE --outtype f16; llama_cpp.llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q8_0 / Q4_0 / Q4_1)
     convert_lora_to_gguf.py WORK/r16all --base BASE --outtype f16
+
+Two llama.cpp ratio columns: "same bits" against Q8_0 / Q4_0 (what the target names), and "same format"
+against the GGUF type that stores what the lora-edge recipe stores: int4 (4-bit codes, a scale and a
+float offset per block of 32) against Q4_1; int8b32 (`--quants ... int8b32`: 8-bit, one scale per block
+of 32, no zero point, activations quantized per 32, which is Q8_0's own layout) against Q8_0.
 """
 
 from __future__ import annotations
@@ -34,7 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ADAPTERS = {"pirate": ROOT / "examples/adapters/pirate", "shout": ROOT / "examples/adapters/shout"}
-QUANTS = ("fp32", "int8", "int4")
+QUANTS = ("fp32", "int8", "int4")  # the default recipes
+# int8b32: int8 in llama.cpp Q8_0's own format (blocks of 32, one scale, no zero point; the activations
+# quantized per block of 32 as Q8_0 does), the like-for-like twin of Q8_0 (the default int8 recipe's
+# block 16 with zero points keeps more accuracy and reads 25% more bytes)
+RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
+           "int8b32": {"weights": "int8", "block_size": 32, "zero": "none"}}  # fmt: skip
 
 
 def make_r16(path: Path, base: Path) -> Path:
@@ -56,14 +68,14 @@ def make_r16(path: Path, base: Path) -> Path:
     return path
 
 
-def build(work: Path, base: Path) -> dict[str, Path]:
+def build(work: Path, base: Path, quants=QUANTS) -> dict[str, Path]:
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
     from lora_edge.export import export
 
     r16 = make_r16(work / "r16all", base)
     pkgs = {}
-    for q in QUANTS:
-        qcfg = QuantConfig(weights=WeightType(q))
+    for q in quants:
+        qcfg = QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
         for mode in ("branch", "merged"):
             out = work / f"{q}-{mode}"
             if not (out / "manifest.json").is_file():
@@ -178,6 +190,7 @@ def run_child(code: str, args: list[str], python: str = sys.executable) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=list(RECIPES), help="lora-edge recipes to run")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=2, help="measured runs per configuration and process (the best is reported)")
@@ -191,6 +204,7 @@ def main() -> None:
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (enables llama.cpp rows)")
     ap.add_argument("--gguf-q8", default=None, help="the model as GGUF Q8_0 (convert_hf_to_gguf.py + llama_model_quantize)")
     ap.add_argument("--gguf-q4", default=None, help="the model as GGUF Q4_0")
+    ap.add_argument("--gguf-q41", default=None, help="the model as GGUF Q4_1 (block scale and offset: int4's own format)")
     ap.add_argument("--gguf-lora", default=None, help="r16all as a GGUF LoRA (convert_lora_to_gguf.py)")
     args = ap.parse_args()
 
@@ -198,11 +212,11 @@ def main() -> None:
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
-    pkgs = build(args.work, base)
+    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in ("merged", "branch", "none")]
+    pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)])
     text = ROOT / "lora_edge/data/verify_text.txt"
-    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in QUANTS for k in ("merged", "branch", "none")]
     if args.llama_python and not args.configs:
-        configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
+        configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
     # round-robin: a slow spell of the machine hits every configuration alike
@@ -235,8 +249,12 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, adapter r16all (rank 16, all 7 projections); prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens forced; tok/s: best of {args.runs} runs x {args.rounds} rounds; "
           f"ratios: median over rounds of the ratio within a round\n")  # fmt: skip
-    print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | vs llama.cpp same bits | branch cost vs merged |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | vs llama.cpp same bits "
+          "| vs llama.cpp same format | branch cost vs merged |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}x" if x else "-"
+
     for r in rows:
         c, t = r["config"], r["threads"]
         vs = ratio(c, "torch", t)
@@ -245,10 +263,15 @@ def main() -> None:
             cost = f"{100 * (x - 1):+.1f}%"
         if c.endswith("-lora") and (x := ratio(c.replace("lora", "none"), c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
-        twin = {"int8": "llamacpp-q8", "int4": "llamacpp-q4"}.get(c.split("-")[0])
-        vs_ll = ratio(c, f"{twin}-{'lora' if c.endswith('branch') else 'none'}", t) if twin else None
+        q, kind = c.split("-")[0], "lora" if c.endswith("branch") else "none"
+        # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores
+        # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0)
+        same_bits = {"int8": "q8", "int8b32": "q8", "int4": "q4"}.get(q)
+        same_fmt = {"int8b32": "q8", "int4": "q41"}.get(q)
+        vs_bits = ratio(c, f"llamacpp-{same_bits}-{kind}", t) if same_bits else None
+        vs_fmt = ratio(c, f"llamacpp-{same_fmt}-{kind}", t) if same_fmt else None
         print(f"| {c} | {t} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | {r['peak_rss_mib']:.0f} | "
-              f"{f'{vs:.2f}x' if vs else '-'} | {f'{vs_ll:.2f}x' if vs_ll else '-'} | {cost} |")  # fmt: skip
+              f"{fmt(vs)} | {fmt(vs_bits)} | {fmt(vs_fmt)} | {cost} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -24,6 +24,7 @@ VARIANTS = {
     "fp32": dict(quant=QuantConfig()),
     "fp16": dict(quant=QuantConfig(weights=W.FP16)),
     "int8": dict(quant=QuantConfig(weights=W.INT8)),
+    "int8 b32 sym": dict(quant=QuantConfig(weights=W.INT8, block_size=32, zero="none")),  # llama.cpp Q8_0's format
     "int4 (emb int8)": dict(quant=QuantConfig(weights=W.INT4)),
     "int4 (emb int4)": dict(quant=QuantConfig(weights=W.INT4, embeddings=W.INT4)),
     "merge pirate int4": dict(quant=QuantConfig(weights=W.INT4), mode=Mode.MERGE, only="pirate"),
