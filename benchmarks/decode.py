@@ -181,7 +181,7 @@ print(json.dumps({**best, "load_s": load_s, "peak_rss_mib": int(hwm) / 1024}))
 
 
 def run_child(code: str, args: list[str], python: str = sys.executable) -> dict:
-    r = subprocess.run([python, "-c", code, str(ROOT), *args], capture_output=True, text=True)
+    r = subprocess.run([python, "-c", code, str(ROOT), *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "child failed")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -199,7 +199,8 @@ def main() -> None:
                          "ratio columns the median of the ratios within each round")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
     ap.add_argument("--configs", nargs="*", default=None,
-                    help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int4-...")  # fmt: skip
+                    help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int8b32-..., int4-..., "
+                         "llamacpp-q8-none, llamacpp-q8-lora, llamacpp-q4-..., llamacpp-q41-...")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (enables llama.cpp rows)")
     ap.add_argument("--gguf-q8", default=None, help="the model as GGUF Q8_0 (convert_hf_to_gguf.py + llama_model_quantize)")
@@ -252,6 +253,7 @@ def main() -> None:
     print("| config | threads | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs torch | vs llama.cpp same bits "
           "| vs llama.cpp same format | branch cost vs merged |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
+
     def fmt(x: float | None) -> str:
         return f"{x:.2f}x" if x else "-"
 

@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--gguf", nargs="*", default=[], metavar="NAME=FILE", help="llama.cpp models to compare")
     ap.add_argument("--gguf-lora", default=None, help="r16all as a GGUF LoRA")
     args = ap.parse_args()
+    if args.gguf and not args.llama_python:
+        raise SystemExit("--gguf needs --llama-python: a Python with llama-cpp-python installed (see benchmarks/decode.py)")
 
     import lora_edge
     from lora_edge.realmodel import smollm2_gguf
