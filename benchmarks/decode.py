@@ -214,10 +214,18 @@ def main() -> None:
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
     configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in ("merged", "branch", "none")]
+    if args.llama_python and not args.configs:
+        configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
+                    for k in ("none", "lora") if k == "none" or args.gguf_lora]  # fmt: skip
+    for c in configs:  # a missing file or interpreter: say so now, not after an hour of measuring
+        if c.startswith("llamacpp-"):
+            _, q, kind = c.split("-")
+            needs = [("--llama-python", args.llama_python), (f"--gguf-{q}", getattr(args, f"gguf_{q}", None))]
+            needs += [("--gguf-lora", args.gguf_lora)] if kind == "lora" else []
+            if missing := [flag for flag, value in needs if not value]:
+                raise SystemExit(f"{c} needs {' and '.join(missing)}")
     pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)])
     text = ROOT / "lora_edge/data/verify_text.txt"
-    if args.llama_python and not args.configs:
-        configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}") for k in ("none", "lora")]
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
     # round-robin: a slow spell of the machine hits every configuration alike
