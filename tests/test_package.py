@@ -36,11 +36,10 @@ def test_manifest_records_slots_and_adapters(tiny_package):
     assert [o["name"] for o in m["graph"]["outputs"]][:2] == ["logits", "present.0.key"]
 
 
-
 def test_grouped_b_is_stored_in_chunks_without_block_diagonal_zeros(tiny_package):
     """q (64) / k (32) / v (32) as four 32-wide chunks of B and gate/up as two 128-wide ones, every module at
-    the group's highest rank: an adapter of q/v only leaves k's chunk and A columns zero, a lower rank is
-    zero-padded, and every nonzero value of the adapter's own B appears exactly once."""
+    the group's highest rank: an adapter of q/v only leaves k's chunk and A columns zero (and fills the
+    others), and a module the adapter skips in gate/up leaves its chunk zero beside a lower-rank one."""
     import numpy as np
     import onnxruntime as ort
 
