@@ -53,12 +53,14 @@ def main() -> None:
           f"{args.new_tokens} new tokens forced; {args.rounds} rounds, one process, configurations alternated\n")  # fmt: skip
     print("| quant | threads | merged tok/s | branch tok/s | no-adapter tok/s | branch / merged speed (median, range) | branch cost | no-adapter cost |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
+    prompt: list[int] = []  # made once, with the first package's tokenizer (every package carries the same one)
     for threads in args.threads:
         for q in args.quants:
             merged = lora_edge.load(pkgs[f"{q}-merged"], threads=threads)
             branch = lora_edge.load(pkgs[f"{q}-branch"], threads=threads)
-            words = merged.tokenizer.encode((ROOT / "lora_edge/data/verify_text.txt").read_text(), chat=False)
-            prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
+            if not prompt:
+                words = merged.tokenizer.encode((ROOT / "lora_edge/data/verify_text.txt").read_text(), chat=False)
+                prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
             runs = {"merged": (merged, None), "branch": (branch, "r16all"), "none": (branch, None)}
             for m, a in runs.values():  # warm-up
                 decode_tps(m, prompt[:16], a, 8)
