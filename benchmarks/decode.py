@@ -68,20 +68,28 @@ def make_r16(path: Path, base: Path) -> Path:
     return path
 
 
-def build(work: Path, base: Path, quants=QUANTS) -> dict[str, Path]:
+def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[str, Path]:
+    """The packages of each recipe: "-merged" (r16all folded in), "-branch" (r16all and the example adapters
+    as branches, standard MatMuls) and, with ``native``, "-native" (the same branches on lora-edge's
+    LoraDelta kernel, float16 A/B; the kernel is built first)."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
     from lora_edge.export import export
 
+    if native:
+        from lora_edge.native import build as build_kernel
+
+        build_kernel(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     r16 = make_r16(work / "r16all", base)
     pkgs = {}
     for q in quants:
         qcfg = QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
-        for mode in ("branch", "merged"):
+        for mode in ("branch", "merged") + (("native",) if native else ()):
             out = work / f"{q}-{mode}"
             if not (out / "manifest.json").is_file():
-                specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode == "branch" else ())
+                specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode != "merged" else ())
                 print(f"exporting {out.name}", file=sys.stderr, flush=True)
-                export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.BRANCH if mode == "branch" else Mode.MERGE))
+                export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.MERGE if mode == "merged" else Mode.BRANCH,
+                                    lora_kernel="native" if mode == "native" else "onnx"))  # fmt: skip
             pkgs[f"{q}-{mode}"] = out
     return pkgs
 

@@ -63,7 +63,7 @@ def _progress(start: float):
               help="Rank of the 'no adapter' defaults: 0 (empty: no branch work; default for cpu/mobile) or 1 (zeros, "
                    "works on every provider; default for cuda).")
 @click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
-              help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32.")
+              help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32 (fp16 with --lora-kernel native).")
 @click.option("--block-size", type=int, default=None,
               help="Quantization block size (16-256, power of two); default 16 for int8, 32 for int4.")
 @click.option("--zero", type=click.Choice(["int", "none", "float"]), default=None,
@@ -84,9 +84,13 @@ def _progress(start: float):
 @click.option("--target", type=click.Choice(["cpu", "mobile", "cuda"]), default="cpu", show_default=True,
               help="cpu: model.onnx, float32 compute. mobile: model.ort (ORT format) + the operator config for a reduced "
                    "ORT build. cuda: float16 compute and LoRA tensors (weights as --quant says).")
+@click.option("--lora-kernel", type=click.Choice(["onnx", "native"]), default="onnx", show_default=True,
+              help="onnx: LoRA branches as standard MatMuls (fp32 A/B, any onnxruntime). native: one lora-edge LoraDelta "
+                   "operator per branch (fp16 A/B, threaded; faster decode with an adapter, --target cpu); the machine "
+                   "that runs the package needs `lora-edge build-kernel`.")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
            block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
-           int8_modules, float_modules, attention: str, accuracy_level: int, target: str) -> None:
+           int8_modules, float_modules, attention: str, accuracy_level: int, target: str, lora_kernel: str) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -96,6 +100,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int4/ --quant int4 --block-size 32
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-mobile/ --quant int4 --target mobile
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-gpu/ --quant int4 --target cuda
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast/ --quant int4 --lora-kernel native
     """
     from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
     from .export import export as do_export
@@ -106,11 +111,37 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
                        float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
                        mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused",
-                       target=target)  # fmt: skip
+                       target=target, lora_kernel=lora_kernel)  # fmt: skip
     result = do_export(cfg, progress=_progress(start))
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
                f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
+
+
+@cli.command("build-kernel")
+@click.option("--ort-include", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="ONNX Runtime's include folder (holding onnxruntime_cxx_api.h, any release >= 1.21). Default: "
+                   "$LORA_EDGE_ORT_INCLUDE, the cache, /usr/include/onnxruntime, else fetched from Debian's libonnxruntime-dev.")
+@click.option("--cxx", default=None, help="C++ compiler (default: $CXX, c++, g++ or clang++).")
+@click.option("--march", default="native", show_default=True, help="CPU to compile for (-march=...).")
+@click.option("--no-fetch", is_flag=True, help="Never download headers; fail if none are found.")
+@click.option("--force", is_flag=True, help="Rebuild even if this source is already built.")
+def build_kernel(ort_include: Path | None, cxx: str | None, march: str, no_fetch: bool, force: bool) -> None:
+    """Build lora-edge's native LoRA kernel for this machine (for packages exported with --lora-kernel native).
+
+    It goes to $LORA_EDGE_CACHE (default ~/.cache/lora-edge)/kernels; the runtime finds it there, or at
+    $LORA_EDGE_KERNEL_LIB.
+
+    \b
+    Examples:
+      lora-edge build-kernel
+      lora-edge build-kernel --ort-include ~/onnxruntime-linux-x64-1.22.0/include
+    """
+    from .native import build
+
+    start = time.perf_counter()
+    path = build(ort_include=ort_include, cxx=cxx, march=march, force=force, fetch=not no_fetch, progress=_progress(start))
+    click.echo(f"kernel ready: {path}")
 
 
 @cli.command()

@@ -51,6 +51,7 @@ class AdapterSpec:
 
 
 QUANT_ALGOS = ("gptq", "search", "rtn")
+LORA_KERNELS = ("onnx", "native")  # how a LoRA branch runs: ExportConfig.lora_kernel
 
 
 class WeightType(str, enum.Enum):
@@ -164,6 +165,9 @@ class ExportConfig:
     # Where it will run (lora_edge.targets.Target): "cpu", "mobile" (ORT format + reduced-build operator
     # config) or "cuda" (float16 compute).
     target: str = "cpu"
+    # How a LoRA branch runs: "onnx" (standard MatMuls, float32 A/B: any ONNX Runtime) or "native"
+    # (lora-edge's LoraDelta operator, float16 A/B, threaded: the runtime needs `lora-edge build-kernel`).
+    lora_kernel: str = "onnx"
 
     @property
     def compute_dtype(self) -> str:
@@ -183,6 +187,12 @@ class ExportConfig:
                 f"--mode merge folds exactly one adapter into the weights, got {len(self.adapters)}; "
                 "run one export per adapter, or use --mode branch to keep them switchable"
             )
+        if self.lora_kernel not in LORA_KERNELS:
+            raise InputError(f"LoRA kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
+        if self.lora_kernel == "native" and self.target != "cpu":
+            raise InputError(f"--lora-kernel native runs on the CPU execution provider; use it with --target cpu, not {self.target}")
+        if self.lora_kernel == "native" and self.mode is not Mode.BRANCH:
+            raise InputError("--lora-kernel native runs LoRA branches; a merged export has none (use --mode branch)")
         if self.null_rank is None:
             object.__setattr__(self, "null_rank", 1 if self.target == "cuda" else 0)
         if self.null_rank not in (0, 1):

@@ -8,7 +8,7 @@ graph inputs they override (``<module>.lora_A`` / ``<module>.lora_B``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
 from .models.spec import BaseModel
+from .native import KERNEL_VERSION
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
 from .targets import Target, to_ort_format, write_genai_config
@@ -128,14 +129,33 @@ def _chunked(slot: Slot, mods: dict) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32) -> None:
+def balanced(adapter: Adapter) -> Adapter:
+    """The same adapter with each rank's A column and B row scaled to equal peaks (A s, B / s: the same
+    product), so that float16 storage keeps both in its normal range: a trained B is often ~1e-4, near
+    float16's smallest normal (6e-5), while A is ~1e-2."""
+    mods = {}
+    for name, m in adapter.modules.items():
+        if m.embedding:
+            mods[name] = m
+            continue
+        pa, pb = np.abs(m.a).max(axis=0), np.abs(m.b).max(axis=1)  # (r,), (r,)
+        s = np.where((pa > 0) & (pb > 0), np.sqrt(pb / np.where(pa > 0, pa, 1)), 1.0).astype(np.float32)
+        mods[name] = replace(m, a=(m.a * s[None, :]).astype(np.float32), b=(m.b / s[:, None]).astype(np.float32))
+    return replace(adapter, modules=mods)
+
+
+def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32,
+                       lora_dtype=None) -> None:  # fmt: skip
+    """``dtype``: of every tensor; ``lora_dtype``: of lora_A / lora_B when it differs (the native kernel's float16)."""
     import onnxruntime as ort
 
-    tensors = adapter_tensors(adapter, slots)
+    tensors = adapter_tensors(balanced(adapter) if lora_dtype == np.float16 else adapter, slots)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
-    tensors = {name: t.astype(dtype) for name, t in tensors.items()}  # kept alive: OrtValues borrow numpy memory
+    ab = {n for s in slots.values() for n in (s.a_name, s.b_name)}
+    tensors = {name: t.astype(lora_dtype if lora_dtype is not None and name in ab else dtype) for name, t in tensors.items()}
+    # (kept alive: OrtValues borrow numpy memory)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(tensors[name]) for name in sorted(tensors)})
     fmt.export_adapter(str(path))
 
@@ -206,7 +226,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
     model = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
                                             store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level,
-                                            fused=cfg.fused, compute_dtype=cfg.compute_dtype)  # fmt: skip
+                                            fused=cfg.fused, compute_dtype=cfg.compute_dtype, lora_kernel=cfg.lora_kernel)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
 
@@ -220,7 +240,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             (tmp / "adapters").mkdir()
             for a in adapters:
                 progress(f"writing adapters/{a.name}.onnx_adapter")
-                write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype))
+                write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype),
+                                   lora_dtype=np.float16 if cfg.lora_kernel == "native" else None)  # fmt: skip
         graph_file = "model.onnx"
         if cfg.target == Target.MOBILE.value:
             progress("converting to ORT format (model.ort) and writing the operator config for a reduced build")
@@ -250,6 +271,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
+                **({"lora_kernel": {"name": "native", "version": KERNEL_VERSION, "dtype": "float16"}} if cfg.lora_kernel == "native" else {}),
                 **io,
             },
             "slots": [

@@ -106,7 +106,8 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, self.name, inputs, self.outputs, initializer=inits)
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
+            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+            + [helper.make_opsetid(d, 1) for d in sorted({n.domain for n in self.nodes} - {"", "com.microsoft"})],
             producer_name="lora-edge",
         )
         model.ir_version = 8 if opset <= 17 else 9

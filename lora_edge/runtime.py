@@ -492,6 +492,14 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
             raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    kernel = manifest.get("graph", {}).get("lora_kernel")
+    if kernel:  # the package's branches are lora_edge.LoraDelta nodes (lora_edge/native)
+        from .native import KERNEL_VERSION, register
+
+        if kernel.get("name") != "native" or kernel.get("version") != KERNEL_VERSION:
+            raise PackageError(f"{root} needs LoRA kernel {kernel.get('name')} v{kernel.get('version')}, and this lora-edge "
+                               f"has native v{KERNEL_VERSION}; re-export the package with this version")  # fmt: skip
+        register(opts, root)
     available = ort.get_available_providers()
     if not providers:
         from .targets import providers_for

@@ -28,7 +28,8 @@ class Family(Protocol):
     def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]: ...
 
     def build_graph(self, base: BaseModel, weights: dict, slots: dict, opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True): ...  # fmt: skip
+                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
+                    lora_kernel: str = "onnx"): ...  # fmt: skip
 
 
 def family_for(architecture: str) -> Family:

@@ -17,10 +17,15 @@ from .spec import DecoderSpec, Slot
 
 
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
-               accuracy_level: int, fused: bool) -> SimpleNamespace:  # fmt: skip
-    """``ct``: the compute dtype (np.float32 or np.float16)."""
+               accuracy_level: int, fused: bool, lora_kernel: str = "onnx") -> SimpleNamespace:  # fmt: skip
+    """``ct``: the compute dtype (np.float32 or np.float16). ``lora_kernel`` "native": each branch is one
+    ``lora_edge.LoraDelta`` node (lora_edge/native) taking float16 A and B; "onnx": standard MatMuls."""
     f32 = np.float32
     CT = 10 if ct is np.float16 else 1  # the compute dtype's ONNX type, for Cast
+    native = lora_kernel == "native"
+    if native and ct is not np.float32:
+        raise ValueError("the native LoRA kernel computes in float32; it is for the cpu target")
+    lt = np.float16 if native else ct  # the dtype of lora_A / lora_B
 
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
@@ -29,11 +34,11 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         for slot in slots.values():
             if slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
-                out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), ct), [slot.in_features, slot.rank_dim])
-                out[slot.b_name] = (np.zeros((n, null_rank, c), ct), [n, slot.module_rank_dim, c])
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt), [slot.in_features, slot.rank_dim])
+                out[slot.b_name] = (np.zeros((n, null_rank, c), lt), [n, slot.module_rank_dim, c])
             else:
-                out[slot.a_name] = (np.zeros((slot.in_features, null_rank), ct), [slot.in_features, slot.rank_dim])
-                out[slot.b_name] = (np.zeros((null_rank, slot.out_features), ct), [slot.rank_dim, slot.out_features])
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt), [slot.in_features, slot.rank_dim])
+                out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt), [slot.rank_dim, slot.out_features])
             if slot.dora:
                 out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
             if slot.bias:
@@ -123,6 +128,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         if slot is None:
             return None
         with g.scoped(f"lora/{group}"):
+            if native:  # one node: float16 A and B read as they are, the B product split over the threads
+                attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
+                return g.op("LoraDelta", [x, slot.a_name, slot.b_name], domain="lora_edge", **attrs)
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
             if not slot.chunk_width:
                 return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
