@@ -11,8 +11,10 @@ in turn, one decode each, round after round; every round gives ratios to the mer
 seconds apart, and the table reports their median and range. The packages are the ones `decode.py`
 builds (same --work folder; built here when missing).
 
-"branch cost" is the target's figure: how much longer a decode step takes with r16all as a branch
-than merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%).
+"cost" is the target's figure: how much longer a decode step takes with r16all as a branch than
+merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%), for the
+standard-MatMul branch ("onnx") and lora-edge's LoraDelta kernel ("native", `--lora-kernel native`;
+the kernel is built first, `--no-native` skips it).
 """
 
 from __future__ import annotations
@@ -42,38 +44,44 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
+    ap.add_argument("--no-native", action="store_true", help="skip the --lora-kernel native packages (no C++ compiler here)")
     args = ap.parse_args()
 
     import lora_edge
     from lora_edge.realmodel import smollm2_gguf
 
     args.work.mkdir(parents=True, exist_ok=True)
-    pkgs = build(args.work, smollm2_gguf(), args.quants)
+    pkgs = build(args.work, smollm2_gguf(), args.quants, native=not args.no_native)
     print(f"\nSmolLM2-135M-Instruct, r16all (rank 16, all 7 projections); {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens forced; {args.rounds} rounds, one process, configurations alternated\n")  # fmt: skip
-    print("| quant | threads | merged tok/s | branch tok/s | no-adapter tok/s | branch / merged speed (median, range) | branch cost | no-adapter cost |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    kinds = ["branch", "none"] + ([] if args.no_native else ["native", "native-none"])
+    label = {"branch": "branch (onnx)", "none": "no adapter (onnx)", "native": "branch (native)", "native-none": "no adapter (native)"}
+    print("| quant | threads | merged tok/s | " + " | ".join(f"{label[k]} tok/s, cost (range)" for k in kinds) + " |")
+    print("|---|---|---|" + "---|" * len(kinds))
     prompt: list[int] = []  # made once, with the first package's tokenizer (every package carries the same one)
     for threads in args.threads:
         for q in args.quants:
             merged = lora_edge.load(pkgs[f"{q}-merged"], threads=threads)
             branch = lora_edge.load(pkgs[f"{q}-branch"], threads=threads)
+            native = None if args.no_native else lora_edge.load(pkgs[f"{q}-native"], threads=threads)
             if not prompt:
                 words = merged.tokenizer.encode((ROOT / "lora_edge/data/verify_text.txt").read_text(), chat=False)
                 prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
             runs = {"merged": (merged, None), "branch": (branch, "r16all"), "none": (branch, None)}
+            if native is not None:
+                runs.update({"native": (native, "r16all"), "native-none": (native, None)})
             for m, a in runs.values():  # warm-up
                 decode_tps(m, prompt[:16], a, 8)
             tps: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.rounds):
                 for k, (m, a) in runs.items():
                     tps[k].append(decode_tps(m, prompt, a, args.new_tokens))
-            ratio = {k: [x / y for x, y in zip(tps[k], tps["merged"])] for k in ("branch", "none")}
-            med = {k: statistics.median(v) for k, v in ratio.items()}
-            print(f"| {q} | {threads} | {statistics.median(tps['merged']):.1f} | {statistics.median(tps['branch']):.1f} | "
-                  f"{statistics.median(tps['none']):.1f} | {med['branch']:.3f} ({min(ratio['branch']):.3f}-{max(ratio['branch']):.3f}) | "
-                  f"{100 * (1 / med['branch'] - 1):+.1f}% | {100 * (1 / med['none'] - 1):+.1f}% |", flush=True)  # fmt: skip
-            del merged, branch
+            cells = []
+            for k in kinds:  # cost = merged speed / this speed - 1, per round; median and range over rounds
+                cost = sorted(100 * (y / x - 1) for x, y in zip(tps[k], tps["merged"]))
+                cells.append(f"{statistics.median(tps[k]):.1f}, {statistics.median(cost):+.1f}% ({cost[0]:+.1f} to {cost[-1]:+.1f})")
+            print(f"| {q} | {threads} | {statistics.median(tps['merged']):.1f} | " + " | ".join(cells) + " |", flush=True)
+            del merged, branch, native
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 
 Real SmolLM2-135M-Instruct. The adapter is "r16all": rank 16 on every attention and MLP
 projection (made with PEFT, seeded; its values do not matter for speed), plus the two example
-adapters loaded beside it in branch packages. Each measurement runs in a fresh subprocess
+adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
+(r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
+`--lora-kernel native`; `--no-native` leaves these rows out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
 (peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced
 to the full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
@@ -207,9 +209,10 @@ def main() -> None:
                          "ratio columns the median of the ratios within each round")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
     ap.add_argument("--configs", nargs="*", default=None,
-                    help="subset of: torch, fp32-merged, fp32-branch, fp32-none, int8-..., int8b32-..., int4-..., "
+                    help="subset of: torch, fp32-merged, fp32-branch, fp32-native, fp32-none, int8-..., int8b32-..., int4-..., "
                          "llamacpp-q8-none, llamacpp-q8-lora, llamacpp-q4-..., llamacpp-q41-...")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--no-native", action="store_true", help="leave out the -native rows (--lora-kernel native: needs a C++ compiler)")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (enables llama.cpp rows)")
     ap.add_argument("--gguf-q8", default=None, help="the model as GGUF Q8_0 (convert_hf_to_gguf.py + llama_model_quantize)")
     ap.add_argument("--gguf-q4", default=None, help="the model as GGUF Q4_0")
@@ -221,7 +224,8 @@ def main() -> None:
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
-    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in ("merged", "branch", "none")]
+    kinds = ("merged", "branch", "none") if args.no_native else ("merged", "branch", "native", "none")
+    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in kinds]
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
                     for k in ("none", "lora") if k == "none" or args.gguf_lora]  # fmt: skip
@@ -232,7 +236,8 @@ def main() -> None:
             needs += [("--gguf-lora", args.gguf_lora)] if kind == "lora" else []
             if missing := [flag for flag, value in needs if not value]:
                 raise SystemExit(f"{c} needs {' and '.join(missing)}")
-    pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)])
+    pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)],
+                 native=any(c.endswith("-native") for c in configs))  # fmt: skip
     text = ROOT / "lora_edge/data/verify_text.txt"
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
@@ -247,8 +252,8 @@ def main() -> None:
             fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
         else:
             q, kind = c.split("-")
-            pkg = pkgs[f"{q}-{'merged' if kind == 'merged' else 'branch'}"]
-            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind == "branch" else "", *common])
+            pkg = pkgs[f"{q}-{kind if kind in ('merged', 'native') else 'branch'}"]
+            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in ("branch", "native") else "", *common])
         row = {"config": c, "threads": threads, "round": rnd, **fig}
         print(json.dumps(row), file=sys.stderr, flush=True)
         per_round[c, threads, rnd] = fig["decode_tps"]
@@ -277,11 +282,11 @@ def main() -> None:
         c, t = r["config"], r["threads"]
         vs = ratio(c, "torch", t)
         cost = "-"
-        if c.endswith("-branch") and (x := ratio(c.replace("branch", "merged"), c, t)):
+        if c.endswith(("-branch", "-native")) and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
             cost = f"{100 * (x - 1):+.1f}%"
         if c.endswith("-lora") and (x := ratio(c.replace("lora", "none"), c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
-        q, kind = c.split("-")[0], "lora" if c.endswith("branch") else "none"
+        q, kind = c.split("-")[0], "lora" if c.endswith(("branch", "native")) else "none"
         # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores
         # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0)
         same_bits = {"int8": "q8", "int8b32": "q8", "int4": "q4"}.get(q)

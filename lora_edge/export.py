@@ -252,7 +252,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         for fname, blob in sorted(base.tokenizer_files.items()):
             (tmp / fname).write_bytes(blob)
         (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
-        if cfg.fused and base.spec.kind == "decoder":
+        if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         manifest = {
             "lora_edge_version": __version__,

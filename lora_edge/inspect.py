@@ -45,7 +45,8 @@ def render(info: dict) -> str:
         f"source      {info['base']['source']}",
         f"base sha256 {info['base']['sha256'][:16]}...  (identity {info['base']['identity']})",
         _quant_line(info),
-        f"graph       {g['file']}, opset {g['opset']}, no-adapter rank {g.get('null_rank')}",
+        f"graph       {g['file']}, opset {g['opset']}, no-adapter rank {g.get('null_rank')}, LoRA kernel "
+        + (f"native v{g['lora_kernel']['version']} ({g['lora_kernel']['dtype']} A/B; needs `lora-edge build-kernel`)" if g.get("lora_kernel") else "onnx"),
     ]
     ins = [i for i in g["inputs"] if not i["name"].startswith("past_key_values.")]
     outs = [o for o in g["outputs"] if not o["name"].startswith("present.")]

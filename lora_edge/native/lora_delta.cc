@@ -34,6 +34,10 @@ namespace {
 inline float half_to_float(uint16_t h) {
 #if defined(LE_AVX2)
   return _cvtsh_ss(h);
+#elif defined(__FLT16_MAX__)  // the compiler's own half type (aarch64, recent x86): a hardware conversion
+  _Float16 f;
+  std::memcpy(&f, &h, 2);
+  return (float)f;
 #else
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
   if (exp == 0) {
@@ -93,10 +97,12 @@ void x_times_a(const float* x, const uint16_t* a, float* t, int64_t K, int64_t R
   else if (R - r0 >= 16) x_times_a_block<2, 4>(x, a, t, K, R, r0), r0 += 16;
   else if (R - r0 >= 8) x_times_a_block<1, 8>(x, a, t, K, R, r0), r0 += 8;
 #endif
-  for (int64_t r = r0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += x[k] * half_to_float(a[k * R + r]);
-    t[r] = s;
+  // the rest (all of it without AVX2), in an order compilers vectorise: contiguous ranks innermost
+  for (int64_t r = r0; r < R; ++r) t[r] = 0.f;
+  for (int64_t k = 0; k < K && r0 < R; ++k) {
+    const float xk = x[k];
+    const uint16_t* p = a + k * R;
+    for (int64_t r = r0; r < R; ++r) t[r] += xk * half_to_float(p[r]);
   }
 }
 
@@ -121,10 +127,12 @@ void t_times_b(const float* t, const uint16_t* b, float* y, int64_t r, int64_t l
     _mm256_storeu_ps(y + n, c0);
   }
 #endif
-  for (; n < n1; ++n) {
-    float s = 0.f;
-    for (int64_t i = 0; i < r; ++i) s += t[i] * half_to_float(b[i * ldb + n]);
-    y[n] = s;
+  // the rest (all of it without AVX2), contiguous columns innermost
+  for (int64_t j = n; j < n1; ++j) y[j] = 0.f;
+  for (int64_t i = 0; i < r && n < n1; ++i) {
+    const float ti = t[i];
+    const uint16_t* p = b + i * ldb;
+    for (int64_t j = n; j < n1; ++j) y[j] += ti * half_to_float(p[j]);
   }
 }
 
