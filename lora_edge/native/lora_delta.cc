@@ -147,6 +147,21 @@ struct Job {
   int64_t M, R, r, c, chunks, tasks_per_chunk;
 };
 
+constexpr int64_t kRowsPerTask = 8;  // of x, per thread-pool task of the A product (prompt passes)
+
+struct RowJob {
+  const float* x;
+  const uint16_t* a;
+  float* t;  // (M, R)
+  int64_t M, K, R;
+};
+
+void run_rows(void* data, size_t index) {
+  const RowJob& j = *static_cast<const RowJob*>(data);
+  for (int64_t m = (int64_t)index * kRowsPerTask; m < std::min(j.M, ((int64_t)index + 1) * kRowsPerTask); ++m)
+    x_times_a(j.x + m * j.K, j.a, j.t + m * j.R, j.K, j.R);
+}
+
 void run_task(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
   int64_t chunk = (int64_t)index / j.tasks_per_chunk, part = (int64_t)index % j.tasks_per_chunk;
@@ -208,7 +223,13 @@ struct LoraDeltaKernel {
     const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.GetTensorData<Ort::Float16_t>());
     const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.GetTensorData<Ort::Float16_t>());
     std::vector<float> t((size_t)(M * R));
-    for (int64_t m = 0; m < M; ++m) x_times_a(xp + m * K, ap, t.data() + m * R, K, R);
+    RowJob rows{xp, ap, t.data(), M, K, R};
+    size_t row_tasks = (size_t)((M + kRowsPerTask - 1) / kRowsPerTask);
+    if (row_tasks > 1 && M * K * R >= 4 * kMinWorkToThread) {  // a prompt pass: rows over the threads
+      ctx.ParallelFor(run_rows, row_tasks, 0, &rows);
+    } else {  // decode (one row): A is read once, on this thread
+      for (size_t i = 0; i < row_tasks; ++i) run_rows(&rows, i);
+    }
     Job job{t.data(), bp, y, modules->data(), M, R, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
     size_t tasks = (size_t)(chunks * job.tasks_per_chunk);
     if (M * chunks * r * c < kMinWorkToThread || tasks == 1) {
