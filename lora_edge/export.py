@@ -153,7 +153,7 @@ def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], mod
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
-    ab = {n for s in slots.values() for n in (s.a_name, s.b_name)}
+    ab = {n for s in slots.values() if s.name != EMBEDDING for n in (s.a_name, s.b_name)}  # (embedding LoRA stays in dtype)
     tensors = {name: t.astype(lora_dtype if lora_dtype is not None and name in ab else dtype) for name, t in tensors.items()}
     # (kept alive: OrtValues borrow numpy memory)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(tensors[name]) for name in sorted(tensors)})

@@ -269,3 +269,16 @@ def test_real_native_package_matches_peft(kernel, tmp_path):
         assert np.abs(got - stored.logits(ids, adapter)).max() <= 1e-3
         assert np.abs(got - exact.logits(ids, adapter)).max() <= 1e-2
         assert model.generate_ids(question, adapter, 30, 30)[0] == exact.greedy(question, adapter, 30)
+
+
+def test_native_package_with_embedding_lora(kernel, tiny_base, tmp_path):
+    """Embedding LoRA is gathered by token id in the graph, in float32; the native kernel runs the rest."""
+    from conftest import make_adapter
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    adapter = make_adapter(tiny_base, tmp_path / "emb", seed=5, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
+    export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("emb", adapter),), lora_kernel="native"))
+    ids = np.random.RandomState(2).randint(0, 300, (1, 7))
+    want = StoredOracle(tiny_base, {"emb": adapter}).logits(ids, "emb")
+    assert np.abs(lora_edge.load(tmp_path / "pkg").forward(ids, adapter="emb") - want).max() <= TOL

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..adapters import EMBEDDING
 from ..graph import GraphBuilder
 from ..quant import QTensor
 from .spec import DecoderSpec, Slot
@@ -25,7 +26,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     native = lora_kernel == "native"
     if native and ct is not np.float32:
         raise ValueError("the native LoRA kernel computes in float32; it is for the cpu target")
-    lt = np.float16 if native else ct  # the dtype of lora_A / lora_B
+
+    def lt(slot: Slot):  # the dtype of a slot's lora_A / lora_B (embedding LoRA is gathered by the graph, in ct)
+        return np.float16 if native and slot.name != EMBEDDING else ct
 
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
@@ -34,11 +37,11 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         for slot in slots.values():
             if slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
-                out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt), [slot.in_features, slot.rank_dim])
-                out[slot.b_name] = (np.zeros((n, null_rank, c), lt), [n, slot.module_rank_dim, c])
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt(slot)), [slot.in_features, slot.rank_dim])
+                out[slot.b_name] = (np.zeros((n, null_rank, c), lt(slot)), [n, slot.module_rank_dim, c])
             else:
-                out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt), [slot.in_features, slot.rank_dim])
-                out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt), [slot.rank_dim, slot.out_features])
+                out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt(slot)), [slot.in_features, slot.rank_dim])
+                out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt(slot)), [slot.rank_dim, slot.out_features])
             if slot.dora:
                 out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
             if slot.bias:
