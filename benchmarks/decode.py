@@ -8,8 +8,8 @@ Real SmolLM2-135M-Instruct. The adapter is "r16all": rank 16 on every attention 
 projection (made with PEFT, seeded; its values do not matter for speed), plus the two example
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
-`--lora-kernel native`; `--no-native` leaves these rows out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
-(peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced
+`--lora-kernel native`; `--no-native` leaves these rows out) and "-none" (the branch package, no
+adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced
 to the full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
 llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp-python`) and
