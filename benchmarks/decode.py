@@ -9,8 +9,9 @@ projection (made with PEFT, seeded; its values do not matter for speed), plus th
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
 `--lora-kernel native`; `--no-native` leaves these rows out) and "-none" (the branch package, no
-adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced
-to the full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
+adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode
+time excludes the prompt pass; generation is forced to the full length (min_new_tokens). Compare
+ratios within one run: this machine is shared and noisy.
 
 llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp-python`) and
 GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-q41 / --gguf-lora (convert with llama.cpp's
