@@ -88,6 +88,12 @@ void x_times_a_block(const float* x, const uint16_t* a, float* t, int64_t K, int
 }
 #endif
 
+// y[from:to] += s * row[from:to], row float16: the portable path of both products, in the order
+// compilers vectorise (contiguous innermost)
+inline void add_scaled_row(float s, const uint16_t* row, float* y, int64_t from, int64_t to) {
+  for (int64_t j = from; j < to; ++j) y[j] += s * half_to_float(row[j]);
+}
+
 // t[0:R] = x[0:K] @ A (K, R), A row-major float16.
 void x_times_a(const float* x, const uint16_t* a, float* t, int64_t K, int64_t R) {
   int64_t r0 = 0;
@@ -97,13 +103,9 @@ void x_times_a(const float* x, const uint16_t* a, float* t, int64_t K, int64_t R
   else if (R - r0 >= 16) x_times_a_block<2, 4>(x, a, t, K, R, r0), r0 += 16;
   else if (R - r0 >= 8) x_times_a_block<1, 8>(x, a, t, K, R, r0), r0 += 8;
 #endif
-  // the rest (all of it without AVX2), in an order compilers vectorise: contiguous ranks innermost
+  // the rest (all of it without AVX2)
   for (int64_t r = r0; r < R; ++r) t[r] = 0.f;
-  for (int64_t k = 0; k < K && r0 < R; ++k) {
-    const float xk = x[k];
-    const uint16_t* p = a + k * R;
-    for (int64_t r = r0; r < R; ++r) t[r] += xk * half_to_float(p[r]);
-  }
+  for (int64_t k = 0; k < K && r0 < R; ++k) add_scaled_row(x[k], a + k * R, t, r0, R);
 }
 
 // y[n0:n1] = t[0:r] @ b[:, n0:n1], b (r, ldb) row-major float16.
@@ -127,13 +129,9 @@ void t_times_b(const float* t, const uint16_t* b, float* y, int64_t r, int64_t l
     _mm256_storeu_ps(y + n, c0);
   }
 #endif
-  // the rest (all of it without AVX2), contiguous columns innermost
+  // the rest (all of it without AVX2)
   for (int64_t j = n; j < n1; ++j) y[j] = 0.f;
-  for (int64_t i = 0; i < r && n < n1; ++i) {
-    const float ti = t[i];
-    const uint16_t* p = b + i * ldb;
-    for (int64_t j = n; j < n1; ++j) y[j] += ti * half_to_float(p[j]);
-  }
+  for (int64_t i = 0; i < r && n < n1; ++i) add_scaled_row(t[i], b + i * ldb, y, n, n1);
 }
 
 constexpr int64_t kColumnsPerTask = 128;  // of B, per thread-pool task
