@@ -148,6 +148,19 @@ def tiny_package(tiny_base, tiny_adapters, tmp_path_factory) -> Path:
     return out
 
 
+def assert_kv_path_matches(model, ids, adapter, want, prefill: int, tol: float, kv_shape=None) -> None:
+    """Prefill ``prefill`` tokens of ``ids`` (1, n), then decode the rest one token at a time: the prefill
+    logits and every step's within ``tol`` of ``want``, the full-sequence oracle. ``kv_shape``
+    (kv_heads, head_dim): also check that the cache grows by one position per step."""
+    logits, past = model.forward(ids[:, :prefill], adapter=adapter, return_past=True)
+    assert np.abs(logits - want[:, :prefill]).max() <= tol
+    for t in range(prefill, ids.shape[1]):
+        step, past = model.forward(ids[:, t : t + 1], adapter=adapter, past=past, return_past=True)
+        if kv_shape is not None:
+            assert past[0].shape == (1, kv_shape[0], t + 1, kv_shape[1])
+        assert np.abs(step[:, 0] - want[:, t]).max() <= tol
+
+
 class Oracle:
     """PyTorch + PEFT on the same weights: the truth every export mode is compared with."""
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import ADAPTER_KINDS, Oracle
+from conftest import ADAPTER_KINDS, Oracle, assert_kv_path_matches
 from lora_edge.errors import InputError, PackageError
 
 TOL = 1e-4
@@ -170,12 +170,7 @@ def test_native_package_matches_peft_on_the_stored_weights(native, stored_oracle
 @pytest.mark.parametrize("adapter", ["qv_r4", "all_r8_rslora", "lm_head"])
 def test_native_kv_cache_and_greedy_match_peft_on_the_stored_weights(native, stored_oracle, adapter):
     ids = np.random.RandomState(7).randint(0, 300, (1, 12))
-    want = stored_oracle.logits(ids, adapter)
-    logits, past = native.forward(ids[:, :8], adapter=adapter, return_past=True)
-    assert np.abs(logits - want[:, :8]).max() <= TOL
-    for t in range(8, 12):
-        step, past = native.forward(ids[:, t : t + 1], adapter=adapter, past=past, return_past=True)
-        assert np.abs(step[:, 0] - want[:, t]).max() <= TOL
+    assert_kv_path_matches(native, ids, adapter, stored_oracle.logits(ids, adapter), 8, TOL)
     prompt = ids[0, :5].tolist()
     assert native.generate_ids(prompt, adapter, 20, 20)[0] == stored_oracle.greedy(prompt, adapter, 20)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import ADAPTER_KINDS, Oracle, make_adapter, make_tiny_base
+from conftest import ADAPTER_KINDS, Oracle, assert_kv_path_matches, make_adapter, make_tiny_base
 
 TOL = 1e-4
 ALL = [None, *ADAPTER_KINDS]
@@ -37,13 +37,7 @@ def test_single_forward_matches_oracle(model, tiny_oracle, adapter, seq):
 def test_kv_cache_path_matches_oracle(model, tiny_oracle, adapter):
     """Prefill 9 tokens, then decode 6 steps one token at a time; compare each step with the full-sequence oracle."""
     ids = np.random.RandomState(7).randint(0, 300, (1, 15))
-    want = tiny_oracle.logits(ids, adapter)
-    logits, past = model.forward(ids[:, :9], adapter=adapter, return_past=True)
-    assert np.abs(logits - want[:, :9]).max() <= TOL
-    for t in range(9, 15):
-        step, past = model.forward(ids[:, t : t + 1], adapter=adapter, past=past, return_past=True)
-        assert past[0].shape == (1, 2, t + 1, 16)
-        assert np.abs(step[:, 0] - want[:, t]).max() <= TOL
+    assert_kv_path_matches(model, ids, adapter, tiny_oracle.logits(ids, adapter), 9, TOL, kv_shape=(2, 16))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import Oracle
+from conftest import Oracle, assert_kv_path_matches
 
 pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +51,7 @@ def test_real_forward_and_kv_path_match_peft(real, adapter):
         assert np.abs(model.forward(ids, adapter=adapter) - want).max() <= TOL
     # KV path: prefill all but 5 tokens, then one token at a time
     ids = np.asarray([_prompt_ids(model, 4)])
-    want = oracle.logits(ids, adapter)
-    n = ids.shape[1] - 5
-    logits, past = model.forward(ids[:, :n], adapter=adapter, return_past=True)
-    assert np.abs(logits - want[:, :n]).max() <= TOL
-    for t in range(n, ids.shape[1]):
-        step, past = model.forward(ids[:, t : t + 1], adapter=adapter, past=past, return_past=True)
-        assert np.abs(step[:, 0] - want[:, t]).max() <= TOL
+    assert_kv_path_matches(model, ids, adapter, oracle.logits(ids, adapter), ids.shape[1] - 5, TOL)
 
 
 @pytest.mark.parametrize("adapter", [None, "pirate", "shout"])
