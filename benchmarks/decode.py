@@ -8,8 +8,8 @@ Real SmolLM2-135M-Instruct. The adapter is "r16all": rank 16 on every attention 
 projection (made with PEFT, seeded; its values do not matter for speed), plus the two example
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
-`--lora-kernel native`; `--no-native` leaves these rows out) and "-none" (the branch package, no
-adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode
+`--lora-kernel native`, float16 A/B), "-native8" (`--lora-dtype int8`: int8 A/B; `--no-native` leaves
+both out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode
 time excludes the prompt pass; generation is forced to the full length (min_new_tokens). Compare
 ratios within one run: this machine is shared and noisy.
 
@@ -29,7 +29,8 @@ convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency.
 Two llama.cpp ratio columns: "same bits" against Q8_0 / Q4_0 (what the target names), and "same format"
 against the GGUF type that stores what the lora-edge recipe stores: int4 (4-bit codes, a scale and a
 float offset per block of 32) against Q4_1; int8b32 (`--quants ... int8b32`: 8-bit, one scale per block
-of 32, no zero point, activations quantized per 32, which is Q8_0's own layout) against Q8_0.
+of 32, no zero point, activations quantized per 32, which is Q8_0's own layout) against Q8_0; int4sym
+(`--quants ... int4sym`: 4-bit, one scale per block of 32, Q4_0's layout) against Q4_0.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ QUANTS = ("fp32", "int8", "int4")  # the default recipes
 # int8b32: int8 in llama.cpp Q8_0's own format (blocks of 32, one scale, no zero point; the activations
 # quantized per block of 32 as Q8_0 does), the like-for-like twin of Q8_0 (the default int8 recipe's
 # block 16 with zero points keeps more accuracy and reads 25% more bytes)
+# int4sym: int4 in Q4_0's own format (blocks of 32, one scale, no zero point or offset), its like-for-like twin
+# (the default int4's float offsets cost a small correction matmul and buy Q4_1's accuracy)
 RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
-           "int8b32": {"weights": "int8", "block_size": 32, "zero": "none"}}  # fmt: skip
+           "int8b32": {"weights": "int8", "block_size": 32, "zero": "none"},
+           "int4sym": {"weights": "int4", "block_size": 32, "zero": "none"}}  # fmt: skip
 
 
 def make_r16(path: Path, base: Path) -> Path:
@@ -74,7 +78,7 @@ def make_r16(path: Path, base: Path) -> Path:
 def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[str, Path]:
     """The packages of each recipe: "-merged" (r16all folded in), "-branch" (r16all and the example adapters
     as branches, standard MatMuls) and, with ``native``, "-native" (the same branches on lora-edge's
-    LoraDelta kernel, float16 A/B; the kernel is built first)."""
+    LoraDelta kernel, float16 A/B; the kernel is built first) and "-native8" (int8 A/B, LoraDeltaQ8)."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
     from lora_edge.export import export
 
@@ -86,13 +90,14 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
     pkgs = {}
     for q in quants:
         qcfg = QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
-        for mode in ("branch", "merged") + (("native",) if native else ()):
+        for mode in ("branch", "merged") + (("native", "native8") if native else ()):
             out = work / f"{q}-{mode}"
             if not (out / "manifest.json").is_file():
                 specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode != "merged" else ())
                 print(f"exporting {out.name}", file=sys.stderr, flush=True)
                 export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.MERGE if mode == "merged" else Mode.BRANCH,
-                                    lora_kernel="native" if mode == "native" else "onnx"))  # fmt: skip
+                                    lora_kernel="native" if mode.startswith("native") else "onnx",
+                                    lora_dtype="int8" if mode == "native8" else "float16"))  # fmt: skip
             pkgs[f"{q}-{mode}"] = out
     return pkgs
 
@@ -225,7 +230,7 @@ def main() -> None:
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
-    kinds = ("merged", "branch", "none") if args.no_native else ("merged", "branch", "native", "none")
+    kinds = ("merged", "branch", "none") if args.no_native else ("merged", "branch", "native", "native8", "none")
     configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in kinds]
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
@@ -238,7 +243,7 @@ def main() -> None:
             if missing := [flag for flag, value in needs if not value]:
                 raise SystemExit(f"{c} needs {' and '.join(missing)}")
     pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)],
-                 native=any(c.endswith("-native") for c in configs))  # fmt: skip
+                 native=any(c.endswith(("-native", "-native8")) for c in configs))  # fmt: skip
     text = ROOT / "lora_edge/data/verify_text.txt"
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
@@ -253,8 +258,8 @@ def main() -> None:
             fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
         else:
             q, kind = c.split("-")
-            pkg = pkgs[f"{q}-{kind if kind in ('merged', 'native') else 'branch'}"]
-            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in ("branch", "native") else "", *common])
+            pkg = pkgs[f"{q}-{kind if kind in ('merged', 'native', 'native8') else 'branch'}"]
+            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in ("branch", "native", "native8") else "", *common])
         row = {"config": c, "threads": threads, "round": rnd, **fig}
         print(json.dumps(row), file=sys.stderr, flush=True)
         per_round[c, threads, rnd] = fig["decode_tps"]
@@ -283,15 +288,16 @@ def main() -> None:
         c, t = r["config"], r["threads"]
         vs = ratio(c, "torch", t)
         cost = "-"
-        if c.endswith(("-branch", "-native")) and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
+        if c.endswith(("-branch", "-native", "-native8")) and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
             cost = f"{100 * (x - 1):+.1f}%"
         if c.endswith("-lora") and (x := ratio(c.replace("lora", "none"), c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
-        q, kind = c.split("-")[0], "lora" if c.endswith(("branch", "native")) else "none"
+        q, kind = c.split("-")[0], "lora" if c.endswith(("branch", "native", "native8")) else "none"
         # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores
-        # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0)
-        same_bits = {"int8": "q8", "int8b32": "q8", "int4": "q4"}.get(q)
-        same_fmt = {"int8b32": "q8", "int4": "q41"}.get(q)
+        # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0;
+        # int4sym: 4-bit, one scale per 32 = Q4_0)
+        same_bits = {"int8": "q8", "int8b32": "q8", "int4": "q4", "int4sym": "q4"}.get(q)
+        same_fmt = {"int8b32": "q8", "int4": "q41", "int4sym": "q4"}.get(q)
         vs_bits = ratio(c, f"llamacpp-{same_bits}-{kind}", t) if same_bits else None
         vs_fmt = ratio(c, f"llamacpp-{same_fmt}-{kind}", t) if same_fmt else None
         print(f"| {c} | {t} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {1000 * r['ttft_s']:.0f} | {r['peak_rss_mib']:.0f} | "

@@ -88,9 +88,13 @@ def _progress(start: float):
               help="onnx: LoRA branches as standard MatMuls (fp32 A/B, any onnxruntime). native: one lora-edge LoraDelta "
                    "operator per branch (fp16 A/B, threaded; faster decode with an adapter, --target cpu); the machine "
                    "that runs the package needs `lora-edge build-kernel`.")
+@click.option("--lora-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
+              help="With --lora-kernel native: how A/B are stored. int8: one scale per rank, half the bytes of float16 "
+                   "(faster decode with an adapter; ~0.7% relative error in the branch's output).")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
            block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
-           int8_modules, float_modules, attention: str, accuracy_level: int, target: str, lora_kernel: str) -> None:
+           int8_modules, float_modules, attention: str, accuracy_level: int, target: str, lora_kernel: str,
+           lora_dtype: str) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -101,6 +105,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-mobile/ --quant int4 --target mobile
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-gpu/ --quant int4 --target cuda
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast/ --quant int4 --lora-kernel native
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast8/ -q int4 --lora-kernel native --lora-dtype int8
     """
     from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
     from .export import export as do_export
@@ -111,7 +116,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
                        float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
     cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
                        mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused",
-                       target=target, lora_kernel=lora_kernel)  # fmt: skip
+                       target=target, lora_kernel=lora_kernel, lora_dtype=lora_dtype)  # fmt: skip
     result = do_export(cfg, progress=_progress(start))
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "

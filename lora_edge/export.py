@@ -20,7 +20,7 @@ from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
 from .models.spec import BaseModel
-from .native import KERNEL_VERSION
+from .native import op_version
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
 from .targets import Target, to_ort_format, write_genai_config
@@ -145,16 +145,22 @@ def balanced(adapter: Adapter) -> Adapter:
 
 
 def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32,
-                       lora_dtype=None) -> None:  # fmt: skip
-    """``dtype``: of every tensor; ``lora_dtype``: of lora_A / lora_B when it differs (the native kernel's float16)."""
+                       lora_dtype: str | None = None) -> None:  # fmt: skip
+    """``dtype``: of every tensor; ``lora_dtype``: how the native kernel stores lora_A / lora_B ("float16",
+    or "int8" with scales; see lora_edge.native.encode), None for ``dtype`` like the rest."""
     import onnxruntime as ort
 
-    tensors = adapter_tensors(balanced(adapter) if lora_dtype == np.float16 else adapter, slots)
+    from .native import encode
+
+    tensors = adapter_tensors(balanced(adapter) if lora_dtype else adapter, slots)
+    pairs = [(s.a_name, s.b_name) for s in slots.values() if s.name != EMBEDDING]  # (embedding LoRA stays in dtype)
+    ab = {n for pair in pairs for n in pair}
+    tensors = {name: t if lora_dtype and name in ab else t.astype(dtype) for name, t in tensors.items()}
+    if lora_dtype:
+        tensors = encode(tensors, pairs, lora_dtype)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
-    ab = {n for s in slots.values() if s.name != EMBEDDING for n in (s.a_name, s.b_name)}  # (embedding LoRA stays in dtype)
-    tensors = {name: t.astype(lora_dtype if lora_dtype is not None and name in ab else dtype) for name, t in tensors.items()}
     # (kept alive: OrtValues borrow numpy memory)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(tensors[name]) for name in sorted(tensors)})
     fmt.export_adapter(str(path))
@@ -226,7 +232,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
     model = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
                                             store_fp16=q.weights is WeightType.FP16, accuracy_level=q.accuracy_level,
-                                            fused=cfg.fused, compute_dtype=cfg.compute_dtype, lora_kernel=cfg.lora_kernel)  # fmt: skip
+                                            fused=cfg.fused, compute_dtype=cfg.compute_dtype, lora_kernel=cfg.lora_kernel,
+                                            lora_dtype=cfg.lora_dtype)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
 
@@ -241,7 +248,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             for a in adapters:
                 progress(f"writing adapters/{a.name}.onnx_adapter")
                 write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype),
-                                   lora_dtype=np.float16 if cfg.lora_kernel == "native" else None)  # fmt: skip
+                                   lora_dtype=cfg.lora_dtype if cfg.lora_kernel == "native" else None)  # fmt: skip
         graph_file = "model.onnx"
         if cfg.target == Target.MOBILE.value:
             progress("converting to ORT format (model.ort) and writing the operator config for a reduced build")
@@ -254,6 +261,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
         if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
+        int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype == "int8"
         manifest = {
             "lora_edge_version": __version__,
             "base": {
@@ -271,7 +279,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
-                **({"lora_kernel": {"name": "native", "version": KERNEL_VERSION, "dtype": "float16"}} if cfg.lora_kernel == "native" else {}),
+                **({"lora_kernel": {"name": "native", "version": op_version(cfg.lora_dtype), "dtype": cfg.lora_dtype}}
+                   if cfg.lora_kernel == "native" else {}),  # fmt: skip
                 **io,
             },
             "slots": [
@@ -282,6 +291,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "parts": [{"module": m, "out_features": o} for m, o in s.parts],
                     "lora_A": s.a_name,
                     "lora_B": s.b_name,
+                    **(dict(zip(("lora_A_scale", "lora_B_scale"), s.scale_names)) if int8_lora and s.name != EMBEDDING else {}),
                     **({"lora_B_chunks": {"width": s.chunk_width, "modules": list(s.chunk_modules)}} if s.chunk_width else {}),
                     **({"lora_M": s.m_name} if s.dora else {}),
                     **({"lora_bias": s.bias_name} if s.bias else {}),

@@ -776,7 +776,7 @@ def _measure(job: dict, tick) -> dict:
 
 
 def _ortvalue_bytes(v) -> int:
-    itemsize = {"tensor(float)": 4, "tensor(float16)": 2}.get(v.data_type(), 4)
+    itemsize = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1}.get(v.data_type(), 4)
     return int(math.prod(v.shape())) * itemsize
 
 
@@ -853,11 +853,17 @@ def _sweep(job: dict, tick) -> dict:
         _decode(model, model.steps(None, n + new, batch), prompt, batch, new)  # warm-up
         none_tps = tps(None)
         rng = np.random.default_rng(0)
+        kernel = model.manifest["graph"].get("lora_kernel")  # native packages store A/B as float16 or int8
         for r in job["ranks"]:
             arrays = {}
             for s in slots:
                 for name, shape in ranked_shapes(s, r).items():
                     arrays[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+            if kernel:
+                from .adapters import EMBEDDING
+                from .native import encode
+
+                arrays = encode(arrays, [(s["lora_A"], s["lora_B"]) for s in slots if s["name"] != EMBEDDING], kernel["dtype"])
             model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
             t = tps(f"rank{r}")
             points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,

@@ -496,7 +496,8 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
     if kernel:  # the package's branches are lora_edge.LoraDelta nodes (lora_edge/native)
         from .native import KERNEL_VERSION, register
 
-        if kernel.get("name") != "native" or kernel.get("version") != KERNEL_VERSION:
+        version = kernel.get("version")
+        if kernel.get("name") != "native" or not isinstance(version, int) or not 1 <= version <= KERNEL_VERSION:
             raise PackageError(f"{root} needs LoRA kernel {kernel.get('name')} v{kernel.get('version')}, and this lora-edge "
                                f"has native v{KERNEL_VERSION}; re-export the package with this version")  # fmt: skip
         register(opts, root)
@@ -611,6 +612,9 @@ def slot_shapes(slots: list[dict]) -> dict[str, tuple[str, tuple]]:
         out[s["lora_A"]] = (n, (s["in_features"], "r"))
         chunks = s.get("lora_B_chunks")  # {"width": c, "modules": [module index of each chunk]}
         out[s["lora_B"]] = (n, (len(chunks["modules"]), f"r/{len(s['parts'])}", chunks["width"]) if chunks else ("r", o))
+        if s.get("lora_A_scale"):  # int8 A/B (native kernel): one scale per column of A, per row of B
+            out[s["lora_A_scale"]] = (n, ("r",))
+            out[s["lora_B_scale"]] = (n, out[s["lora_B"]][1][:-1])
         if s.get("weight"):  # a module adapters may replace (modules_to_save): (in, out) and its bias
             out[s["weight"]] = (n, (s["in_features"], o))
             out[s["bias_in"]] = (n, (o,))

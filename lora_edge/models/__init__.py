@@ -29,7 +29,7 @@ class Family(Protocol):
 
     def build_graph(self, base: BaseModel, weights: dict, slots: dict, opset: int, null_rank: int,
                     store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx"): ...  # fmt: skip
+                    lora_kernel: str = "onnx", lora_dtype: str = "float16"): ...  # fmt: skip
 
 
 def family_for(architecture: str) -> Family:

@@ -126,7 +126,7 @@ class BertFamily:
     # -- writing the graph -------------------------------------------------------------------
     def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
                     store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx"):  # fmt: skip
+                    lora_kernel: str = "onnx", lora_dtype: str = "float16"):  # fmt: skip
         spec = base.spec
         if compute_dtype != "float32":
             raise UnsupportedFeatureError("encoders compute in float32 only (no --target cuda yet)")
@@ -135,7 +135,7 @@ class BertFamily:
         H, D, h = spec.num_heads, spec.head_dim, spec.hidden_size
         f32 = np.float32
         pre = _prefix(spec.architecture)
-        ops = linear_ops(g, spec, weights, slots, f32, store_fp16, accuracy_level, fused, lora_kernel)
+        ops = linear_ops(g, spec, weights, slots, f32, store_fp16, accuracy_level, fused, lora_kernel, lora_dtype)
         overridable = ops.adapter_inputs(null_rank)
 
         input_ids = g.input("input_ids", np.int64, [B, S])

@@ -123,12 +123,13 @@ class LlamaFamily:
     # -- writing the graph -------------------------------------------------------------------
     def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
                     store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx"):  # fmt: skip
+                    lora_kernel: str = "onnx", lora_dtype: str = "float16"):  # fmt: skip
         """Return the ModelProto; the LoRA inputs are overridable initializers (rank-``null_rank`` zeros).
 
         ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
         and dequantized rows for the embedding). LoRA branches compute in the compute dtype; with
-        ``lora_kernel`` "native" each is one LoraDelta node with float16 A and B. ``fused`` writes
+        ``lora_kernel`` "native" each is one LoraDelta node with float16 A and B (``lora_dtype`` "int8":
+        a LoraDeltaQ8 node, int8 A and B with their scales). ``fused`` writes
         ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayer-
         Normalization, one matmul per q/k/v and gate/up group); otherwise standard ONNX ops only.
         ``compute_dtype`` "float16" (fused graphs, for GPUs) computes, caches and takes LoRA tensors in
@@ -154,7 +155,7 @@ class LlamaFamily:
             v = g.input(f"past_key_values.{i}.value", ct, [B, KV, P, D])
             past.append((k, v))
 
-        ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused, lora_kernel)
+        ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused, lora_kernel, lora_dtype)
         overridable = ops.adapter_inputs(null_rank)
         float_weight, matmul_nbits_terms, summed, lora = ops.float_weight, ops.matmul_nbits_terms, ops.summed, ops.lora
         group_linear, gather_dequant, norm, add_norm = ops.group_linear, ops.gather_dequant, ops.norm, ops.add_norm

@@ -18,17 +18,20 @@ from .spec import DecoderSpec, Slot
 
 
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
-               accuracy_level: int, fused: bool, lora_kernel: str = "onnx") -> SimpleNamespace:  # fmt: skip
+               accuracy_level: int, fused: bool, lora_kernel: str = "onnx",
+               lora_dtype: str = "float16") -> SimpleNamespace:  # fmt: skip
     """``ct``: the compute dtype (np.float32 or np.float16). ``lora_kernel`` "native": each branch is one
-    ``lora_edge.LoraDelta`` node (lora_edge/native) taking float16 A and B; "onnx": standard MatMuls."""
+    ``lora_edge.LoraDelta`` node (lora_edge/native) taking float16 A and B, or with ``lora_dtype`` "int8"
+    one ``LoraDeltaQ8`` node taking int8 A and B and their float32 scales; "onnx": standard MatMuls."""
     f32 = np.float32
     CT = 10 if ct is np.float16 else 1  # the compute dtype's ONNX type, for Cast
     native = lora_kernel == "native"
     if native and ct is not np.float32:
         raise ValueError("the native LoRA kernel computes in float32; it is for the cpu target")
+    int8 = native and lora_dtype == "int8"
 
     def lt(slot: Slot):  # the dtype of a slot's lora_A / lora_B (embedding LoRA is gathered by the graph, in ct)
-        return np.float16 if native and slot.name != EMBEDDING else ct
+        return (np.int8 if int8 else np.float16) if native and slot.name != EMBEDDING else ct
 
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
@@ -42,6 +45,10 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             else:
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt(slot)), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt(slot)), [slot.rank_dim, slot.out_features])
+            if lt(slot) is np.int8:  # one scale per column of A, per row of B
+                sa, sb = slot.scale_names
+                out[sa] = (np.zeros(out[slot.a_name][0].shape[1], f32), [slot.rank_dim])
+                out[sb] = (np.zeros(out[slot.b_name][0].shape[:-1], f32), out[slot.b_name][1][:-1])
             if slot.dora:
                 out[slot.m_name] = (np.ones(slot.out_features, ct), [slot.out_features])
             if slot.bias:
@@ -133,6 +140,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         with g.scoped(f"lora/{group}"):
             if native:  # one node: float16 A and B read as they are, the B product split over the threads
                 attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
+                if lt(slot) is np.int8:
+                    sa, sb = slot.scale_names
+                    return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb], domain="lora_edge", **attrs)
                 return g.op("LoraDelta", [x, slot.a_name, slot.b_name], domain="lora_edge", **attrs)
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
             if not slot.chunk_width:

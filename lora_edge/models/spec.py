@@ -156,6 +156,13 @@ class Slot:
         return f"{self.name}.lora_B"
 
     @property
+    def scale_names(self) -> tuple[str, str]:
+        """The int8 scales of lora_A / lora_B (packages with --lora-dtype int8)."""
+        from ..native import scale_names
+
+        return scale_names(self.a_name, self.b_name)
+
+    @property
     def m_name(self) -> str:
         return f"{self.name}.lora_M"
 

@@ -1,9 +1,10 @@
 """lora-edge's native LoRA kernel: the ``lora_edge.LoraDelta`` ONNX Runtime operator (``lora_delta.cc``).
 
 A package exported with ``--lora-kernel native`` runs each LoRA branch as one LoraDelta node with
-float16 A and B, split over the session's threads. The operator is compiled on the machine that runs
-packages (``lora-edge build-kernel``, or :func:`build`) for its own CPU, from the C++ source shipped here
-and ONNX Runtime's C API headers (any release from 1.21: the C API is ABI-stable, so a kernel built
+float16 A and B, split over the session's threads; with ``--lora-dtype int8``, one LoraDeltaQ8 node
+with int8 A and B and a float32 scale per rank (half the bytes again; see :func:`encode`). The
+operators are compiled on the machine that runs packages (``lora-edge build-kernel``, or
+:func:`build`) for its own CPU, from the C++ source shipped here and ONNX Runtime's C API headers (any release from 1.21: the C API is ABI-stable, so a kernel built
 against 1.21's headers loads into later runtimes). The runtime registers it when a package asks for it.
 
 Device-side: no torch, no onnx; the build needs a C++17 compiler.
@@ -18,11 +19,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+import numpy as np
 
 from ..errors import LoraEdgeError
 
-KERNEL_VERSION = 1  # the operator's contract (inputs, attributes); a package records the one it needs
+# The operators' contract (inputs, attributes); a package records the one it needs. v1: LoraDelta (float16);
+# v2 adds LoraDeltaQ8 (int8) and keeps LoraDelta as it was, so a v2 kernel runs v1 packages.
+KERNEL_VERSION = 2
+LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
 SOURCE = Path(__file__).with_name("lora_delta.cc")
 _HEADER = "onnxruntime_cxx_api.h"
 # ONNX Runtime's C/C++ API headers as Debian packages them (the pip wheel ships none).
@@ -31,6 +37,53 @@ _DEBIAN_SUITE, _DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
 
 class KernelError(LoraEdgeError, RuntimeError):
     """The native kernel cannot be found, built or loaded."""
+
+
+def op_version(lora_dtype: str) -> int:
+    """The kernel version a package with ``lora_dtype`` branches needs."""
+    return 2 if lora_dtype == "int8" else 1
+
+
+def scale_names(a_name: str, b_name: str) -> tuple[str, str]:
+    """The graph inputs holding the int8 scales of lora_A (one per column) and lora_B (one per row)."""
+    return f"{a_name}_scale", f"{b_name}_scale"
+
+
+def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``m`` with one float32 scale per slice along ``axis`` (max |m| / 127;
+    an all-zero slice gets scale 0 and zero codes)."""
+    m = np.asarray(m, np.float32)
+    scale = np.abs(m).max(axis=axis) / np.float32(127) if m.size else np.zeros(np.delete(m.shape, axis), np.float32)
+    safe = np.expand_dims(np.where(scale > 0, scale, 1), axis)
+    return np.clip(np.rint(m / safe), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lora_dtype: str) -> dict[str, np.ndarray]:
+    """``tensors`` with each (lora_A, lora_B) pair of ``pairs`` stored as a native package stores it:
+    float16, or int8 with A scaled per column (rank) and B per row (rank, per chunk when chunked) —
+    A (K, R) -> codes (K, R) + scales (R); B (R, N) -> (R,) or (chunks, r, c) -> (chunks, r)."""
+    out = dict(tensors)
+    for a_name, b_name in pairs:
+        if a_name not in tensors:
+            continue
+        if lora_dtype == "float16":
+            out[a_name], out[b_name] = tensors[a_name].astype(np.float16), tensors[b_name].astype(np.float16)
+        elif lora_dtype == "int8":
+            sa, sb = scale_names(a_name, b_name)
+            out[a_name], out[sa] = quantize_int8(tensors[a_name], axis=0)
+            out[b_name], out[sb] = quantize_int8(tensors[b_name], axis=-1)
+        else:
+            raise ValueError(f"LoRA dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
+    return out
+
+
+def decode(tensors: dict[str, np.ndarray], a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 A and B as the kernel sees them (the inverse of :func:`encode`, up to its rounding)."""
+    a, b = tensors[a_name].astype(np.float32), tensors[b_name].astype(np.float32)
+    sa, sb = scale_names(a_name, b_name)
+    if sa in tensors:
+        a, b = a * tensors[sa][None, :], b * tensors[sb][..., None]
+    return a, b
 
 
 def cache_dir() -> Path:

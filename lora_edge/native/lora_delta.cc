@@ -13,6 +13,11 @@
 //   B (R, N) float16 (one module), or (chunks, r, c) float16 with attribute `chunk_modules`
 //   (the module each chunk reads its r ranks from; out = chunks * c).
 // An empty R (no adapter bound) gives zeros.
+//
+//   lora_edge::LoraDeltaQ8(x, A, A_scale, B, B_scale) -> the same product with int8 A and B:
+//   A (K, R) int8 with A_scale (R) float32, one scale per column (rank); B (R, N) or (chunks, r, c)
+//   int8 with B_scale (R) or (chunks, r) float32, one scale per row. Half the bytes of float16 again:
+//   at batch 1 the branch's weights stream from memory once per token, so bytes are its cost.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -59,13 +64,28 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// The two stored element types: float16 (uint16_t bits) and int8 (scaled outside the inner loops).
+struct F16 {
+  using T = uint16_t;
+  static float one(T v) { return half_to_float(v); }
 #if defined(LE_AVX2)
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static __m256 eight(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+};
 
+struct I8 {
+  using T = int8_t;
+  static float one(T v) { return (float)v; }
+#if defined(LE_AVX2)
+  static __m256 eight(const T* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+#endif
+};
+
+#if defined(LE_AVX2)
 // acc[v] += x[k] * A[k, r0 + 8v] over k, V vectors of 8 ranks, the k loop unrolled U times so
 // that U * V independent FMA chains hide the FMA latency.
-template <int V, int U>
-void x_times_a_block(const float* x, const uint16_t* a, float* t, int64_t K, int64_t R, int64_t r0) {
+template <class E, int V, int U>
+void x_times_a_block(const float* x, const typename E::T* a, float* t, int64_t K, int64_t R, int64_t r0) {
   __m256 acc[U][V];
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
@@ -73,12 +93,12 @@ void x_times_a_block(const float* x, const uint16_t* a, float* t, int64_t K, int
   for (; k + U <= K; k += U)
     for (int u = 0; u < U; ++u) {
       __m256 xv = _mm256_set1_ps(x[k + u]);
-      const uint16_t* p = a + (k + u) * R + r0;
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(xv, load8(p + 8 * v), acc[u][v]);
+      const typename E::T* p = a + (k + u) * R + r0;
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(xv, E::eight(p + 8 * v), acc[u][v]);
     }
   for (; k < K; ++k) {
     __m256 xv = _mm256_set1_ps(x[k]);
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(xv, load8(a + k * R + r0 + 8 * v), acc[0][v]);
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(xv, E::eight(a + k * R + r0 + 8 * v), acc[0][v]);
   }
   for (int v = 0; v < V; ++v) {
     __m256 s = acc[0][v];
@@ -88,89 +108,99 @@ void x_times_a_block(const float* x, const uint16_t* a, float* t, int64_t K, int
 }
 #endif
 
-// y[from:to] += s * row[from:to], row float16: the portable path of both products, in the order
-// compilers vectorise (contiguous innermost)
-inline void add_scaled_row(float s, const uint16_t* row, float* y, int64_t from, int64_t to) {
-  for (int64_t j = from; j < to; ++j) y[j] += s * half_to_float(row[j]);
+// y[from:to] += s * row[from:to]: the portable path of both products, in the order compilers
+// vectorise (contiguous innermost)
+template <class E>
+inline void add_scaled_row(float s, const typename E::T* row, float* y, int64_t from, int64_t to) {
+  for (int64_t j = from; j < to; ++j) y[j] += s * E::one(row[j]);
 }
 
-// t[0:R] = x[0:K] @ A (K, R), A row-major float16.
-void x_times_a(const float* x, const uint16_t* a, float* t, int64_t K, int64_t R) {
+// t[0:R] = x[0:K] @ A (K, R), A row-major.
+template <class E>
+void x_times_a(const float* x, const typename E::T* a, float* t, int64_t K, int64_t R) {
   int64_t r0 = 0;
 #if defined(LE_AVX2)
-  for (; r0 + 32 <= R; r0 += 32) x_times_a_block<4, 2>(x, a, t, K, R, r0);
-  if (R - r0 >= 24) x_times_a_block<3, 2>(x, a, t, K, R, r0), r0 += 24;
-  else if (R - r0 >= 16) x_times_a_block<2, 4>(x, a, t, K, R, r0), r0 += 16;
-  else if (R - r0 >= 8) x_times_a_block<1, 8>(x, a, t, K, R, r0), r0 += 8;
+  for (; r0 + 32 <= R; r0 += 32) x_times_a_block<E, 4, 2>(x, a, t, K, R, r0);
+  if (R - r0 >= 24) x_times_a_block<E, 3, 2>(x, a, t, K, R, r0), r0 += 24;
+  else if (R - r0 >= 16) x_times_a_block<E, 2, 4>(x, a, t, K, R, r0), r0 += 16;
+  else if (R - r0 >= 8) x_times_a_block<E, 1, 8>(x, a, t, K, R, r0), r0 += 8;
 #endif
   // the rest (all of it without AVX2)
   for (int64_t r = r0; r < R; ++r) t[r] = 0.f;
-  for (int64_t k = 0; k < K && r0 < R; ++k) add_scaled_row(x[k], a + k * R, t, r0, R);
+  for (int64_t k = 0; k < K && r0 < R; ++k) add_scaled_row<E>(x[k], a + k * R, t, r0, R);
 }
 
-// y[n0:n1] = t[0:r] @ b[:, n0:n1], b (r, ldb) row-major float16.
-void t_times_b(const float* t, const uint16_t* b, float* y, int64_t r, int64_t ldb, int64_t n0, int64_t n1) {
+// y[n0:n1] = t[0:r] @ b[:, n0:n1], b (r, ldb) row-major.
+template <class E>
+void t_times_b(const float* t, const typename E::T* b, float* y, int64_t r, int64_t ldb, int64_t n0, int64_t n1) {
   int64_t n = n0;
 #if defined(LE_AVX2)
   for (; n + 64 <= n1; n += 64) {
     __m256 c[8];
     for (int v = 0; v < 8; ++v) c[v] = _mm256_setzero_ps();
-    const uint16_t* p = b + n;
+    const typename E::T* p = b + n;
     for (int64_t i = 0; i < r; ++i, p += ldb) {
       __m256 tv = _mm256_set1_ps(t[i]);
-      for (int v = 0; v < 8; ++v) c[v] = _mm256_fmadd_ps(tv, load8(p + 8 * v), c[v]);
+      for (int v = 0; v < 8; ++v) c[v] = _mm256_fmadd_ps(tv, E::eight(p + 8 * v), c[v]);
     }
     for (int v = 0; v < 8; ++v) _mm256_storeu_ps(y + n + 8 * v, c[v]);
   }
   for (; n + 8 <= n1; n += 8) {
     __m256 c0 = _mm256_setzero_ps();
-    const uint16_t* p = b + n;
-    for (int64_t i = 0; i < r; ++i, p += ldb) c0 = _mm256_fmadd_ps(_mm256_set1_ps(t[i]), load8(p), c0);
+    const typename E::T* p = b + n;
+    for (int64_t i = 0; i < r; ++i, p += ldb) c0 = _mm256_fmadd_ps(_mm256_set1_ps(t[i]), E::eight(p), c0);
     _mm256_storeu_ps(y + n, c0);
   }
 #endif
   // the rest (all of it without AVX2)
   for (int64_t j = n; j < n1; ++j) y[j] = 0.f;
-  for (int64_t i = 0; i < r && n < n1; ++i) add_scaled_row(t[i], b + i * ldb, y, n, n1);
+  for (int64_t i = 0; i < r && n < n1; ++i) add_scaled_row<E>(t[i], b + i * ldb, y, n, n1);
 }
 
 constexpr int64_t kColumnsPerTask = 128;  // of B, per thread-pool task
 constexpr int64_t kMinWorkToThread = 16384;  // multiply-adds of the B product below which one thread does it all
 
+template <class E>
 struct Job {
-  const float* t;  // (M, R)
-  const uint16_t* b;
+  const float* t;  // (M, ldt): row m's ranks for chunk j start at t + m * ldt + first[j]
+  const typename E::T* b;
   float* y;  // (M, chunks * c)
-  const int64_t* modules;
-  int64_t M, R, r, c, chunks, tasks_per_chunk;
+  const int64_t* first;
+  int64_t M, ldt, r, c, chunks, tasks_per_chunk;
 };
 
 constexpr int64_t kRowsPerTask = 8;  // of x, per thread-pool task of the A product (prompt passes)
 
+template <class E>
 struct RowJob {
   const float* x;
-  const uint16_t* a;
+  const typename E::T* a;
   float* t;  // (M, R)
   int64_t M, K, R;
 };
 
+template <class E>
 void run_rows(void* data, size_t index) {
-  const RowJob& j = *static_cast<const RowJob*>(data);
+  const RowJob<E>& j = *static_cast<const RowJob<E>*>(data);
   for (int64_t m = (int64_t)index * kRowsPerTask; m < std::min(j.M, ((int64_t)index + 1) * kRowsPerTask); ++m)
-    x_times_a(j.x + m * j.K, j.a, j.t + m * j.R, j.K, j.R);
+    x_times_a<E>(j.x + m * j.K, j.a, j.t + m * j.R, j.K, j.R);
 }
 
+template <class E>
 void run_task(void* data, size_t index) {
-  const Job& j = *static_cast<const Job*>(data);
+  const Job<E>& j = *static_cast<const Job<E>*>(data);
   int64_t chunk = (int64_t)index / j.tasks_per_chunk, part = (int64_t)index % j.tasks_per_chunk;
   int64_t n0 = part * kColumnsPerTask, n1 = std::min(j.c, n0 + kColumnsPerTask);
-  const uint16_t* b = j.b + chunk * j.r * j.c;
+  const typename E::T* b = j.b + chunk * j.r * j.c;
   int64_t width = j.chunks * j.c;
   for (int64_t m = 0; m < j.M; ++m)
-    t_times_b(j.t + m * j.R + j.modules[chunk] * j.r, b, j.y + m * width + chunk * j.c, j.r, j.c, n0, n1);
+    t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, j.y + m * width + chunk * j.c, j.r, j.c, n0, n1);
 }
 
+// LoraDelta (E = F16, no scales) and LoraDeltaQ8 (E = I8; inputs x, A, A_scale, B, B_scale).
+template <class E, bool Scaled>
 struct LoraDeltaKernel {
+  static constexpr size_t kB = Scaled ? 3 : 2;  // B's input index
   std::vector<int64_t> chunk_modules;
 
   LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) {
@@ -185,7 +215,7 @@ struct LoraDeltaKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0), a = ctx.GetInput(1), b = ctx.GetInput(2);
+    auto x = ctx.GetInput(0), a = ctx.GetInput(1), b = ctx.GetInput(kB);
     auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), as = a.GetTensorTypeAndShapeInfo().GetShape(),
          bs = b.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty() || as.size() != 2 || (bs.size() != 2 && bs.size() != 3))
@@ -195,18 +225,28 @@ struct LoraDeltaKernel {
     int64_t M = 1;
     for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
     int64_t chunks, r, c;
-    std::vector<int64_t> one_module{0};
-    const std::vector<int64_t>* modules = &one_module;
+    std::vector<int64_t> first;  // per chunk: where its module's ranks start in a row of x @ A
     if (bs.size() == 2) {
       chunks = 1, r = bs[0], c = bs[1];
       if (r != R) ORT_CXX_API_THROW("LoraDelta: B's rows differ from A's columns", ORT_INVALID_ARGUMENT);
+      first.push_back(0);
     } else {
       chunks = bs[0], r = bs[1], c = bs[2];
       if ((int64_t)chunk_modules.size() != chunks)
         ORT_CXX_API_THROW("LoraDelta: B's chunk count differs from chunk_modules", ORT_INVALID_ARGUMENT);
-      for (int64_t mod : chunk_modules)
+      for (int64_t mod : chunk_modules) {
         if (mod < 0 || (mod + 1) * r > R) ORT_CXX_API_THROW("LoraDelta: a chunk reads ranks A does not have", ORT_INVALID_ARGUMENT);
-      modules = &chunk_modules;
+        first.push_back(mod * r);
+      }
+    }
+    const float *sa = nullptr, *sb = nullptr;
+    if (Scaled) {
+      auto sav = ctx.GetInput(2), sbv = ctx.GetInput(4);
+      if ((int64_t)sav.GetTensorTypeAndShapeInfo().GetElementCount() != R)
+        ORT_CXX_API_THROW("LoraDeltaQ8: A_scale must hold one scale per column of A", ORT_INVALID_ARGUMENT);
+      if ((int64_t)sbv.GetTensorTypeAndShapeInfo().GetElementCount() != chunks * r)
+        ORT_CXX_API_THROW("LoraDeltaQ8: B_scale must hold one scale per row of B", ORT_INVALID_ARGUMENT);
+      sa = sav.GetTensorData<float>(), sb = sbv.GetTensorData<float>();
     }
     std::vector<int64_t> ys(xs.begin(), xs.end());
     ys.back() = chunks * c;
@@ -217,29 +257,45 @@ struct LoraDeltaKernel {
       std::memset(y, 0, sizeof(float) * M * chunks * c);
       return;
     }
+    using T = typename E::T;
     const float* xp = x.GetTensorData<float>();
-    const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.GetTensorData<Ort::Float16_t>());
-    const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.GetTensorData<Ort::Float16_t>());
+    const T* ap = static_cast<const T*>(a.GetTensorRawData());
+    const T* bp = static_cast<const T*>(b.GetTensorRawData());
     std::vector<float> t((size_t)(M * R));
-    RowJob rows{xp, ap, t.data(), M, K, R};
+    RowJob<E> rows{xp, ap, t.data(), M, K, R};
     size_t row_tasks = (size_t)((M + kRowsPerTask - 1) / kRowsPerTask);
     if (row_tasks > 1 && M * K * R >= 4 * kMinWorkToThread) {  // a prompt pass: rows over the threads
-      ctx.ParallelFor(run_rows, row_tasks, 0, &rows);
+      ctx.ParallelFor(run_rows<E>, row_tasks, 0, &rows);
     } else {  // decode (one row): A is read once, on this thread
-      for (size_t i = 0; i < row_tasks; ++i) run_rows(&rows, i);
+      for (size_t i = 0; i < row_tasks; ++i) run_rows<E>(&rows, i);
     }
-    Job job{t.data(), bp, y, modules->data(), M, R, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
+    const float* tp = t.data();
+    int64_t ldt = R;
+    std::vector<float> scaled;
+    if (Scaled) {  // per chunk, its module's ranks times A's column scales and the chunk's B row scales
+      scaled.resize((size_t)(M * chunks * r));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < chunks; ++j)
+          for (int64_t i = 0; i < r; ++i)
+            scaled[(m * chunks + j) * r + i] = t[m * R + first[j] + i] * sa[first[j] + i] * sb[j * r + i];
+      for (int64_t j = 0; j < chunks; ++j) first[j] = j * r;
+      tp = scaled.data(), ldt = chunks * r;
+    }
+    Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
     size_t tasks = (size_t)(chunks * job.tasks_per_chunk);
     if (M * chunks * r * c < kMinWorkToThread || tasks == 1) {
-      for (size_t i = 0; i < tasks; ++i) run_task(&job, i);
+      for (size_t i = 0; i < tasks; ++i) run_task<E>(&job, i);
     } else {
-      ctx.ParallelFor(run_task, tasks, 0, &job);
+      ctx.ParallelFor(run_task<E>, tasks, 0, &job);
     }
   }
 };
 
-struct LoraDeltaOp : Ort::CustomOpBase<LoraDeltaOp, LoraDeltaKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new LoraDeltaKernel(api, info); }
+using F16Kernel = LoraDeltaKernel<F16, false>;
+using I8Kernel = LoraDeltaKernel<I8, true>;
+
+struct LoraDeltaOp : Ort::CustomOpBase<LoraDeltaOp, F16Kernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new F16Kernel(api, info); }
   const char* GetName() const { return "LoraDelta"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
@@ -250,7 +306,20 @@ struct LoraDeltaOp : Ort::CustomOpBase<LoraDeltaOp, LoraDeltaKernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+struct LoraDeltaQ8Op : Ort::CustomOpBase<LoraDeltaQ8Op, I8Kernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new I8Kernel(api, info); }
+  const char* GetName() const { return "LoraDeltaQ8"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale
+    return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 LoraDeltaOp the_op;
+LoraDeltaQ8Op the_q8_op;
 std::once_flag domain_once;
 OrtCustomOpDomain* the_domain = nullptr;
 
@@ -271,6 +340,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   std::call_once(domain_once, [&] {
     status = api->CreateCustomOpDomain("lora_edge", &the_domain);
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_op);
+    if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_q8_op);
   });
   if (status != nullptr) return status;
   return api->AddCustomOpDomain(options, the_domain);
@@ -282,6 +352,6 @@ __declspec(dllexport)
 #else
 __attribute__((visibility("default")))
 #endif
-int lora_edge_kernel_version() { return 1; }
+int lora_edge_kernel_version() { return 2; }
 
 }  // extern "C"
