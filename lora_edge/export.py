@@ -20,7 +20,7 @@ from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
 from .models.spec import BaseModel
-from .native import op_version
+from .native import KERNEL_VERSION
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
 from .targets import Target, to_ort_format, write_genai_config
@@ -279,7 +279,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
-                **({"lora_kernel": {"name": "native", "version": op_version(cfg.lora_dtype), "dtype": cfg.lora_dtype}}
+                **({"lora_kernel": {"name": "native", "version": KERNEL_VERSION, "dtype": cfg.lora_dtype}}
                    if cfg.lora_kernel == "native" else {}),  # fmt: skip
                 **io,
             },

@@ -78,6 +78,29 @@ def stored(lm, lora_dtype: str, width: int) -> tuple[np.ndarray, np.ndarray]:
     return qa * sa[None, :], b
 
 
+def set_stored_weights(model, base_dir, adapter_dir, lora_dtype: str) -> None:
+    """Set a PEFT model's LoRA weights to the values a native package stores for ``adapter_dir``."""
+    import torch
+
+    from lora_edge.adapters import read_adapter
+    from lora_edge.export import balanced, plan_slots
+    from lora_edge.models import family_for
+    from lora_edge.models.loader import load_base
+
+    base, _ = load_base(base_dir)
+    lora = balanced(read_adapter("x", adapter_dir, base))
+    slots = plan_slots(base, [lora], family_for(base.spec.architecture), fused=True)
+    width = {mod: s.chunk_width or o for s in slots.values() for mod, o in s.parts}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not hasattr(mod, "lora_A") or "default" not in getattr(mod, "lora_A", {}):
+                continue
+            k = next(k for k in lora.modules if name == k or name.endswith("." + k))
+            a, b = stored(lora.modules[k], lora_dtype, width[k])
+            mod.lora_A["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(a.T)))
+            mod.lora_B["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(b.T)) / mod.scaling["default"])
+
+
 class StoredOracle(Oracle):
     """PEFT on the base, with each adapter's LoRA weights set to the values the native package stores."""
 
@@ -89,26 +112,8 @@ class StoredOracle(Oracle):
         key = (adapter, merge)
         if key in self._cache or adapter is None:
             return super().model(adapter, merge)
-        import torch
-
-        from lora_edge.adapters import read_adapter
-        from lora_edge.export import balanced, plan_slots
-        from lora_edge.models import family_for
-        from lora_edge.models.loader import load_base
-
         m = super().model(adapter, merge)
-        base, _ = load_base(self.base)
-        lora = balanced(read_adapter(adapter, self.adapters[adapter], base))
-        slots = plan_slots(base, [lora], family_for(base.spec.architecture), fused=True)
-        width = {mod: s.chunk_width or o for s in slots.values() for mod, o in s.parts}
-        with torch.no_grad():
-            for name, mod in m.named_modules():
-                if not hasattr(mod, "lora_A") or "default" not in getattr(mod, "lora_A", {}):
-                    continue
-                k = next(k for k in lora.modules if name == k or name.endswith("." + k))
-                a, b = stored(lora.modules[k], self.lora_dtype, width[k])
-                mod.lora_A["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(a.T)))
-                mod.lora_B["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(b.T)) / mod.scaling["default"])
+        set_stored_weights(m, self.base, self.adapters[adapter], self.lora_dtype)
         return m
 
 
@@ -118,8 +123,9 @@ def stored_oracle(tiny_base, tiny_adapters, lora_dtype):
 
 
 # -- the operator alone ----------------------------------------------------------------------------
-def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int = 1, int8: bool = False):
-    """One LoraDelta node (float16 A/B), or with ``int8`` one LoraDeltaQ8 (x, A, A_scale, B, B_scale)."""
+def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int = 1, int8: bool = False, addends: int = 0):
+    """One LoraDelta node (float16 A/B), or with ``int8`` one LoraDeltaQ8 (x, A, A_scale, B, B_scale);
+    ``addends``: also the optional inputs base (and extra) that the delta is added onto."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -131,6 +137,7 @@ def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int
     if int8:
         ins[2:2] = [helper.make_tensor_value_info("A_scale", TensorProto.FLOAT, ["r"])]
         ins.append(helper.make_tensor_value_info("B_scale", TensorProto.FLOAT, b_dims[:-1]))
+    ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", "n"]) for n in ("base", "extra")[:addends]]
     node = helper.make_node("LoraDeltaQ8" if int8 else "LoraDelta", [i.name for i in ins], ["y"], domain="lora_edge", **attrs)
     graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lora_edge", 1)])
@@ -179,6 +186,25 @@ def test_int8_operator_matches_numpy_on_odd_shapes(kernel, k, r, n, rows):
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("addends", [1, 2])
+@pytest.mark.parametrize("r", [0, 6])
+def test_operator_adds_its_delta_onto_base_and_extra(kernel, int8, addends, r):
+    """The optional inputs: y = base (+ extra) + (x @ A) @ B; with rank 0 just their sum."""
+    rng = np.random.RandomState(r + addends)
+    x = rng.randn(1, 3, 40).astype(np.float32)
+    a, b = rng.randn(40, r), rng.randn(r, 72)
+    if int8:
+        feed, a, b = _q8_feed(x, a, b)
+    else:
+        a, b = a.astype(np.float16), b.astype(np.float16)
+        feed = {"x": x, "A": a, "B": b}
+    terms = {n: rng.randn(1, 3, 72).astype(np.float32) for n in ("base", "extra")[:addends]}
+    want = (x.astype(np.float64) @ a.astype(np.float64)) @ b.astype(np.float64) + sum(terms.values())
+    got = _delta_session(kernel, 40, 2, int8=int8, addends=addends, threads=2).run(None, {**feed, **terms})[0]
+    assert np.abs(got - want).max() <= 1e-4
+
+
 def test_operator_chunks_read_their_modules_ranks(kernel):
     """B in chunks (chunks, r, c): chunk j multiplies the r ranks of module chunk_modules[j]."""
     rng = np.random.RandomState(0)
@@ -222,8 +248,7 @@ def test_package_records_the_kernel_and_its_storage(native_package, tiny_package
     import onnxruntime as ort
 
     manifest = json.loads((native_package / "manifest.json").read_text())
-    version = {"float16": 1, "int8": 2}[lora_dtype]  # a v2 kernel still runs the v1 (float16) packages
-    assert manifest["graph"]["lora_kernel"] == {"name": "native", "version": version, "dtype": lora_dtype}
+    assert manifest["graph"]["lora_kernel"] == {"name": "native", "version": 2, "dtype": lora_dtype}
     assert not (native_package / "genai_config.json").exists()  # ONNX Runtime GenAI cannot load the custom operator
     params = ort.AdapterFormat.read_adapter(str(native_package / "adapters" / "all_r8_rslora.onnx_adapter")).get_parameters()
     ab = {n: v for n, v in params.items() if n.endswith((".lora_A", ".lora_B"))}
@@ -248,6 +273,32 @@ def test_native_kv_cache_and_greedy_match_peft_on_the_stored_weights(native, sto
     assert_kv_path_matches(native, ids, adapter, stored_oracle.logits(ids, adapter), 8, TOL)
     prompt = ids[0, :5].tolist()
     assert native.generate_ids(prompt, adapter, 20, 20)[0] == stored_oracle.greedy(prompt, adapter, 20)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "int4_mixed"])
+def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny_adapters, tmp_path, lora_dtype, quant):
+    """On a quantized base the kernel adds its delta onto the base's terms (at int4 the MatMulNBits
+    output and the float-offset correction; float MatMul for o_proj in int4_mixed) in one node: the
+    same quantized model as PyTorch + PEFT on the dequantized weights and the stored adapter. Tolerance
+    as for the onnx-kernel quantized packages (test_quant): 5e-4 with float offsets, else 2e-4."""
+    import torch
+    from test_quant import QUANTS, _reference
+
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    qcfg, ad = QUANTS[quant], tiny_adapters["all_r8_rslora"]
+    export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", ad),), quant=qcfg,
+                        lora_kernel="native", lora_dtype=lora_dtype))  # fmt: skip
+    m = lora_edge.load(tmp_path / "pkg")
+    ref = _reference(tiny_base, qcfg, ad)
+    set_stored_weights(ref, tiny_base, ad, lora_dtype)
+    ids = np.random.RandomState(5).randint(0, 300, (2, 13))
+    with torch.no_grad():
+        want, want_base = ref(torch.tensor(ids)).logits.numpy(), _reference(tiny_base, qcfg)(torch.tensor(ids)).logits.numpy()
+    tol = 5e-4 if quant != "int8" else 2e-4
+    assert np.abs(m.forward(ids, adapter="x") - want).max() <= tol
+    assert np.abs(m.forward(ids) - want_base).max() <= tol
 
 
 def test_native_no_adapter_is_the_onnx_package_exactly(native, tiny_package):

@@ -157,7 +157,7 @@ class LlamaFamily:
 
         ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused, lora_kernel, lora_dtype)
         overridable = ops.adapter_inputs(null_rank)
-        float_weight, matmul_nbits_terms, summed, lora = ops.float_weight, ops.matmul_nbits_terms, ops.summed, ops.lora
+        float_weight, matmul_nbits_terms, with_lora = ops.float_weight, ops.matmul_nbits_terms, ops.with_lora
         group_linear, gather_dequant, norm, add_norm = ops.group_linear, ops.gather_dequant, ops.norm, ops.add_norm
 
         # -- shared per-call values ------------------------------------------------------------
@@ -321,8 +321,7 @@ class LlamaFamily:
                 logits2d = g.op("Gemm", [flat, embed_value], transB=1)  # (B*S, V)
                 dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
                 terms = [g.op("Reshape", [logits2d, dims])]  # (B, S, V)
-            delta = lora(x, "lm_head")
-            logits = summed(terms + ([delta] if delta is not None else []), "lora/lm_head" if len(terms) == 1 else g.scope)
+            logits = with_lora(x, "lm_head", terms)
 
         if spec.final_softcap:
             logits = softcap(logits, spec.final_softcap)

@@ -131,9 +131,11 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         with g.scoped(scope):
             return g.op("Add" if len(terms) == 2 else "Sum", terms)
 
-    def lora(x: str, group: str) -> str | None:
+    def lora(x: str, group: str, addends: list[str] = ()) -> str | None:
         """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
-        Its nodes are named ``lora/...`` so that profiles can tell the branch from the base."""
+        Its nodes are named ``lora/...`` so that profiles can tell the branch from the base.
+        ``addends`` (native only, at most 2, shaped like the output): the node returns their sum plus
+        the delta, in the first one's buffer when ONNX Runtime allows."""
         slot = slots.get(group)
         if slot is None:
             return None
@@ -142,8 +144,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
                 if lt(slot) is np.int8:
                     sa, sb = slot.scale_names
-                    return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb], domain="lora_edge", **attrs)
-                return g.op("LoraDelta", [x, slot.a_name, slot.b_name], domain="lora_edge", **attrs)
+                    return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb, *addends], domain="lora_edge", **attrs)
+                return g.op("LoraDelta", [x, slot.a_name, slot.b_name, *addends], domain="lora_edge", **attrs)
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
             if not slot.chunk_width:
                 return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
@@ -153,6 +155,14 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 xa = g.op("Gather", [xa, g.const(chunks)], axis=2)  # (B, S, chunks, 1, r_m)
             y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c): one small product per chunk
             return g.op("Reshape", [y, g.const([0, 0, slot.out_features])])  # (B, S, out)
+
+    def with_lora(x: str, group: str, terms: list[str]) -> str:
+        """The sum of ``terms`` (full-shape outputs of the base projection) and the group's LoRA delta:
+        on the native kernel one node that adds its delta onto them; otherwise one Add/Sum."""
+        if native and group in slots and len(terms) <= 2:
+            return lora(x, group, terms)
+        delta = lora(x, group)
+        return summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
 
     def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
         """The modules' biases as one constant (zeros for a module without one), or nothing."""
@@ -170,19 +180,20 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """The outputs of ``modules`` (which all read ``x``), fused into one matmul when their formats agree."""
         ws = [weights[f"{m}.weight"] for m in modules]
         sizes = [w.n if isinstance(w, QTensor) else w.shape[0] for w in ws]
-        delta = lora(x, group)
         if len(ws) == 1 or _concatenable(ws):
             terms, bias = project_terms(x, group, _concat(ws)), bias_terms(group, modules, sizes)
             slot = slots.get(group)
             if slot is not None and slot.dora:  # DoRA: g * (x W^T + delta) + bias, g = 1 for plain LoRA
-                y = summed(terms + [delta], g.scope)
+                y = summed(terms + [lora(x, group)], g.scope)
                 with g.scoped(f"lora/{group}"):
                     y = g.op("Mul", [y, slot.m_name])
                 y = summed([y] + bias, g.scope)
+            elif native and slot is not None:  # the kernel adds its delta onto the base's terms; then the (broadcast) bias
+                y = summed([with_lora(x, group, terms)] + bias, g.scope)
             else:  # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
-                terms += bias
-                y = summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
+                y = with_lora(x, group, terms + bias)
             return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
+        delta = lora(x, group)
         ys = [project(x, m, w) for m, w in zip(modules, ws)]
         if delta is not None:
             with g.scoped(f"lora/{group}"):

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import LoraEdgeError
 
 # The operators' contract (inputs, attributes); a package records the one it needs. v1: LoraDelta (float16);
-# v2 adds LoraDeltaQ8 (int8) and keeps LoraDelta as it was, so a v2 kernel runs v1 packages.
+# v2 adds LoraDeltaQ8 (int8) and the optional base/extra inputs both add their delta onto (v1's three
+# inputs mean what they meant), so a v2 kernel runs v1 packages.
 KERNEL_VERSION = 2
 LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
 SOURCE = Path(__file__).with_name("lora_delta.cc")
@@ -39,9 +40,6 @@ class KernelError(LoraEdgeError, RuntimeError):
     """The native kernel cannot be found, built or loaded."""
 
 
-def op_version(lora_dtype: str) -> int:
-    """The kernel version a package with ``lora_dtype`` branches needs."""
-    return 2 if lora_dtype == "int8" else 1
 
 
 def scale_names(a_name: str, b_name: str) -> tuple[str, str]:

@@ -14,7 +14,12 @@
 //   (the module each chunk reads its r ranks from; out = chunks * c).
 // An empty R (no adapter bound) gives zeros.
 //
-//   lora_edge::LoraDeltaQ8(x, A, A_scale, B, B_scale) -> the same product with int8 A and B:
+//   lora_edge::LoraDelta(x, A, B, base, extra) -> base + extra + (x @ A) @ B   (kernel v2)
+// base and extra are optional and shaped like the output (the base projection and, at int4, its
+// float-offset correction): the node adds its delta to the base's own sum, in base's buffer when
+// ONNX Runtime lets it (MayInplace), so an adapter costs no separate Add or Sum node.
+//
+//   lora_edge::LoraDeltaQ8(x, A, A_scale, B, B_scale[, base, extra]) -> the same with int8 A and B:
 //   A (K, R) int8 with A_scale (R) float32, one scale per column (rank); B (R, N) or (chunks, r, c)
 //   int8 with B_scale (R) or (chunks, r) float32, one scale per row. Half the bytes of float16 again:
 //   at batch 1 the branch's weights stream from memory once per token, so bytes are its cost.
@@ -130,14 +135,14 @@ void x_times_a(const float* x, const typename E::T* a, float* t, int64_t K, int6
   for (int64_t k = 0; k < K && r0 < R; ++k) add_scaled_row<E>(x[k], a + k * R, t, r0, R);
 }
 
-// y[n0:n1] = t[0:r] @ b[:, n0:n1], b (r, ldb) row-major.
+// y[n0:n1] += t[0:r] @ b[:, n0:n1], b (r, ldb) row-major.
 template <class E>
 void t_times_b(const float* t, const typename E::T* b, float* y, int64_t r, int64_t ldb, int64_t n0, int64_t n1) {
   int64_t n = n0;
 #if defined(LE_AVX2)
   for (; n + 64 <= n1; n += 64) {
     __m256 c[8];
-    for (int v = 0; v < 8; ++v) c[v] = _mm256_setzero_ps();
+    for (int v = 0; v < 8; ++v) c[v] = _mm256_loadu_ps(y + n + 8 * v);
     const typename E::T* p = b + n;
     for (int64_t i = 0; i < r; ++i, p += ldb) {
       __m256 tv = _mm256_set1_ps(t[i]);
@@ -146,14 +151,13 @@ void t_times_b(const float* t, const typename E::T* b, float* y, int64_t r, int6
     for (int v = 0; v < 8; ++v) _mm256_storeu_ps(y + n + 8 * v, c[v]);
   }
   for (; n + 8 <= n1; n += 8) {
-    __m256 c0 = _mm256_setzero_ps();
+    __m256 c0 = _mm256_loadu_ps(y + n);
     const typename E::T* p = b + n;
     for (int64_t i = 0; i < r; ++i, p += ldb) c0 = _mm256_fmadd_ps(_mm256_set1_ps(t[i]), E::eight(p), c0);
     _mm256_storeu_ps(y + n, c0);
   }
 #endif
   // the rest (all of it without AVX2)
-  for (int64_t j = n; j < n1; ++j) y[j] = 0.f;
   for (int64_t i = 0; i < r && n < n1; ++i) add_scaled_row<E>(t[i], b + i * ldb, y, n, n1);
 }
 
@@ -197,10 +201,12 @@ void run_task(void* data, size_t index) {
     t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, j.y + m * width + chunk * j.c, j.r, j.c, n0, n1);
 }
 
-// LoraDelta (E = F16, no scales) and LoraDeltaQ8 (E = I8; inputs x, A, A_scale, B, B_scale).
+// LoraDelta (E = F16, no scales) and LoraDeltaQ8 (E = I8; inputs x, A, A_scale, B, B_scale); then
+// the optional base and extra.
 template <class E, bool Scaled>
 struct LoraDeltaKernel {
   static constexpr size_t kB = Scaled ? 3 : 2;  // B's input index
+  static constexpr size_t kBase = kB + (Scaled ? 2 : 1);  // the optional addends' first index
   std::vector<int64_t> chunk_modules;
 
   LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) {
@@ -252,11 +258,27 @@ struct LoraDeltaKernel {
     ys.back() = chunks * c;
     auto out = ctx.GetOutput(0, ys);
     float* y = out.GetTensorMutableData<float>();
-    if (M == 0 || chunks * c == 0) return;
-    if (R == 0 || r == 0) {
-      std::memset(y, 0, sizeof(float) * M * chunks * c);
-      return;
+    const int64_t size = M * chunks * c;
+    if (size == 0) return;
+    // y = base + extra (or zeros): the delta is accumulated onto it
+    const float* addends[2] = {nullptr, nullptr};
+    const size_t n_inputs = ctx.GetInputCount();
+    for (size_t i = 0; i < 2 && kBase + i < n_inputs; ++i) {
+      auto v = ctx.GetInput(kBase + i);
+      if (static_cast<const OrtValue*>(v) == nullptr) continue;  // an absent optional input
+      if ((int64_t)v.GetTensorTypeAndShapeInfo().GetElementCount() != size)
+        ORT_CXX_API_THROW("LoraDelta: base and extra must have the output's shape", ORT_INVALID_ARGUMENT);
+      addends[i] = v.GetTensorData<float>();
     }
+    if (addends[0] == nullptr) std::swap(addends[0], addends[1]);
+    if (addends[0] == nullptr) {
+      std::memset(y, 0, sizeof(float) * size);
+    } else if (addends[0] != y) {  // (equal: ONNX Runtime gave the output base's buffer)
+      std::memcpy(y, addends[0], sizeof(float) * size);
+    }
+    if (addends[1] != nullptr)
+      for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
+    if (M == 0 || R == 0 || r == 0) return;
     using T = typename E::T;
     const float* xp = x.GetTensorData<float>();
     const T* ap = static_cast<const T*>(a.GetTensorRawData());
@@ -294,28 +316,48 @@ struct LoraDeltaKernel {
 using F16Kernel = LoraDeltaKernel<F16, false>;
 using I8Kernel = LoraDeltaKernel<I8, true>;
 
-struct LoraDeltaOp : Ort::CustomOpBase<LoraDeltaOp, F16Kernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new F16Kernel(api, info); }
-  const char* GetName() const { return "LoraDelta"; }
+// The output may take the buffer of input In (base), which the node reads before it writes.
+template <int In>
+size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
+  *input_index = new int[1]{In};
+  *output_index = new int[1]{0};
+  return 1;
+}
+
+void ORT_API_CALL release_inplace(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
+template <class Op, class Kernel>
+struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
+  DeltaOpBase() {
+    OrtCustomOp::GetMayInplace = may_inplace<(int)Kernel::kBase>;
+    OrtCustomOp::ReleaseMayInplace = release_inplace;
+  }
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  size_t GetInputTypeCount() const { return Kernel::kBase + 2; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= Kernel::kBase ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                              : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-struct LoraDeltaQ8Op : Ort::CustomOpBase<LoraDeltaQ8Op, I8Kernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new I8Kernel(api, info); }
+struct LoraDeltaOp : DeltaOpBase<LoraDeltaOp, F16Kernel> {
+  const char* GetName() const { return "LoraDelta"; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, B, base, extra
+    return i == 1 || i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
+struct LoraDeltaQ8Op : DeltaOpBase<LoraDeltaQ8Op, I8Kernel> {
   const char* GetName() const { return "LoraDeltaQ8"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale, base, extra
     return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 LoraDeltaOp the_op;
