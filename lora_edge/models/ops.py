@@ -135,7 +135,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
         Its nodes are named ``lora/...`` so that profiles can tell the branch from the base.
         ``addends`` (native only, at most 2, shaped like the output): the node returns their sum plus
-        the delta, in the first one's buffer when ONNX Runtime allows."""
+        the delta."""
         slot = slots.get(group)
         if slot is None:
             return None
@@ -158,7 +158,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
 
     def with_lora(x: str, group: str, terms: list[str]) -> str:
         """The sum of ``terms`` (full-shape outputs of the base projection) and the group's LoRA delta:
-        on the native kernel one node that adds its delta onto them; otherwise one Add/Sum."""
+        on the native kernel one node that adds its delta onto them; otherwise one Add/Sum node."""
         if native and group in slots and len(terms) <= 2:
             return lora(x, group, terms)
         delta = lora(x, group)

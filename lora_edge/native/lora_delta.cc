@@ -16,8 +16,8 @@
 //
 //   lora_edge::LoraDelta(x, A, B, base, extra) -> base + extra + (x @ A) @ B   (kernel v2)
 // base and extra are optional and shaped like the output (the base projection and, at int4, its
-// float-offset correction): the node adds its delta to the base's own sum, in base's buffer when
-// ONNX Runtime lets it (MayInplace), so an adapter costs no separate Add or Sum node.
+// float-offset correction): the node adds its delta onto the base's own sum, so an adapter costs no
+// separate Add or Sum node.
 //
 //   lora_edge::LoraDeltaQ8(x, A, A_scale, B, B_scale[, base, extra]) -> the same with int8 A and B:
 //   A (K, R) int8 with A_scale (R) float32, one scale per column (rank); B (R, N) or (chunks, r, c)
@@ -273,7 +273,7 @@ struct LoraDeltaKernel {
     if (addends[0] == nullptr) std::swap(addends[0], addends[1]);
     if (addends[0] == nullptr) {
       std::memset(y, 0, sizeof(float) * size);
-    } else if (addends[0] != y) {  // (equal: ONNX Runtime gave the output base's buffer)
+    } else {
       std::memcpy(y, addends[0], sizeof(float) * size);
     }
     if (addends[1] != nullptr)
@@ -316,25 +316,8 @@ struct LoraDeltaKernel {
 using F16Kernel = LoraDeltaKernel<F16, false>;
 using I8Kernel = LoraDeltaKernel<I8, true>;
 
-// The output may take the buffer of input In (base), which the node reads before it writes.
-template <int In>
-size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
-  *input_index = new int[1]{In};
-  *output_index = new int[1]{0};
-  return 1;
-}
-
-void ORT_API_CALL release_inplace(int* input_index, int* output_index) {
-  delete[] input_index;
-  delete[] output_index;
-}
-
 template <class Op, class Kernel>
 struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
-  DeltaOpBase() {
-    OrtCustomOp::GetMayInplace = may_inplace<(int)Kernel::kBase>;
-    OrtCustomOp::ReleaseMayInplace = release_inplace;
-  }
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return Kernel::kBase + 2; }
@@ -344,6 +327,7 @@ struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
 };
 
 struct LoraDeltaOp : DeltaOpBase<LoraDeltaOp, F16Kernel> {
