@@ -201,6 +201,18 @@ void run_task(void* data, size_t index) {
     t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, j.y + m * width + chunk * j.c, j.r, j.c, n0, n1);
 }
 
+// Scratch memory: on the stack up to N elements (a decode step's x @ A), else on the heap.
+template <class T, size_t N>
+struct Scratch {
+  T local[N];
+  std::vector<T> heap;
+  T* get(size_t n) {
+    if (n <= N) return local;
+    heap.resize(n);
+    return heap.data();
+  }
+};
+
 // LoraDelta (E = F16, no scales) and LoraDeltaQ8 (E = I8; inputs x, A, A_scale, B, B_scale); then
 // the optional base and extra.
 template <class E, bool Scaled>
@@ -254,7 +266,7 @@ struct LoraDeltaKernel {
         ORT_CXX_API_THROW("LoraDeltaQ8: B_scale must hold one scale per row of B", ORT_INVALID_ARGUMENT);
       sa = sav.GetTensorData<float>(), sb = sbv.GetTensorData<float>();
     }
-    std::vector<int64_t> ys(xs.begin(), xs.end());
+    std::vector<int64_t>& ys = xs;  // the output's shape: x's, with B's width last
     ys.back() = chunks * c;
     auto out = ctx.GetOutput(0, ys);
     float* y = out.GetTensorMutableData<float>();
@@ -283,25 +295,25 @@ struct LoraDeltaKernel {
     const float* xp = x.GetTensorData<float>();
     const T* ap = static_cast<const T*>(a.GetTensorRawData());
     const T* bp = static_cast<const T*>(b.GetTensorRawData());
-    std::vector<float> t((size_t)(M * R));
-    RowJob<E> rows{xp, ap, t.data(), M, K, R};
+    Scratch<float, 1024> t_mem, scaled_mem;
+    float* t = t_mem.get((size_t)(M * R));
+    RowJob<E> rows{xp, ap, t, M, K, R};
     size_t row_tasks = (size_t)((M + kRowsPerTask - 1) / kRowsPerTask);
     if (row_tasks > 1 && M * K * R >= 4 * kMinWorkToThread) {  // a prompt pass: rows over the threads
       ctx.ParallelFor(run_rows<E>, row_tasks, 0, &rows);
     } else {  // decode (one row): A is read once, on this thread
       for (size_t i = 0; i < row_tasks; ++i) run_rows<E>(&rows, i);
     }
-    const float* tp = t.data();
+    const float* tp = t;
     int64_t ldt = R;
-    std::vector<float> scaled;
     if (Scaled) {  // per chunk, its module's ranks times A's column scales and the chunk's B row scales
-      scaled.resize((size_t)(M * chunks * r));
+      float* scaled = scaled_mem.get((size_t)(M * chunks * r));
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < chunks; ++j)
           for (int64_t i = 0; i < r; ++i)
             scaled[(m * chunks + j) * r + i] = t[m * R + first[j] + i] * sa[first[j] + i] * sb[j * r + i];
       for (int64_t j = 0; j < chunks; ++j) first[j] = j * r;
-      tp = scaled.data(), ldt = chunks * r;
+      tp = scaled, ldt = chunks * r;
     }
     Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
     size_t tasks = (size_t)(chunks * job.tasks_per_chunk);
