@@ -9,12 +9,12 @@ projection (made with PEFT, seeded; its values do not matter for speed), plus th
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
 `--lora-kernel native`, float16 A/B), "-native8" (`--lora-dtype int8`: int8 A/B; `--no-native` leaves
-both out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess (peak RSS is that process's VmHWM). Decode
-time excludes the prompt pass; generation is forced to the full length (min_new_tokens). Compare
-ratios within one run: this machine is shared and noisy.
+both out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
+(peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced to the
+full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
 llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp-python`) and
-GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-q41 / --gguf-lora (convert with llama.cpp's
+GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-q41 / --gguf-lora / --gguf-lora-q8 (convert with llama.cpp's
 convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency. How it was done here
 (llama-cpp-python 0.3.36, in its own venv; its sdist carries vendor/llama.cpp with both scripts):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
@@ -24,7 +24,8 @@ convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency.
     GGUF-loaded model) AutoModelForCausalLM.from_config(config without quantization_config) + load_state_dict
     + save_pretrained, and AutoTokenizer.from_pretrained(dir, gguf_file=...).save_pretrained; then
     convert_hf_to_gguf.py BASE --outtype f16; llama_cpp.llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q8_0 / Q4_0 / Q4_1)
-    convert_lora_to_gguf.py WORK/r16all --base BASE --outtype f16
+    convert_lora_to_gguf.py WORK/r16all --base BASE --outtype f16   (and --outtype q8_0 for --gguf-lora-q8:
+    llama.cpp quantizes A to q8_0 and keeps B, whose rows of 16 make no block of 32, in f16)
 
 Two llama.cpp ratio columns: "same bits" against Q8_0 / Q4_0 (what the target names), and "same format"
 against the GGUF type that stores what the lora-edge recipe stores: int4 (4-bit codes, a scale and a
@@ -54,6 +55,9 @@ QUANTS = ("fp32", "int8", "int4")  # the default recipes
 RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
            "int8b32": {"weights": "int8", "block_size": 32, "zero": "none"},
            "int4sym": {"weights": "int4", "block_size": 32, "zero": "none"}}  # fmt: skip
+
+
+LORA_GGUF = {"lora": "gguf_lora", "lora8": "gguf_lora_q8"}  # llama.cpp row kind -> the argument naming its GGUF LoRA
 
 
 def make_r16(path: Path, base: Path) -> Path:
@@ -224,6 +228,8 @@ def main() -> None:
     ap.add_argument("--gguf-q4", default=None, help="the model as GGUF Q4_0")
     ap.add_argument("--gguf-q41", default=None, help="the model as GGUF Q4_1 (block scale and offset: int4's own format)")
     ap.add_argument("--gguf-lora", default=None, help="r16all as a GGUF LoRA (convert_lora_to_gguf.py)")
+    ap.add_argument("--gguf-lora-q8", default=None,
+                    help="r16all as a GGUF LoRA in q8_0 (--outtype q8_0): the -native8 rows' llama.cpp comparison")
     args = ap.parse_args()
 
     from lora_edge.realmodel import smollm2_gguf
@@ -234,12 +240,13 @@ def main() -> None:
     configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in kinds]
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
-                    for k in ("none", "lora") if k == "none" or args.gguf_lora]  # fmt: skip
+                    for k in ("none", *LORA_GGUF) if k == "none" or getattr(args, LORA_GGUF[k])]  # fmt: skip
     for c in configs:  # a missing file or interpreter: say so now, not after an hour of measuring
         if c.startswith("llamacpp-"):
             _, q, kind = c.split("-")
             needs = [("--llama-python", args.llama_python), (f"--gguf-{q}", getattr(args, f"gguf_{q}", None))]
-            needs += [("--gguf-lora", args.gguf_lora)] if kind == "lora" else []
+            if kind in LORA_GGUF:
+                needs.append(("--" + LORA_GGUF[kind].replace("_", "-"), getattr(args, LORA_GGUF[kind])))
             if missing := [flag for flag, value in needs if not value]:
                 raise SystemExit(f"{c} needs {' and '.join(missing)}")
     pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)],
@@ -255,7 +262,8 @@ def main() -> None:
         elif c.startswith("llamacpp-"):
             _, q, kind = c.split("-")
             gguf = getattr(args, f"gguf_{q}")
-            fig = run_child(CHILD_LLAMA_CPP, [gguf, args.gguf_lora if kind == "lora" else "", *common], python=args.llama_python)
+            lora = getattr(args, LORA_GGUF[kind]) if kind in LORA_GGUF else ""
+            fig = run_child(CHILD_LLAMA_CPP, [gguf, lora, *common], python=args.llama_python)
         else:
             q, kind = c.split("-")
             pkg = pkgs[f"{q}-{kind if kind in ('merged', 'native', 'native8') else 'branch'}"]
@@ -290,9 +298,11 @@ def main() -> None:
         cost = "-"
         if c.endswith(("-branch", "-native", "-native8")) and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
             cost = f"{100 * (x - 1):+.1f}%"
-        if c.endswith("-lora") and (x := ratio(c.replace("lora", "none"), c, t)):
+        if c.endswith(("-lora", "-lora8")) and (x := ratio(c.rsplit("-", 1)[0] + "-none", c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
         q, kind = c.split("-")[0], "lora" if c.endswith(("branch", "native", "native8")) else "none"
+        if c.endswith("-native8") and args.gguf_lora_q8:  # int8 A/B: against llama.cpp's q8_0 LoRA
+            kind = "lora8"
         # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores
         # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0;
         # int4sym: 4-bit, one scale per 32 = Q4_0)

@@ -340,7 +340,9 @@ def test_kernel_version_mismatch_asks_to_re_export(native_package, tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [({"target": "cuda"}, "--target cpu"), ({"target": "mobile"}, "--target cpu"),
-                                      ({"mode": "merge"}, "--mode branch"), ({"lora_kernel": "cuda"}, "onnx, native")])  # fmt: skip
+                                      ({"mode": "merge"}, "--mode branch"), ({"lora_kernel": "cuda"}, "onnx, native"),
+                                      ({"lora_kernel": "onnx", "lora_dtype": "int8"}, "add --lora-kernel native"),
+                                      ({"lora_dtype": "int4"}, "float16, int8")])  # fmt: skip
 def test_export_refuses_what_the_kernel_cannot_run(tiny_base, tiny_adapters, tmp_path, kw, match):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
 
@@ -349,6 +351,14 @@ def test_export_refuses_what_the_kernel_cannot_run(tiny_base, tiny_adapters, tmp
         kw["mode"] = Mode(kw["mode"])
     with pytest.raises(InputError, match=match):
         ExportConfig(base=tiny_base, output=tmp_path / "o", adapters=(AdapterSpec("a", tiny_adapters["qv_r4"]),), **kw)
+
+
+def test_cli_int8_storage_without_the_native_kernel_is_one_clear_line(tiny_base, tiny_adapters, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lora_edge.cli", "export", str(tiny_base), "-a", f"a={tiny_adapters['qv_r4']}",
+                          "-o", str(tmp_path / "o"), "--lora-dtype", "int8"], capture_output=True, text=True, check=False)  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--lora-kernel native" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_build_without_headers_is_one_clear_line(tmp_path):
