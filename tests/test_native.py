@@ -329,6 +329,17 @@ def test_missing_kernel_is_one_clear_line(native_package, tmp_path):
     assert "lora-edge build-kernel" in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
+def test_an_older_onnxruntime_is_one_clear_line(native_package, monkeypatch):
+    """The kernel asks for C API 21: on an older onnxruntime it would register nothing."""
+    import onnxruntime as ort
+
+    from lora_edge.native import KernelError
+
+    monkeypatch.setattr(ort, "__version__", "1.20.1")
+    with pytest.raises(KernelError, match="needs onnxruntime >= 1.21 \\(this is 1.20.1\\)"):
+        lora_edge.load(native_package)
+
+
 def test_kernel_version_mismatch_asks_to_re_export(native_package, tmp_path):
     pkg = tmp_path / "pkg"
     shutil.copytree(native_package, pkg)

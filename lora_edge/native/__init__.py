@@ -30,6 +30,7 @@ from ..errors import LoraEdgeError
 # inputs mean what they meant), so a v2 kernel runs v1 packages.
 KERNEL_VERSION = 2
 LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
+MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)
 SOURCE = Path(__file__).with_name("lora_delta.cc")
 _HEADER = "onnxruntime_cxx_api.h"
 # ONNX Runtime's C/C++ API headers as Debian packages them (the pip wheel ships none).
@@ -194,6 +195,13 @@ def build(ort_include: Path | None = None, cxx: str | None = None, march: str = 
 
 def register(session_options, package: Path) -> Path:
     """Register the kernel with ONNX Runtime session options, or say how to build it."""
+    import onnxruntime as ort
+
+    have = tuple(int(v) for v in ort.__version__.split(".")[:2] if v.isdigit())
+    if have < MIN_ORT:
+        raise KernelError(f"{package} runs its LoRA branches on lora-edge's native kernel, which needs onnxruntime >= "
+                          f"{'.'.join(map(str, MIN_ORT))} (this is {ort.__version__}); upgrade onnxruntime, or re-export "
+                          "with --lora-kernel onnx")  # fmt: skip
     lib = find_library()
     if lib is None:
         raise KernelError(f"{package} runs its LoRA branches on lora-edge's native kernel, which is not built on this machine; "
