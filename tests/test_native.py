@@ -428,3 +428,14 @@ def test_native_package_with_embedding_lora(kernel, tiny_base, tmp_path, dtype):
     ids = np.random.RandomState(2).randint(0, 300, (1, 7))
     want = StoredOracle(tiny_base, {"emb": adapter}, dtype).logits(ids, "emb")
     assert np.abs(lora_edge.load(tmp_path / "pkg").forward(ids, adapter="emb") - want).max() <= TOL
+
+
+def test_profile_rank_sweep_feeds_the_package_dtype(native_package, lora_dtype):
+    """`lora-edge profile --ranks` makes synthetic adapters; on a native package they must be stored as
+    the package stores A/B (float16, or int8 with scales), or ONNX Runtime refuses the inputs."""
+    from lora_edge import profile as P
+
+    cfg = P.ProfileConfig(packages=(native_package,), adapters=("none",), workload=P.Workload(prompt_tokens=(4,), new_tokens=3, warmup=0, runs=1),
+                          limits=P.Limits(threads=(1,)), ranks=(2, 8), op_profile=False)  # fmt: skip
+    points = [s for s in P.profile(cfg).sweeps if s.kind == "rank"]
+    assert [p.value for p in points] == [2, 8] and all(p.decode_tps > 0 for p in points)
