@@ -90,8 +90,10 @@ def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
         scale = (hi - lo) / qmax
         zp = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, qmax)
         return scale, zp, np.zeros_like(scale)
-    if zero == "none":
-        scale = np.maximum(-lo, hi) * shrink / half
+    if zero == "none":  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
+        # (as llama.cpp's Q4_0/Q8_0 do), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other
+        peak = np.where(-lo > hi, lo, hi)
+        scale = -peak * shrink / half
         return scale, np.full(scale.shape, float(half)), np.zeros_like(scale)
     mid = (lo + hi) / 2
     lo, hi = mid - (mid - lo) * shrink, mid + (hi - mid) * shrink
