@@ -4,8 +4,10 @@ A package exported with ``--lora-kernel native`` runs each LoRA branch as one Lo
 float16 A and B, split over the session's threads; with ``--lora-dtype int8``, one LoraDeltaQ8 node
 with int8 A and B and a float32 scale per rank (half the bytes again; see :func:`encode`). The
 operators are compiled on the machine that runs packages (``lora-edge build-kernel``, or
-:func:`build`) for its own CPU, from the C++ source shipped here and ONNX Runtime's C API headers (any release from 1.21: the C API is ABI-stable, so a kernel built
-against 1.21's headers loads into later runtimes). The runtime registers it when a package asks for it.
+:func:`build`) for its own CPU, from the C++ source shipped here and ONNX Runtime's C API headers
+(any release from 1.21: the C API is ABI-stable, so a kernel built against 1.21's headers loads
+into later runtimes). The runtime registers it when a package asks for it. Each node also adds its
+delta onto the base projection's output, which it takes as an input.
 
 Device-side: no torch, no onnx; the build needs a C++17 compiler.
 """
@@ -74,15 +76,6 @@ def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lor
         else:
             raise ValueError(f"LoRA dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
     return out
-
-
-def decode(tensors: dict[str, np.ndarray], a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 A and B as the kernel sees them (the inverse of :func:`encode`, up to its rounding)."""
-    a, b = tensors[a_name].astype(np.float32), tensors[b_name].astype(np.float32)
-    sa, sb = scale_names(a_name, b_name)
-    if sa in tensors:
-        a, b = a * tensors[sa][None, :], b * tensors[sb][..., None]
-    return a, b
 
 
 def cache_dir() -> Path:

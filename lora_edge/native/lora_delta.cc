@@ -21,8 +21,8 @@
 //
 //   lora_edge::LoraDeltaQ8(x, A, A_scale, B, B_scale[, base, extra]) -> the same with int8 A and B:
 //   A (K, R) int8 with A_scale (R) float32, one scale per column (rank); B (R, N) or (chunks, r, c)
-//   int8 with B_scale (R) or (chunks, r) float32, one scale per row. Half the bytes of float16 again:
-//   at batch 1 the branch's weights stream from memory once per token, so bytes are its cost.
+//   int8 with B_scale (R) or (chunks, r) float32, one scale per row: half the bytes of float16 again
+//   (at batch 1 each branch's weights are read once per token, mostly from beyond the caches).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
