@@ -57,6 +57,8 @@ RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
            "int4sym": {"weights": "int4", "block_size": 32, "zero": "none"}}  # fmt: skip
 
 
+NATIVE_KINDS = ("native", "native8")  # packages on lora-edge's kernel: float16 and int8 A/B
+UNMERGED_KINDS = ("branch", *NATIVE_KINDS)  # rows that run r16all as a branch
 LORA_GGUF = {"lora": "gguf_lora", "lora8": "gguf_lora_q8"}  # llama.cpp row kind -> the argument naming its GGUF LoRA
 
 
@@ -94,7 +96,7 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
     pkgs = {}
     for q in quants:
         qcfg = QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
-        for mode in ("branch", "merged") + (("native", "native8") if native else ()):
+        for mode in ("branch", "merged") + (NATIVE_KINDS if native else ()):
             out = work / f"{q}-{mode}"
             if not (out / "manifest.json").is_file():
                 specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode != "merged" else ())
@@ -236,7 +238,7 @@ def main() -> None:
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
-    kinds = ("merged", "branch", "none") if args.no_native else ("merged", "branch", "native", "native8", "none")
+    kinds = ("merged", "branch", *(() if args.no_native else NATIVE_KINDS), "none")
     configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in kinds]
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
@@ -250,7 +252,7 @@ def main() -> None:
             if missing := [flag for flag, value in needs if not value]:
                 raise SystemExit(f"{c} needs {' and '.join(missing)}")
     pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)],
-                 native=any(c.endswith(("-native", "-native8")) for c in configs))  # fmt: skip
+                 native=any(c.rsplit("-", 1)[-1] in NATIVE_KINDS for c in configs))  # fmt: skip
     text = ROOT / "lora_edge/data/verify_text.txt"
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
@@ -266,8 +268,8 @@ def main() -> None:
             fig = run_child(CHILD_LLAMA_CPP, [gguf, lora, *common], python=args.llama_python)
         else:
             q, kind = c.split("-")
-            pkg = pkgs[f"{q}-{kind if kind in ('merged', 'native', 'native8') else 'branch'}"]
-            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in ("branch", "native", "native8") else "", *common])
+            pkg = pkgs[f"{q}-{kind if kind in ('merged', *NATIVE_KINDS) else 'branch'}"]
+            fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in UNMERGED_KINDS else "", *common])
         row = {"config": c, "threads": threads, "round": rnd, **fig}
         print(json.dumps(row), file=sys.stderr, flush=True)
         per_round[c, threads, rnd] = fig["decode_tps"]
@@ -296,11 +298,12 @@ def main() -> None:
         c, t = r["config"], r["threads"]
         vs = ratio(c, "torch", t)
         cost = "-"
-        if c.endswith(("-branch", "-native", "-native8")) and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
+        unmerged = c.rsplit("-", 1)[-1] in UNMERGED_KINDS
+        if unmerged and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
             cost = f"{100 * (x - 1):+.1f}%"
         if c.endswith(("-lora", "-lora8")) and (x := ratio(c.rsplit("-", 1)[0] + "-none", c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
-        q, kind = c.split("-")[0], "lora" if c.endswith(("branch", "native", "native8")) else "none"
+        q, kind = c.split("-")[0], "lora" if unmerged else "none"
         if c.endswith("-native8") and args.gguf_lora_q8:  # int8 A/B: against llama.cpp's q8_0 LoRA
             kind = "lora8"
         # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores

@@ -854,16 +854,18 @@ def _sweep(job: dict, tick) -> dict:
         none_tps = tps(None)
         rng = np.random.default_rng(0)
         kernel = model.manifest["graph"].get("lora_kernel")  # native packages store A/B as float16 or int8
+        if kernel:
+            from .adapters import EMBEDDING
+            from .native import encode
+
+            stored_pairs = [(s["lora_A"], s["lora_B"]) for s in slots if s["name"] != EMBEDDING]
         for r in job["ranks"]:
             arrays = {}
             for s in slots:
                 for name, shape in ranked_shapes(s, r).items():
                     arrays[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
             if kernel:
-                from .adapters import EMBEDDING
-                from .native import encode
-
-                arrays = encode(arrays, [(s["lora_A"], s["lora_B"]) for s in slots if s["name"] != EMBEDDING], kernel["dtype"])
+                arrays = encode(arrays, stored_pairs, kernel["dtype"])
             model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
             t = tps(f"rank{r}")
             points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,

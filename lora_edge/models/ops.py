@@ -156,12 +156,14 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c): one small product per chunk
             return g.op("Reshape", [y, g.const([0, 0, slot.out_features])])  # (B, S, out)
 
-    def with_lora(x: str, group: str, terms: list[str]) -> str:
-        """The sum of ``terms`` (full-shape outputs of the base projection) and the group's LoRA delta:
-        on the native kernel one node that adds its delta onto them; otherwise one Add/Sum node."""
+    def with_lora(x: str, group: str, terms: list[str], bias: list[str] = ()) -> str:
+        """The sum of ``terms`` (full-shape outputs of the base projection), ``bias`` (broadcast vectors)
+        and the group's LoRA delta: on the native kernel one node adds its delta onto the terms (then
+        the bias, if any, in one Add); otherwise one Add/Sum node for all of them."""
         if native and group in slots and len(terms) <= 2:
-            return lora(x, group, terms)
+            return summed([lora(x, group, terms), *bias], g.scope)
         delta = lora(x, group)
+        terms = [*terms, *bias]
         return summed(terms + ([delta] if delta is not None else []), f"lora/{group}" if len(terms) == 1 else g.scope)
 
     def bias_terms(name: str, modules: tuple[str, ...], sizes: list[int]) -> list[str]:
@@ -188,10 +190,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 with g.scoped(f"lora/{group}"):
                     y = g.op("Mul", [y, slot.m_name])
                 y = summed([y] + bias, g.scope)
-            elif native and slot is not None:  # the kernel adds its delta onto the base's terms; then the (broadcast) bias
-                y = summed([with_lora(x, group, terms)] + bias, g.scope)
             else:  # the LoRA delta joins the base's own sum (one Sum node) when there is one, else its own Add
-                y = with_lora(x, group, terms + bias)
+                y = with_lora(x, group, terms, bias)
             return [y] if len(ws) == 1 else g.op("Split", [y, g.const(sizes)], n_out=len(ws), axis=-1)
         delta = lora(x, group)
         ys = [project(x, m, w) for m, w in zip(modules, ws)]

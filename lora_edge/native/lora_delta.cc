@@ -290,7 +290,7 @@ struct LoraDeltaKernel {
     }
     if (addends[1] != nullptr)
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
-    if (M == 0 || R == 0 || r == 0) return;
+    if (R == 0 || r == 0) return;  // no adapter bound: just the sum
     using T = typename E::T;
     const float* xp = x.GetTensorData<float>();
     const T* ap = static_cast<const T*>(a.GetTensorRawData());
