@@ -137,12 +137,14 @@ void x_times_a(const float* x, const typename E::T* a, float* t, int64_t K, int6
   for (int64_t k = 0; k < K && r0 < R; ++k) add_scaled_row<E>(x[k], a + k * R, t, r0, R);
 }
 
-// Prefetches the cache lines of bytes [0, n) from p (a hint: never faults, even past an array's end).
-inline void prefetch_lines(const void* p, size_t n) {
-  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
+// Prefetches the cache lines of bytes [from, from + n) past p. A hint: it never faults, even past an
+// array's end, and the address is formed as an integer so that no pointer leaves its array.
+inline void prefetch_lines(const void* p, size_t from, size_t n) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + from;
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 3);
 }
 
-constexpr int64_t kColumnBlock = 64;  // columns of B per pass down its rows
+constexpr int64_t kColumnBlock = 64;  // columns of B per pass down its rows: 8 vectors of 8 accumulators
 
 // y[n0:n1] += t[0:r] @ b[:, n0:n1], b (r, ldb) row-major. Each block of 64 columns walks down the
 // r rows, one short strided stream that the hardware prefetcher barely starts on, so each row also
@@ -152,15 +154,16 @@ void t_times_b(const float* t, const typename E::T* b, float* y, int64_t r, int6
   int64_t n = n0;
 #if defined(LE_AVX2)
   for (; n + kColumnBlock <= n1; n += kColumnBlock) {
-    __m256 c[8];
-    for (int v = 0; v < 8; ++v) c[v] = _mm256_loadu_ps(y + n + 8 * v);
+    constexpr int kV = kColumnBlock / 8;
+    __m256 c[kV];
+    for (int v = 0; v < kV; ++v) c[v] = _mm256_loadu_ps(y + n + 8 * v);
     const typename E::T* p = b + n;
     for (int64_t i = 0; i < r; ++i, p += ldb) {
-      prefetch_lines(p + 2 * kColumnBlock, kColumnBlock * sizeof(typename E::T));
+      prefetch_lines(p, 2 * kColumnBlock * sizeof(typename E::T), kColumnBlock * sizeof(typename E::T));
       __m256 tv = _mm256_set1_ps(t[i]);
-      for (int v = 0; v < 8; ++v) c[v] = _mm256_fmadd_ps(tv, E::eight(p + 8 * v), c[v]);
+      for (int v = 0; v < kV; ++v) c[v] = _mm256_fmadd_ps(tv, E::eight(p + 8 * v), c[v]);
     }
-    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(y + n + 8 * v, c[v]);
+    for (int v = 0; v < kV; ++v) _mm256_storeu_ps(y + n + 8 * v, c[v]);
   }
   for (; n + 8 <= n1; n += 8) {
     __m256 c0 = _mm256_loadu_ps(y + n);
