@@ -117,6 +117,11 @@ class QuantConfig:
             return self.block_size
         return 16 if self.weights is WeightType.INT8 else 32
 
+    @property
+    def has_float_offsets(self) -> bool:
+        """Whether the recipe's linear weights carry float block offsets (a correction beside MatMulNBits)."""
+        return bool(self.weights.bits) and self.zero_for(self.weights) == "float"
+
     def zero_for(self, wtype: WeightType) -> str:
         if self.zero is not None:
             return self.zero
@@ -168,6 +173,8 @@ class ExportConfig:
     target: str = "cpu"
     # How a LoRA branch runs: "onnx" (standard MatMuls, float32 A/B: any ONNX Runtime) or "native"
     # (lora-edge's LoraDelta operator, float16 A/B, threaded: the runtime needs `lora-edge build-kernel`).
+    # "native" also runs int4's float-offset correction in the kernel (BlockOffset, or inside LoraDelta),
+    # merged exports included.
     lora_kernel: str = "onnx"
     # How the native kernel stores lora_A / lora_B: "float16", or "int8" (one float32 scale per rank: half
     # the bytes again, about 0.7% relative error in the branch's output on the example adapters).
@@ -195,8 +202,9 @@ class ExportConfig:
             raise InputError(f"LoRA kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
         if self.lora_kernel == "native" and self.target != "cpu":
             raise InputError(f"--lora-kernel native runs on the CPU execution provider; use it with --target cpu, not {self.target}")
-        if self.lora_kernel == "native" and self.mode is not Mode.BRANCH:
-            raise InputError("--lora-kernel native runs LoRA branches; a merged export has none (use --mode branch)")
+        if self.lora_kernel == "native" and self.mode is not Mode.BRANCH and not self.quant.has_float_offsets:
+            raise InputError("--lora-kernel native runs LoRA branches and int4's float-offset correction; this merged "
+                             "export has neither (use --mode branch, or an int4 recipe with --zero float)")
         if self.lora_dtype not in LORA_DTYPES:
             raise InputError(f"LoRA dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
         if self.lora_dtype != "float16" and self.lora_kernel != "native":

@@ -20,7 +20,6 @@ from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
 from .models.spec import BaseModel
-from .native import KERNEL_VERSION
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
 from .targets import Target, to_ort_format, write_genai_config
@@ -236,6 +235,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                                             lora_dtype=cfg.lora_dtype)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
+    offsets_in_kernel = any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute)
+                            for n in model.graph.node if n.domain == "lora_edge")  # fmt: skip
 
     with staged_output(cfg.output, cfg.force) as tmp:
         progress("writing model.onnx")
@@ -262,6 +263,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype == "int8"
+        kernel_version = 3 if offsets_in_kernel else 2  # (v3: BlockOffset and LoraDelta's offsets; a v2 kernel runs the rest)
         manifest = {
             "lora_edge_version": __version__,
             "base": {
@@ -279,7 +281,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
-                **({"lora_kernel": {"name": "native", "version": KERNEL_VERSION, "dtype": cfg.lora_dtype}}
+                **({"lora_kernel": {"name": "native", "version": kernel_version, "dtype": cfg.lora_dtype}}
                    if cfg.lora_kernel == "native" else {}),  # fmt: skip
                 **io,
             },

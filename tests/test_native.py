@@ -123,10 +123,22 @@ def stored_oracle(tiny_base, tiny_adapters, lora_dtype):
 
 
 # -- the operator alone ----------------------------------------------------------------------------
+def _one_node_session(kernel, node, ins: list, threads: int):
+    """A session of one lora_edge node with inputs ``ins`` and output y (float32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lora_edge", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(str(kernel))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int = 1, int8: bool = False, addends: int = 0):
     """One LoraDelta node (float16 A/B), or with ``int8`` one LoraDeltaQ8 (x, A, A_scale, B, B_scale);
     ``addends``: also the optional inputs base (and extra) that the delta is added onto."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     attrs = {"chunk_modules": list(chunk_modules)} if chunk_modules is not None else {}
@@ -139,12 +151,7 @@ def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int
         ins.append(helper.make_tensor_value_info("B_scale", TensorProto.FLOAT, b_dims[:-1]))
     ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", "n"]) for n in ("base", "extra")[:addends]]
     node = helper.make_node("LoraDeltaQ8" if int8 else "LoraDelta", [i.name for i in ins], ["y"], domain="lora_edge", **attrs)
-    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lora_edge", 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.register_custom_ops_library(str(kernel))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return _one_node_session(kernel, node, ins, threads)
 
 
 def _q8_feed(x, a, b) -> dict:
@@ -234,6 +241,52 @@ def test_operator_with_rank_zero_gives_zeros(kernel):
     assert got.shape == (1, 2, 24) and not got.any()
 
 
+def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta: bool = False):
+    """One BlockOffset node (x, offsets, base), or with ``delta`` one LoraDelta taking the offsets as
+    its last input (x, A, B, base, "", offsets)."""
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
+           helper.make_tensor_value_info("offsets", TensorProto.FLOAT16, ["nb", n]),
+           helper.make_tensor_value_info("base", TensorProto.FLOAT, ["b", "s", n])]  # fmt: skip
+    if delta:
+        ins += [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [k, "r"]), helper.make_tensor_value_info("B", TensorProto.FLOAT16, ["r", n])]
+        node = helper.make_node("LoraDelta", ["x", "A", "B", "base", "", "offsets"], ["y"], domain="lora_edge", offset_block=block)
+    else:
+        node = helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=block)
+    return _one_node_session(kernel, node, ins, threads)
+
+
+@pytest.mark.parametrize("k,n,block", [(576, 960, 32), (1536, 576, 32), (37, 5, 16), (100, 300, 7), (8, 1, 32)])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
+@pytest.mark.parametrize("delta", [False, True])
+def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta):
+    """base + blocksum(x) @ offsets, with a short last block and widths off the vector sizes; inside
+    LoraDelta the same plus (x @ A) @ B."""
+    rng = np.random.RandomState(k + n + block)
+    nb = -(-k // block)
+    x = rng.randn(*rows, k).astype(np.float32)
+    offsets, base = rng.randn(nb, n).astype(np.float16), rng.randn(*rows, n).astype(np.float32)
+    xp = np.concatenate([x, np.zeros((*rows, nb * block - k), np.float32)], axis=-1).astype(np.float64)
+    want = base + xp.reshape(*rows, nb, block).sum(-1) @ offsets.astype(np.float64)
+    feed = {"x": x, "offsets": offsets, "base": base}
+    if delta:
+        a, b = rng.randn(k, 6).astype(np.float16), rng.randn(6, n).astype(np.float16)
+        want = want + (x.astype(np.float64) @ a.astype(np.float64)) @ b.astype(np.float64)
+        feed.update(A=a, B=b)
+    for threads in (1, 2):
+        got = _offset_session(kernel, k, n, block, threads, delta).run(None, feed)[0]
+        assert got.shape == (*rows, n)
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
+
+
+def test_block_offset_refuses_offsets_of_another_block_count(kernel):
+    sess = _offset_session(kernel, 64, 8, 32)
+    feed = {"x": np.ones((1, 1, 64), np.float32), "offsets": np.zeros((3, 8), np.float16), "base": np.zeros((1, 1, 8), np.float32)}
+    with pytest.raises(Exception, match="ceil"):
+        sess.run(None, feed)
+
+
 def test_operator_refuses_mismatched_shapes(kernel):
     sess = _delta_session(kernel, 16, 2)
     with pytest.raises(Exception, match="B's rows differ"):
@@ -275,7 +328,7 @@ def test_native_kv_cache_and_greedy_match_peft_on_the_stored_weights(native, sto
     assert native.generate_ids(prompt, adapter, 20, 20)[0] == stored_oracle.greedy(prompt, adapter, 20)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "int4_mixed"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "int4_mixed", "int4_float_emb4_b64"])
 def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny_adapters, tmp_path, lora_dtype, quant):
     """On a quantized base the kernel adds its delta onto the base's terms (at int4 the MatMulNBits
     output and the float-offset correction; float MatMul for o_proj in int4_mixed) in one node: the
@@ -299,6 +352,57 @@ def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny
     tol = 5e-4 if quant != "int8" else 2e-4
     assert np.abs(m.forward(ids, adapter="x") - want).max() <= tol
     assert np.abs(m.forward(ids) - want_base).max() <= tol
+
+
+def _lora_edge_nodes(pkg) -> list:
+    import onnx
+
+    return [n for n in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node if n.domain == "lora_edge"]
+
+
+def test_merged_int4_runs_its_offsets_in_the_kernel(tiny_base, tiny_adapters, tmp_path):
+    """A merged int4 export with --lora-kernel native: one BlockOffset per projection in place of the
+    correction's Reshape/ReduceSum/MatMul/Add, computing the onnx-kernel package's logits (float32
+    sums in another order: 1e-4 on logits of a few units) and its greedy tokens; the package needs
+    kernel v3, which the manifest records."""
+    from test_quant import QUANTS
+
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode
+    from lora_edge.export import export
+
+    ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
+    pkgs = {}
+    for kernel_kind in ("onnx", "native"):
+        pkgs[kernel_kind] = tmp_path / kernel_kind
+        export(ExportConfig(base=tiny_base, output=pkgs[kernel_kind], adapters=ad, quant=QUANTS["int4"], mode=Mode.MERGE,
+                            lora_kernel=kernel_kind))  # fmt: skip
+    nodes = _lora_edge_nodes(pkgs["native"])
+    assert nodes and {n.op_type for n in nodes} == {"BlockOffset"}
+    assert json.loads((pkgs["native"] / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 3
+    onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
+    ids = np.random.RandomState(2).randint(0, 300, (2, 11))
+    assert np.abs(native_m.forward(ids) - onnx_m.forward(ids)).max() <= 1e-4
+    prompt = [5, 17, 42, 7]
+    assert native_m.generate_ids(prompt, None, 12, 12)[0] == onnx_m.generate_ids(prompt, None, 12, 12)[0]
+
+
+def test_int4_branches_take_the_offsets_in_their_node(tiny_base, tiny_adapters, tmp_path, lora_dtype):
+    """On an int4 base every branch's node also runs its projection's offset correction (one node after
+    MatMulNBits); a package with no offsets in the kernel records v2, which older kernels run."""
+    from test_quant import QUANTS
+
+    from lora_edge.config import AdapterSpec, ExportConfig
+    from lora_edge.export import export
+
+    ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
+    export(ExportConfig(base=tiny_base, output=tmp_path / "int4", adapters=ad, quant=QUANTS["int4"], lora_kernel="native",
+                        lora_dtype=lora_dtype))  # fmt: skip
+    deltas = [n for n in _lora_edge_nodes(tmp_path / "int4") if n.op_type.startswith("LoraDelta")]
+    assert deltas and all(any(a.name == "offset_block" for a in n.attribute) for n in deltas)
+    assert json.loads((tmp_path / "int4" / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 3
+    export(ExportConfig(base=tiny_base, output=tmp_path / "int8", adapters=ad, quant=QUANTS["int8"], lora_kernel="native",
+                        lora_dtype=lora_dtype))  # fmt: skip
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 2
 
 
 def test_native_no_adapter_is_the_onnx_package_exactly(native, tiny_package):
@@ -351,15 +455,20 @@ def test_kernel_version_mismatch_asks_to_re_export(native_package, tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [({"target": "cuda"}, "--target cpu"), ({"target": "mobile"}, "--target cpu"),
-                                      ({"mode": "merge"}, "--mode branch"), ({"lora_kernel": "cuda"}, "onnx, native"),
+                                      ({"mode": "merge"}, "--mode branch"),
+                                      ({"mode": "merge", "quant": "int8"}, "--zero float"), ({"lora_kernel": "cuda"}, "onnx, native"),
                                       ({"lora_kernel": "onnx", "lora_dtype": "int8"}, "add --lora-kernel native"),
                                       ({"lora_dtype": "int4"}, "float16, int8")])  # fmt: skip
 def test_export_refuses_what_the_kernel_cannot_run(tiny_base, tiny_adapters, tmp_path, kw, match):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
 
+    from test_quant import QUANTS
+
     kw = {"lora_kernel": "native", **kw}
     if "mode" in kw:
         kw["mode"] = Mode(kw["mode"])
+    if "quant" in kw:
+        kw["quant"] = QUANTS[kw["quant"]]
     with pytest.raises(InputError, match=match):
         ExportConfig(base=tiny_base, output=tmp_path / "o", adapters=(AdapterSpec("a", tiny_adapters["qv_r4"]),), **kw)
 

@@ -8,6 +8,7 @@ and trained-bias inputs, biases, grouped projections (q/k/v, gate/up) and norms.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,6 +16,15 @@ from ..adapters import EMBEDDING
 from ..graph import GraphBuilder
 from ..quant import QTensor
 from .spec import DecoderSpec, Slot
+
+
+class OffsetTerm(NamedTuple):
+    """The float-offset correction blocksum(x) @ offsets of a quantized projection, not yet a node: on the
+    native kernel it joins the node that sums it (a LoraDelta's `offsets` input, else a BlockOffset)."""
+
+    x: str
+    offsets: str  # (n_blocks, N) float16
+    block: int
 
 
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
@@ -78,8 +88,10 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 v["zero_points"] = g.weight(f"{name}.zero_points", qt.zero_points)
             if qt.offsets is not None and name == "model.embed_tokens.weight":  # rows gathered, (N, nb)
                 v["offsets"] = g.op("Cast", [g.weight(f"{name}.offsets", qt.offsets)], to=CT)
-            elif qt.offsets is not None:  # (nb, N): the right operand of a MatMul ORT can prepack
-                v["offsets.T"] = g.op("Cast", [g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))], to=CT)
+            elif qt.offsets is not None:  # (nb, N): the right operand of a MatMul ORT can prepack (native: read as float16)
+                v["offsets.T"] = g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))
+                if not native:
+                    v["offsets.T"] = g.op("Cast", [v["offsets.T"]], to=CT)
             quant_values[name] = v
         return quant_values[name]
 
@@ -88,18 +100,20 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
         """y = x @ W_hat.T through ONNX Runtime's MatMulNBits (weight-only, block-wise), plus the
         float-offset correction blocksum(x) @ offsets.T when the blocks have float offsets."""
-        terms = matmul_nbits_terms(x, name, qt)
-        return terms[0] if len(terms) == 1 else g.op("Add", terms)
+        return summed(matmul_nbits_terms(x, name, qt), g.scope)
 
-    def matmul_nbits_terms(x: str, name: str, qt: QTensor) -> list[str]:
+    def matmul_nbits_terms(x: str, name: str, qt: QTensor) -> list:
         """The summands of :func:`matmul_nbits`: the integer-kernel product, and the float-offset
-        correction when there is one (callers add them in one node with any LoRA delta)."""
+        correction when there is one (callers add them in one node with any LoRA delta; on the native
+        kernel the correction is an :class:`OffsetTerm` that :func:`summed` or the LoraDelta node runs)."""
         v = quant_inputs(name, qt)
         ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
         y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
                  accuracy_level=accuracy_level)  # fmt: skip
         if "offsets" not in v and "offsets.T" not in v:
             return [y]
+        if native and "offsets.T" in v:
+            return [y, OffsetTerm(x, v["offsets.T"], qt.block)]
         key = (x, qt.block)
         if key not in block_sums:  # shared by every projection that reads the same x
             xp = x
@@ -121,27 +135,37 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         return [g.op("MatMul", [x, float_weight(f"{name}.weight.T", w.T)])]  # (in, out)
 
     def project(x: str, name: str, w) -> str:
-        terms = project_terms(x, name, w)
-        return terms[0] if len(terms) == 1 else g.op("Add", terms)
+        return summed(project_terms(x, name, w), g.scope)
 
-    def summed(terms: list[str], scope: str) -> str:
-        """One node for the sum: Add for two terms, Sum for more (one pass over the output, not two)."""
+    def summed(terms: list, scope: str) -> str:
+        """One node for the sum: Add for two terms, Sum for more (one pass over the output, not two).
+        An :class:`OffsetTerm` is added onto the first other term by one BlockOffset node."""
+        offset = next((t for t in terms if isinstance(t, OffsetTerm)), None)
+        if offset is not None:
+            rest = [t for t in terms if t is not offset]
+            terms = [g.op("BlockOffset", [offset.x, offset.offsets, rest[0]], domain="lora_edge", block=offset.block), *rest[1:]]
         if len(terms) == 1:
             return terms[0]
         with g.scoped(scope):
             return g.op("Add" if len(terms) == 2 else "Sum", terms)
 
-    def lora(x: str, group: str, addends: list[str] = ()) -> str | None:
+    def lora(x: str, group: str, addends: list = ()) -> str | None:
         """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
         Its nodes are named ``lora/...`` so that profiles can tell the branch from the base.
-        ``addends`` (native only, at most 2, shaped like the output): the node returns their sum plus
-        the delta."""
+        ``addends`` (native only, at most 2 shaped like the output, and at most one :class:`OffsetTerm`
+        of the same x): the node returns their sum plus the delta."""
         slot = slots.get(group)
         if slot is None:
             return None
         with g.scoped(f"lora/{group}"):
             if native:  # one node: float16 A and B read as they are, the B product split over the threads
                 attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
+                offset = next((t for t in addends if isinstance(t, OffsetTerm)), None)
+                addends = [t for t in addends if t is not offset]
+                if offset is not None:  # (base, extra, offsets)
+                    assert offset.x == x and len(addends) <= 2
+                    addends = [*addends, *[""] * (2 - len(addends)), offset.offsets]
+                    attrs["offset_block"] = offset.block
                 if lt(slot) is np.int8:
                     sa, sb = slot.scale_names
                     return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb, *addends], domain="lora_edge", **attrs)
@@ -156,11 +180,12 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c): one small product per chunk
             return g.op("Reshape", [y, g.const([0, 0, slot.out_features])])  # (B, S, out)
 
-    def with_lora(x: str, group: str, terms: list[str], bias: list[str] = ()) -> str:
+    def with_lora(x: str, group: str, terms: list, bias: list[str] = ()) -> str:
         """The sum of ``terms`` (full-shape outputs of the base projection), ``bias`` (broadcast vectors)
         and the group's LoRA delta: on the native kernel one node adds its delta onto the terms (then
         the bias, if any, in one Add); otherwise one Add/Sum node for all of them."""
-        if native and group in slots and len(terms) <= 2:
+        plain = [t for t in terms if not isinstance(t, OffsetTerm)]
+        if native and group in slots and len(plain) <= 2 and all(t.x == x for t in terms if isinstance(t, OffsetTerm)):
             return summed([lora(x, group, terms), *bias], g.scope)
         delta = lora(x, group)
         terms = [*terms, *bias]

@@ -29,8 +29,10 @@ from ..errors import LoraEdgeError
 
 # The operators' contract (inputs, attributes); a package records the one it needs. v1: LoraDelta (float16);
 # v2 adds LoraDeltaQ8 (int8) and the optional base/extra inputs both add their delta onto (v1's three
-# inputs mean what they meant), so a v2 kernel runs v1 packages.
-KERNEL_VERSION = 2
+# inputs mean what they meant), so a v2 kernel runs v1 packages. v3 adds BlockOffset and LoraDelta's optional
+# `offsets` input (the float-offset correction of int4 blocks, in the kernel); a package that uses neither
+# records v2, which a v2 kernel still runs.
+KERNEL_VERSION = 3
 LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
 MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)
 SOURCE = Path(__file__).with_name("lora_delta.cc")

@@ -23,6 +23,14 @@
 //   A (K, R) int8 with A_scale (R) float32, one scale per column (rank); B (R, N) or (chunks, r, c)
 //   int8 with B_scale (R) or (chunks, r) float32, one scale per row: half the bytes of float16 again
 //   (at batch 1 each branch's weights are read once per token, mostly from beyond the caches).
+//
+//   lora_edge::BlockOffset(x, offsets, base) -> base + blocksum(x) @ offsets      (kernel v3)
+// the float-offset correction of a block-quantized projection (MatMulNBits computes the integer
+// part): offsets (n_blocks, N) float16, blocksum(x) (..., n_blocks) the sums of x over blocks of
+// attribute `block` along K (the last block may be short). ONNX's own ops take four nodes for it
+// (Reshape, ReduceSum, MatMul, Add) and read the offsets as float32.
+// LoraDelta and LoraDeltaQ8 take the same correction as a last optional input `offsets` with
+// attribute `offset_block`, so a quantized projection with its adapter is MatMulNBits + one node.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -228,15 +236,72 @@ struct Scratch {
   }
 };
 
+// y (M, chunks * c) += the chunks' t @ B: on this thread when small (a decode step's products are
+// a few µs, about what a ParallelFor costs), else by column tasks over the session's threads.
+template <class E>
+void run_b_product(Ort::KernelContext& ctx, Job<E>& job) {
+  size_t tasks = (size_t)(job.chunks * job.tasks_per_chunk);
+  if (job.M * job.chunks * job.r * job.c < kMinWorkToThread || tasks == 1) {
+    for (size_t i = 0; i < tasks; ++i) run_task<E>(&job, i);
+  } else {
+    ctx.ParallelFor(run_task<E>, tasks, 0, &job);
+  }
+}
+
+// s[0:nb] = the sums of x[0:K] over blocks of `block` (the last one may be short).
+inline void block_sums(const float* x, float* s, int64_t K, int64_t nb, int64_t block) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
+    int64_t k = k0;
+    float sum = 0.f;
+#if defined(LE_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= k1; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + k));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; k < k1; ++k) sum += x[k];
+    s[b] = sum;
+  }
+}
+
+// y (M, N) += blocksum(x) @ offsets: x (M, K) float32, offsets (nb, N) float16 (a tensor of the node's).
+void add_block_offsets(Ort::KernelContext& ctx, const Ort::ConstValue& offsets, const float* x, float* y, int64_t M,
+                       int64_t K, int64_t N, int64_t block, const char* op) {
+  auto os = offsets.GetTensorTypeAndShapeInfo().GetShape();
+  const int64_t nb = block > 0 ? (K + block - 1) / block : 0;
+  if (block <= 0 || os.size() != 2 || os[0] != nb || os[1] != N)
+    ORT_CXX_API_THROW(std::string(op) + ": offsets must be (ceil(K / block), N) with block > 0", ORT_INVALID_ARGUMENT);
+  if (M == 0 || N == 0 || nb == 0) return;
+  Scratch<float, 1024> s_mem;
+  float* s = s_mem.get((size_t)(M * nb));
+  for (int64_t m = 0; m < M; ++m) block_sums(x + m * K, s + m * nb, K, nb, block);
+  const int64_t first = 0;
+  Job<F16> job{s, static_cast<const uint16_t*>(offsets.GetTensorRawData()), y, &first, M, nb, nb, N, 1,
+               (N + kColumnsPerTask - 1) / kColumnsPerTask};
+  run_b_product<F16>(ctx, job);
+}
+
+int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return otherwise;
+  }
+}
+
 // LoraDelta (E = F16, no scales) and LoraDeltaQ8 (E = I8; inputs x, A, A_scale, B, B_scale); then
-// the optional base and extra.
+// the optional base, extra and offsets.
 template <class E, bool Scaled>
 struct LoraDeltaKernel {
   static constexpr size_t kB = Scaled ? 3 : 2;  // B's input index
   static constexpr size_t kBase = kB + (Scaled ? 2 : 1);  // the optional addends' first index
+  static constexpr size_t kOptional = 3;  // base, extra, offsets
   std::vector<int64_t> chunk_modules;
+  int64_t offset_block;
 
-  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) {
+  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) : offset_block(int_attribute(info, "offset_block", 0)) {
     Ort::ConstKernelInfo ki(info);
     try {
       chunk_modules = ki.GetAttributes<int64_t>("chunk_modules");
@@ -305,9 +370,14 @@ struct LoraDeltaKernel {
     }
     if (addends[1] != nullptr)
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
+    const float* xp = x.GetTensorData<float>();
+    if (kBase + 2 < n_inputs) {  // the base's float-offset correction
+      auto offsets = ctx.GetInput(kBase + 2);
+      if (static_cast<const OrtValue*>(offsets) != nullptr)
+        add_block_offsets(ctx, offsets, xp, y, M, K, chunks * c, offset_block, "LoraDelta");
+    }
     if (R == 0 || r == 0) return;  // no adapter bound: just the sum
     using T = typename E::T;
-    const float* xp = x.GetTensorData<float>();
     const T* ap = static_cast<const T*>(a.GetTensorRawData());
     const T* bp = static_cast<const T*>(b.GetTensorRawData());
     Scratch<float, 1024> t_mem, scaled_mem;
@@ -331,12 +401,33 @@ struct LoraDeltaKernel {
       tp = scaled, ldt = chunks * r;
     }
     Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
-    size_t tasks = (size_t)(chunks * job.tasks_per_chunk);
-    if (M * chunks * r * c < kMinWorkToThread || tasks == 1) {
-      for (size_t i = 0; i < tasks; ++i) run_task<E>(&job, i);
-    } else {
-      ctx.ParallelFor(run_task<E>, tasks, 0, &job);
+    run_b_product<E>(ctx, job);
+  }
+};
+
+// BlockOffset(x, offsets, base): base + blocksum(x) @ offsets.
+struct BlockOffsetKernel {
+  int64_t block;
+
+  BlockOffsetKernel(const OrtApi&, const OrtKernelInfo* info) : block(int_attribute(info, "block", 0)) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0), offsets = ctx.GetInput(1), base = ctx.GetInput(2);
+    auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), ys = base.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.empty() || ys.size() != xs.size())
+      ORT_CXX_API_THROW("BlockOffset: x must be (..., K) and base (..., N) with the same leading dims", ORT_INVALID_ARGUMENT);
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) {
+      if (xs[i] != ys[i]) ORT_CXX_API_THROW("BlockOffset: x and base differ in their leading dims", ORT_INVALID_ARGUMENT);
+      M *= xs[i];
     }
+    const int64_t K = xs.back(), N = ys.back();
+    auto out = ctx.GetOutput(0, ys);
+    float* y = out.GetTensorMutableData<float>();
+    if (M * N == 0) return;
+    std::memcpy(y, base.GetTensorData<float>(), sizeof(float) * M * N);
+    add_block_offsets(ctx, offsets, x.GetTensorData<float>(), y, M, K, N, block, "BlockOffset");
   }
 };
 
@@ -347,7 +438,7 @@ template <class Op, class Kernel>
 struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return Kernel::kBase + 2; }
+  size_t GetInputTypeCount() const { return Kernel::kBase + Kernel::kOptional; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= Kernel::kBase ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
                               : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
@@ -359,20 +450,35 @@ struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
 
 struct LoraDeltaOp : DeltaOpBase<LoraDeltaOp, F16Kernel> {
   const char* GetName() const { return "LoraDelta"; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, B, base, extra
-    return i == 1 || i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, B, base, extra, offsets
+    return i == 1 || i == 2 || i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 };
 
 struct LoraDeltaQ8Op : DeltaOpBase<LoraDeltaQ8Op, I8Kernel> {
   const char* GetName() const { return "LoraDeltaQ8"; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale, base, extra
-    return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale, base, extra, offsets
+    return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+           : i == 7         ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                            : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
+};
+
+struct BlockOffsetOp : Ort::CustomOpBase<BlockOffsetOp, BlockOffsetKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new BlockOffsetKernel(api, info); }
+  const char* GetName() const { return "BlockOffset"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, offsets, base
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 LoraDeltaOp the_op;
 LoraDeltaQ8Op the_q8_op;
+BlockOffsetOp the_offset_op;
 std::once_flag domain_once;
 OrtCustomOpDomain* the_domain = nullptr;
 
@@ -394,6 +500,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     status = api->CreateCustomOpDomain("lora_edge", &the_domain);
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_op);
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_q8_op);
+    if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_offset_op);
   });
   if (status != nullptr) return status;
   return api->AddCustomOpDomain(options, the_domain);
@@ -405,6 +512,6 @@ __declspec(dllexport)
 #else
 __attribute__((visibility("default")))
 #endif
-int lora_edge_kernel_version() { return 2; }
+int lora_edge_kernel_version() { return 3; }
 
 }  // extern "C"
