@@ -15,6 +15,9 @@ builds (same --work folder; built here when missing).
 merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%), for the
 standard-MatMul branch ("onnx") and lora-edge's LoraDelta kernel ("native", `--lora-kernel native`,
 float16 A/B; "native int8", `--lora-dtype int8`; the kernel is built first, `--no-native` skips both).
+For a recipe with float block offsets (int4) the kernel also runs the offset correction, so its merged
+package on the kernel ("merged (native)", the speed-up over the plain merged package given beside it)
+is the reference of the native rows: the same graph less the adapter.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import QUANTS, RECIPES, ROOT, build
+from decode import NATIVE_MERGED, QUANTS, RECIPES, ROOT, build
 
 
 def decode_tps(model, prompt: list[int], adapter: str | None, new: int) -> float:
@@ -57,8 +60,9 @@ def main() -> None:
     kinds = ["branch", "none"] + ([] if args.no_native else ["native", "native8", "native-none"])
     label = {"branch": "branch (onnx)", "none": "no adapter (onnx)", "native": "branch (native)",
              "native8": "branch (native int8)", "native-none": "no adapter (native)"}  # fmt: skip
-    print("| quant | threads | merged tok/s | " + " | ".join(f"{label[k]} tok/s, cost (range)" for k in kinds) + " |")
-    print("|---|---|---|" + "---|" * len(kinds))
+    print("| quant | threads | merged tok/s | merged (native) tok/s, speed-up | "
+          + " | ".join(f"{label[k]} tok/s, cost (range)" for k in kinds) + " |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * len(kinds))
     prompt: list[int] = []  # made once, with the first package's tokenizer (every package carries the same one)
     for threads in args.threads:
         for q in args.quants:
@@ -72,18 +76,24 @@ def main() -> None:
             runs = {"merged": (merged, None), "branch": (branch, "r16all"), "none": (branch, None)}
             if native is not None:
                 runs.update({"native": (native, "r16all"), "native8": (native8, "r16all"), "native-none": (native, None)})
+            if f"{q}-{NATIVE_MERGED}" in pkgs:
+                runs[NATIVE_MERGED] = (lora_edge.load(pkgs[f"{q}-{NATIVE_MERGED}"], threads=threads), None)
             for m, a in runs.values():  # warm-up
                 decode_tps(m, prompt[:16], a, 8)
             tps: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.rounds):
                 for k, (m, a) in runs.items():
                     tps[k].append(decode_tps(m, prompt, a, args.new_tokens))
-            cells = []
+            cells = ["-"]
+            if NATIVE_MERGED in tps:
+                up = statistics.median(y / x for x, y in zip(tps["merged"], tps[NATIVE_MERGED]))
+                cells = [f"{statistics.median(tps[NATIVE_MERGED]):.1f}, {up:.2f}x"]
             for k in kinds:  # cost = merged speed / this speed - 1, per round; median and range over rounds
-                cost = sorted(100 * (y / x - 1) for x, y in zip(tps[k], tps["merged"]))
+                ref = tps[NATIVE_MERGED if k.startswith("native") and NATIVE_MERGED in tps else "merged"]
+                cost = sorted(100 * (y / x - 1) for x, y in zip(tps[k], ref))
                 cells.append(f"{statistics.median(tps[k]):.1f}, {statistics.median(cost):+.1f}% ({cost[0]:+.1f} to {cost[-1]:+.1f})")
             print(f"| {q} | {threads} | {statistics.median(tps['merged']):.1f} | " + " | ".join(cells) + " |", flush=True)
-            del merged, branch, native, native8
+            del merged, branch, native, native8, runs
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ llama.cpp is measured when llama-cpp-python is installed (`pip install llama-cpp
 GGUF files are given with --gguf-q8 / --gguf-q4 / --gguf-q41 / --gguf-lora / --gguf-lora-q8 (convert with llama.cpp's
 convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency. How it was done here
 (llama-cpp-python 0.3.36, in its own venv; its sdist carries vendor/llama.cpp with both scripts):
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-      -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python
-    (GGML_NATIVE=ON built AMX kernels that died with "Illegal instruction" on this VM)
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+      -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python
+    (GGML_NATIVE=ON built AMX kernels that died with "Illegal instruction" on this VM; name the ISA the CPU has,
+    `grep -o 'avx512[a-z_]*' /proc/cpuinfo`: AVX-512 ON where the CPU lacks it dies the same way)
     save the float base as an HF folder: load_hf_model(smollm2_gguf()), then (transformers refuses to save a
     GGUF-loaded model) AutoModelForCausalLM.from_config(config without quantization_config) + load_state_dict
     + save_pretrained, and AutoTokenizer.from_pretrained(dir, gguf_file=...).save_pretrained; then
@@ -58,6 +59,9 @@ RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
 
 
 NATIVE_KINDS = ("native", "native8")  # packages on lora-edge's kernel: float16 and int8 A/B
+# the merged package on lora-edge's kernel, for recipes with float block offsets (int4): BlockOffset runs the
+# correction; the native branch rows' cost is measured against it (the same graph less the adapter)
+NATIVE_MERGED = "nativemerged"
 UNMERGED_KINDS = ("branch", *NATIVE_KINDS)  # rows that run r16all as a branch
 LORA_GGUF = {"lora": "gguf_lora", "lora8": "gguf_lora_q8"}  # llama.cpp row kind -> the argument naming its GGUF LoRA
 
@@ -81,11 +85,24 @@ def make_r16(path: Path, base: Path) -> Path:
     return path
 
 
+def recipe(q: str):
+    from lora_edge.config import QuantConfig, WeightType
+
+    return QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
+
+
+def kinds_of(q: str, native: bool) -> tuple[str, ...]:
+    """The package kinds built for recipe ``q``."""
+    extra = NATIVE_KINDS + ((NATIVE_MERGED,) if recipe(q).has_float_offsets else ()) if native else ()
+    return ("branch", "merged", *extra)
+
+
 def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[str, Path]:
     """The packages of each recipe: "-merged" (r16all folded in), "-branch" (r16all and the example adapters
     as branches, standard MatMuls) and, with ``native``, "-native" (the same branches on lora-edge's
-    LoraDelta kernel, float16 A/B; the kernel is built first) and "-native8" (int8 A/B, LoraDeltaQ8)."""
-    from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
+    LoraDelta kernel, float16 A/B; the kernel is built first), "-native8" (int8 A/B, LoraDeltaQ8) and, for
+    recipes with float offsets, "-nativemerged" (merged, the offset correction on the kernel)."""
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.export import export
 
     if native:
@@ -95,13 +112,14 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
     r16 = make_r16(work / "r16all", base)
     pkgs = {}
     for q in quants:
-        qcfg = QuantConfig(**{k: WeightType(v) if k == "weights" else v for k, v in RECIPES[q].items()})
-        for mode in ("branch", "merged") + (NATIVE_KINDS if native else ()):
+        qcfg = recipe(q)
+        for mode in kinds_of(q, native):
             out = work / f"{q}-{mode}"
+            merged = mode in ("merged", NATIVE_MERGED)
             if not (out / "manifest.json").is_file():
-                specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if mode != "merged" else ())
+                specs = (AdapterSpec("r16all", r16),) + (tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items()) if not merged else ())
                 print(f"exporting {out.name}", file=sys.stderr, flush=True)
-                export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.MERGE if mode == "merged" else Mode.BRANCH,
+                export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.MERGE if merged else Mode.BRANCH,
                                     lora_kernel="native" if mode.startswith("native") else "onnx",
                                     lora_dtype="int8" if mode == "native8" else "float16"))  # fmt: skip
             pkgs[f"{q}-{mode}"] = out
@@ -238,8 +256,9 @@ def main() -> None:
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)
-    kinds = ("merged", "branch", *(() if args.no_native else NATIVE_KINDS), "none")
-    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants for k in kinds]
+    order = ("merged", NATIVE_MERGED, "branch", *NATIVE_KINDS)
+    configs = args.configs or ["torch"] + [f"{q}-{k}" for q in args.quants
+                                           for k in (*sorted(kinds_of(q, not args.no_native), key=order.index), "none")]  # fmt: skip
     if args.llama_python and not args.configs:
         configs += [f"llamacpp-{q}-{k}" for q in ("q8", "q4", "q41") if getattr(args, f"gguf_{q}")
                     for k in ("none", *LORA_GGUF) if k == "none" or getattr(args, LORA_GGUF[k])]  # fmt: skip
@@ -252,7 +271,7 @@ def main() -> None:
             if missing := [flag for flag, value in needs if not value]:
                 raise SystemExit(f"{c} needs {' and '.join(missing)}")
     pkgs = build(args.work, base, [q for q in RECIPES if q in args.quants or any(c.startswith(f"{q}-") for c in configs)],
-                 native=any(c.rsplit("-", 1)[-1] in NATIVE_KINDS for c in configs))  # fmt: skip
+                 native=any(c.rsplit("-", 1)[-1] in (*NATIVE_KINDS, NATIVE_MERGED) for c in configs))  # fmt: skip
     text = ROOT / "lora_edge/data/verify_text.txt"
     best: dict[tuple[str, int], dict] = {}
     per_round: dict[tuple[str, int, int], float] = {}  # (config, threads, round) -> decode tok/s
@@ -268,7 +287,7 @@ def main() -> None:
             fig = run_child(CHILD_LLAMA_CPP, [gguf, lora, *common], python=args.llama_python)
         else:
             q, kind = c.split("-")
-            pkg = pkgs[f"{q}-{kind if kind in ('merged', *NATIVE_KINDS) else 'branch'}"]
+            pkg = pkgs[f"{q}-{kind if kind in ('merged', *NATIVE_KINDS, NATIVE_MERGED) else 'branch'}"]
             fig = run_child(CHILD_LORA_EDGE, [str(pkg), "r16all" if kind in UNMERGED_KINDS else "", *common])
         row = {"config": c, "threads": threads, "round": rnd, **fig}
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -299,7 +318,8 @@ def main() -> None:
         vs = ratio(c, "torch", t)
         cost = "-"
         unmerged = c.rsplit("-", 1)[-1] in UNMERGED_KINDS
-        if unmerged and (x := ratio(f"{c.split('-')[0]}-merged", c, t)):
+        merged = f"{c.split('-')[0]}-{NATIVE_MERGED if c.endswith(NATIVE_KINDS) else 'merged'}"  # (the same kernel, less the adapter)
+        if unmerged and (x := ratio(merged if merged in configs else f"{c.split('-')[0]}-merged", c, t)):
             cost = f"{100 * (x - 1):+.1f}%"
         if c.endswith(("-lora", "-lora8")) and (x := ratio(c.rsplit("-", 1)[0] + "-none", c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"

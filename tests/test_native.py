@@ -123,12 +123,13 @@ def stored_oracle(tiny_base, tiny_adapters, lora_dtype):
 
 
 # -- the operator alone ----------------------------------------------------------------------------
-def _one_node_session(kernel, node, ins: list, threads: int):
-    """A session of one lora_edge node with inputs ``ins`` and output y (float32)."""
+def _one_node_session(kernel, node, ins: list, threads: int, inits: dict | None = None):
+    """A session of one lora_edge node with inputs ``ins`` (and initializers ``inits``) and output y (float32)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(c, n) for n, c in (inits or {}).items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lora_edge", 1)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -241,9 +242,10 @@ def test_operator_with_rank_zero_gives_zeros(kernel):
     assert got.shape == (1, 2, 24) and not got.any()
 
 
-def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta: bool = False):
+def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta: bool = False, constant=None):
     """One BlockOffset node (x, offsets, base), or with ``delta`` one LoraDelta taking the offsets as
-    its last input (x, A, B, base, "", offsets)."""
+    its last input (x, A, B, base, "", offsets); ``constant``: the offsets as an initializer (as
+    packages store them: the kernel repacks them at load when N is a multiple of its tile)."""
     from onnx import TensorProto, helper
 
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
@@ -254,15 +256,19 @@ def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta:
         node = helper.make_node("LoraDelta", ["x", "A", "B", "base", "", "offsets"], ["y"], domain="lora_edge", offset_block=block)
     else:
         node = helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=block)
-    return _one_node_session(kernel, node, ins, threads)
+    if constant is not None:
+        ins = [i for i in ins if i.name != "offsets"]
+    return _one_node_session(kernel, node, ins, threads, None if constant is None else {"offsets": constant})
 
 
 @pytest.mark.parametrize("k,n,block", [(576, 960, 32), (1536, 576, 32), (37, 5, 16), (100, 300, 7), (8, 1, 32)])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
 @pytest.mark.parametrize("delta", [False, True])
-def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta):
+@pytest.mark.parametrize("constant", [False, True])
+def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta, constant):
     """base + blocksum(x) @ offsets, with a short last block and widths off the vector sizes; inside
-    LoraDelta the same plus (x @ A) @ B."""
+    LoraDelta the same plus (x @ A) @ B; the offsets fed per call, or an initializer (repacked at load
+    when N is a multiple of 64)."""
     rng = np.random.RandomState(k + n + block)
     nb = -(-k // block)
     x = rng.randn(*rows, k).astype(np.float32)
@@ -274,8 +280,10 @@ def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta):
         a, b = rng.randn(k, 6).astype(np.float16), rng.randn(6, n).astype(np.float16)
         want = want + (x.astype(np.float64) @ a.astype(np.float64)) @ b.astype(np.float64)
         feed.update(A=a, B=b)
+    if constant:
+        del feed["offsets"]
     for threads in (1, 2):
-        got = _offset_session(kernel, k, n, block, threads, delta).run(None, feed)[0]
+        got = _offset_session(kernel, k, n, block, threads, delta, offsets if constant else None).run(None, feed)[0]
         assert got.shape == (*rows, n)
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
 
