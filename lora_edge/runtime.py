@@ -493,14 +493,14 @@ def _load(root: Path, manifest: dict, threads: int | None, providers: list[str] 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     kernel = manifest.get("graph", {}).get("lora_kernel")
-    if kernel:  # the package's branches are lora_edge.LoraDelta nodes (lora_edge/native)
+    if kernel:  # the package's branches (and int4 offsets, v3) are lora_edge nodes (lora_edge/native)
         from .native import KERNEL_VERSION, register
 
         version = kernel.get("version")
         if kernel.get("name") != "native" or not isinstance(version, int) or not 1 <= version <= KERNEL_VERSION:
             raise PackageError(f"{root} needs LoRA kernel {kernel.get('name')} v{kernel.get('version')}, and this lora-edge "
                                f"has native v{KERNEL_VERSION}; re-export the package with this version")  # fmt: skip
-        register(opts, root)
+        register(opts, root, version)
     available = ort.get_available_providers()
     if not providers:
         from .targets import providers_for

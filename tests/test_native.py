@@ -245,7 +245,7 @@ def test_operator_with_rank_zero_gives_zeros(kernel):
 def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta: bool = False, constant=None):
     """One BlockOffset node (x, offsets, base), or with ``delta`` one LoraDelta taking the offsets as
     its last input (x, A, B, base, "", offsets); ``constant``: the offsets as an initializer (as
-    packages store them: the kernel repacks them at load when N is a multiple of its tile)."""
+    packages store them)."""
     from onnx import TensorProto, helper
 
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
@@ -267,8 +267,7 @@ def _offset_session(kernel, k: int, n: int, block: int, threads: int = 1, delta:
 @pytest.mark.parametrize("constant", [False, True])
 def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta, constant):
     """base + blocksum(x) @ offsets, with a short last block and widths off the vector sizes; inside
-    LoraDelta the same plus (x @ A) @ B; the offsets fed per call, or an initializer (repacked at load
-    when N is a multiple of 64)."""
+    LoraDelta the same plus (x @ A) @ B; the offsets fed per call, or an initializer."""
     rng = np.random.RandomState(k + n + block)
     nb = -(-k // block)
     x = rng.randn(*rows, k).astype(np.float32)
@@ -439,6 +438,30 @@ def test_missing_kernel_is_one_clear_line(native_package, tmp_path):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "lora-edge build-kernel" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_an_older_kernel_build_is_one_clear_line(tiny_base, tiny_adapters, tmp_path, kernel):
+    """A v3 package (int4 offsets in the kernel) with $LORA_EDGE_KERNEL_LIB naming a v2 build: one line
+    that says to rebuild, not ONNX Runtime's unknown-operator error."""
+    from test_quant import QUANTS
+
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode
+    from lora_edge.export import export
+    from lora_edge.native import SOURCE, find_ort_include
+
+    export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["qv_r4"]),),
+                        quant=QUANTS["int4"], mode=Mode.MERGE, lora_kernel="native"))  # fmt: skip
+    src = SOURCE.read_text().replace("int lora_edge_kernel_version() { return 3; }",
+                                                            "int lora_edge_kernel_version() { return 2; }")  # fmt: skip
+    assert "return 2; }" in src
+    (tmp_path / "old.cc").write_text(src)
+    old = tmp_path / "old.so"
+    subprocess.run([os.environ.get("CXX", "c++"), "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{find_ort_include()}",
+                    str(tmp_path / "old.cc"), "-o", str(old)], check=True)  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "lora_edge.cli", "run", str(tmp_path / "pkg"), "--prompt", "hi"],
+                         capture_output=True, text=True, env={**os.environ, "LORA_EDGE_KERNEL_LIB": str(old)}, check=False)  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "v3" in run.stderr and "build-kernel --force" in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
 def test_an_older_onnxruntime_is_one_clear_line(native_package, monkeypatch):

@@ -266,68 +266,22 @@ inline void block_sums(const float* x, float* s, int64_t K, int64_t nb, int64_t 
   }
 }
 
-// The offsets of a node, float16 (nb, N). When they are a constant of the graph (an initializer, as
-// lora-edge writes them) they are repacked once at load into tiles of kOffsetTile columns (tile j: rows
-// 0..nb-1 of columns [j * kOffsetTile, (j + 1) * kOffsetTile), contiguous), so that the product reads
-// one sequential stream: in the package's row-major layout each 64-column pass is nb short strided
-// reads, which the hardware prefetcher barely follows (it measured ~3x slower per byte than MatMulNBits).
-constexpr int64_t kOffsetTile = 64;
-
-struct BlockOffsets {
-  int64_t block = 0;
-  std::vector<uint16_t> tiles;  // empty: not a constant (or N not a multiple of the tile), read per call
-  int64_t nb = 0, n = 0;
-  std::vector<int64_t> zeros;  // the tiles' `first` (every tile reads all nb sums)
-
-  BlockOffsets(const OrtKernelInfo* info, size_t index, int64_t block_) : block(block_) {
-    Ort::ConstKernelInfo ki(info);
-    if (index >= ki.GetInputCount()) return;
-    int is_constant = 0;
-    Ort::ConstValue v{nullptr};
-    try {
-      v = ki.GetTensorConstantInput(index, &is_constant);
-    } catch (const Ort::Exception&) {
-      return;
-    }
-    if (!is_constant || static_cast<const OrtValue*>(v) == nullptr) return;
-    auto shape = v.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.size() != 2 || shape[1] % kOffsetTile != 0 || shape[0] * shape[1] == 0) return;  // checked per call
-    nb = shape[0], n = shape[1];
-    const uint16_t* src = static_cast<const uint16_t*>(v.GetTensorRawData());
-    tiles.resize((size_t)(nb * n));
-    for (int64_t j = 0; j < n / kOffsetTile; ++j)
-      for (int64_t b = 0; b < nb; ++b)
-        std::memcpy(&tiles[(size_t)((j * nb + b) * kOffsetTile)], src + b * n + j * kOffsetTile, kOffsetTile * sizeof(uint16_t));
-    zeros.assign((size_t)(n / kOffsetTile), 0);
-  }
-
-  // y (M, N) += blocksum(x) @ offsets: x (M, K) float32; `offsets` the node's input (read when not packed).
-  void add(Ort::KernelContext& ctx, const Ort::ConstValue& offsets, const float* x, float* y, int64_t M, int64_t K,
-           int64_t N, const char* op) const {
-    const int64_t want_nb = block > 0 ? (K + block - 1) / block : 0;
-    const bool packed = !tiles.empty();
-    if (!packed) {
-      auto os = offsets.GetTensorTypeAndShapeInfo().GetShape();
-      if (block <= 0 || os.size() != 2 || os[0] != want_nb || os[1] != N)
-        ORT_CXX_API_THROW(std::string(op) + ": offsets must be (ceil(K / block), N) with block > 0", ORT_INVALID_ARGUMENT);
-    } else if (block <= 0 || nb != want_nb || n != N) {
-      ORT_CXX_API_THROW(std::string(op) + ": offsets must be (ceil(K / block), N) with block > 0", ORT_INVALID_ARGUMENT);
-    }
-    if (M == 0 || N == 0 || want_nb == 0) return;
-    Scratch<float, 1024> s_mem;
-    float* s = s_mem.get((size_t)(M * want_nb));
-    for (int64_t m = 0; m < M; ++m) block_sums(x + m * K, s + m * want_nb, K, want_nb, block);
-    const int64_t first = 0;
-    if (packed) {  // the tiles as chunks of B, each reading all nb sums
-      Job<F16> job{s, tiles.data(), y, zeros.data(), M, nb, nb, kOffsetTile, n / kOffsetTile, 1};
-      run_b_product<F16>(ctx, job);
-    } else {
-      Job<F16> job{s, static_cast<const uint16_t*>(offsets.GetTensorRawData()), y, &first, M, want_nb, want_nb, N, 1,
-                   (N + kColumnsPerTask - 1) / kColumnsPerTask};
-      run_b_product<F16>(ctx, job);
-    }
-  }
-};
+// y (M, N) += blocksum(x) @ offsets: x (M, K) float32, offsets (nb, N) float16 (a tensor of the node's).
+void add_block_offsets(Ort::KernelContext& ctx, const Ort::ConstValue& offsets, const float* x, float* y, int64_t M,
+                       int64_t K, int64_t N, int64_t block, const char* op) {
+  auto os = offsets.GetTensorTypeAndShapeInfo().GetShape();
+  const int64_t nb = block > 0 ? (K + block - 1) / block : 0;
+  if (block <= 0 || os.size() != 2 || os[0] != nb || os[1] != N)
+    ORT_CXX_API_THROW(std::string(op) + ": offsets must be (ceil(K / block), N) with block > 0", ORT_INVALID_ARGUMENT);
+  if (M == 0 || N == 0 || nb == 0) return;
+  Scratch<float, 1024> s_mem;
+  float* s = s_mem.get((size_t)(M * nb));
+  for (int64_t m = 0; m < M; ++m) block_sums(x + m * K, s + m * nb, K, nb, block);
+  const int64_t first = 0;
+  Job<F16> job{s, static_cast<const uint16_t*>(offsets.GetTensorRawData()), y, &first, M, nb, nb, N, 1,
+               (N + kColumnsPerTask - 1) / kColumnsPerTask};
+  run_b_product<F16>(ctx, job);
+}
 
 int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
   try {
@@ -345,10 +299,9 @@ struct LoraDeltaKernel {
   static constexpr size_t kBase = kB + (Scaled ? 2 : 1);  // the optional addends' first index
   static constexpr size_t kOptional = 3;  // base, extra, offsets
   std::vector<int64_t> chunk_modules;
-  BlockOffsets offsets;
+  int64_t offset_block;
 
-  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info)
-      : offsets(info, kBase + 2, int_attribute(info, "offset_block", 0)) {
+  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) : offset_block(int_attribute(info, "offset_block", 0)) {
     Ort::ConstKernelInfo ki(info);
     try {
       chunk_modules = ki.GetAttributes<int64_t>("chunk_modules");
@@ -419,8 +372,9 @@ struct LoraDeltaKernel {
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
     const float* xp = x.GetTensorData<float>();
     if (kBase + 2 < n_inputs) {  // the base's float-offset correction
-      auto off = ctx.GetInput(kBase + 2);
-      if (static_cast<const OrtValue*>(off) != nullptr) offsets.add(ctx, off, xp, y, M, K, chunks * c, "LoraDelta");
+      auto offsets = ctx.GetInput(kBase + 2);
+      if (static_cast<const OrtValue*>(offsets) != nullptr)
+        add_block_offsets(ctx, offsets, xp, y, M, K, chunks * c, offset_block, "LoraDelta");
     }
     if (R == 0 || r == 0) return;  // no adapter bound: just the sum
     using T = typename E::T;
@@ -453,13 +407,13 @@ struct LoraDeltaKernel {
 
 // BlockOffset(x, offsets, base): base + blocksum(x) @ offsets.
 struct BlockOffsetKernel {
-  BlockOffsets offsets;
+  int64_t block;
 
-  BlockOffsetKernel(const OrtApi&, const OrtKernelInfo* info) : offsets(info, 1, int_attribute(info, "block", 0)) {}
+  BlockOffsetKernel(const OrtApi&, const OrtKernelInfo* info) : block(int_attribute(info, "block", 0)) {}
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0), off = ctx.GetInput(1), base = ctx.GetInput(2);
+    auto x = ctx.GetInput(0), offsets = ctx.GetInput(1), base = ctx.GetInput(2);
     auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), ys = base.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty() || ys.size() != xs.size())
       ORT_CXX_API_THROW("BlockOffset: x must be (..., K) and base (..., N) with the same leading dims", ORT_INVALID_ARGUMENT);
@@ -473,7 +427,7 @@ struct BlockOffsetKernel {
     float* y = out.GetTensorMutableData<float>();
     if (M * N == 0) return;
     std::memcpy(y, base.GetTensorData<float>(), sizeof(float) * M * N);
-    offsets.add(ctx, off, x.GetTensorData<float>(), y, M, K, N, "BlockOffset");
+    add_block_offsets(ctx, offsets, x.GetTensorData<float>(), y, M, K, N, block, "BlockOffset");
   }
 };
 
