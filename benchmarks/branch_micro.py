@@ -2,6 +2,7 @@
 
     python benchmarks/branch_micro.py                                  # the built kernel, 1 and 2 threads
     python benchmarks/branch_micro.py --kernel OLD.so --kernel NEW.so  # two kernel builds side by side
+    python benchmarks/branch_micro.py --offsets                        # int4 float offsets: standard ops or the kernel
 
 `branch_cost.py` measures the real model, where the machine's drift (+-5% over a minute) hides a
 0.1 ms change in the branch. This builds SmolLM2-135M's 30 layers of projections only: each base
@@ -13,6 +14,12 @@ pools spin against each other on two cores), run in turn, 4 runs at a time, roun
 table reports each one's extra time over the base-only graph (median of per-round differences).
 
 Rows: "no adapter" (rank 0: the node's own cost), "float16" and "int8" (A/B storage), per kernel.
+
+`--offsets`: the default int4's float block offsets too (float16, one per block of 32), over the same
+integer-only base: their correction as the standard graph runs it (Reshape + ReduceSum per input, a
+float32 MatMul and an Add per projection; with an adapter the kernel's node adds the correction as its
+`extra`) and on the kernel (v3: a BlockOffset node, or the branch's own node taking the offsets), each
+merged (no adapter) and with r16all in int8 A/B.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import numpy as np
 LAYERS, HIDDEN, KV, FFN, RANK = 30, 576, 192, 1536, 16  # SmolLM2-135M; r16all
 
 
-def build_graph(rank: int | None, dtype: str, rng: np.random.Generator):
-    """The synthetic decoder: base projections only (rank None) or with the kernel's nodes; its feeds."""
+def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets: str | None = None):
+    """The synthetic decoder: base projections only (rank None) or with the kernel's nodes; its feeds.
+    ``offsets``: float block offsets on every projection, corrected by standard ops ("onnx") or the kernel ("kernel")."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, feeds = [], [], {}
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, HIDDEN])]
+    sums: dict[str, str] = {}
 
     def base(name: str, x: str, k: int, n: int) -> str:
         codes = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
@@ -44,8 +53,32 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator):
                                       K=k, N=n, bits=4, block_size=32, accuracy_level=4))  # fmt: skip
         return f"{name}.y"
 
+    def offset_terms(name: str, x: str, k: int, n: int) -> tuple[list[str], list[str]]:
+        """(extra addends for the standard graph, the kernel's trailing inputs) of the offsets' correction."""
+        if offsets is None:
+            return [], []
+        off = (rng.standard_normal((k // 32, n)) * 1e-3).astype(np.float16)
+        if offsets == "kernel":
+            inits.append(numpy_helper.from_array(off, f"{name}.off"))
+            return [], [f"{name}.off"]
+        inits.append(numpy_helper.from_array(off.astype(np.float32), f"{name}.off"))
+        if x not in sums:
+            inits.append(numpy_helper.from_array(np.array([0, k // 32, 32], np.int64), f"{x}.blocks"))
+            nodes.append(helper.make_node("Reshape", [x, f"{x}.blocks"], [f"{x}.r"]))
+            nodes.append(helper.make_node("ReduceSum", [f"{x}.r", "last"], [f"{x}.sums"], keepdims=0))
+            sums[x] = f"{x}.sums"
+        nodes.append(helper.make_node("MatMul", [sums[x], f"{name}.off"], [f"{name}.corr"]))
+        return [f"{name}.corr"], []
+
     def linear(name: str, x: str, k: int, n: int, chunk: int, chunk_modules: list[int]) -> str:
         y = base(name, x, k, n)
+        extra, kernel_offsets = offset_terms(name, x, k, n)
+        if rank is None and extra:
+            nodes.append(helper.make_node("Add", [y, *extra], [f"{name}.sum"]))
+            return f"{name}.sum"
+        if rank is None and kernel_offsets:
+            nodes.append(helper.make_node("BlockOffset", [x, *kernel_offsets, y], [f"{name}.sum"], domain="lora_edge", block=32))
+            return f"{name}.sum"
         if rank is None:
             return y
         modules = max(chunk_modules) + 1
@@ -62,8 +95,10 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator):
             feeds[f"{name}.{key}"] = v
             inputs.append(helper.make_tensor_value_info(f"{name}.{key}", helper.np_dtype_to_tensor_dtype(v.dtype), None))
         op = "LoraDeltaQ8" if dtype == "int8" else "LoraDelta"
-        nodes.append(helper.make_node(op, [x, *(f"{name}.{key}" for key in named), y], [f"{name}.out"],
-                                      domain="lora_edge", chunk_modules=chunk_modules))  # fmt: skip
+        trailing = [*extra, *([""] + kernel_offsets if kernel_offsets else [])]  # base, extra, offsets
+        attrs = {"offset_block": 32} if kernel_offsets else {}
+        nodes.append(helper.make_node(op, [x, *(f"{name}.{key}" for key in named), y, *trailing], [f"{name}.out"],
+                                      domain="lora_edge", chunk_modules=chunk_modules, **attrs))  # fmt: skip
         return f"{name}.out"
 
     def first(y: str, n: int, out: str) -> str:
@@ -84,21 +119,28 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator):
     return helper.make_model(graph, opset_imports=opsets), feeds
 
 
-def child(threads: int, kernels: list[str], rounds: int) -> None:
+OFFSET_CONFIGS = {"offsets (onnx)": (None, "onnx"), "offsets (kernel)": (None, "kernel"),
+                  "int8 + offsets (onnx)": (RANK, "onnx"), "int8 + offsets (kernel)": (RANK, "kernel")}  # fmt: skip
+
+
+def child(threads: int, kernels: list[str], rounds: int, offsets: bool = False) -> None:
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as C
 
     C.set_global_thread_pool_sizes(threads, 1)
     rng = np.random.default_rng(0)
-    configs = {"base": (None, "float16", kernels[0])}
+    configs = {"base": (None, "float16", kernels[0], None)}
     for j, lib in enumerate(kernels):
         tag = f" [{j}]" if len(kernels) > 1 else ""
-        configs.update({f"no adapter{tag}": (0, "float16", lib), f"float16{tag}": (RANK, "float16", lib),
-                        f"int8{tag}": (RANK, "int8", lib)})  # fmt: skip
+        if offsets:
+            configs.update({f"{k}{tag}": (rank, "int8", lib, how) for k, (rank, how) in OFFSET_CONFIGS.items()})
+            continue
+        configs.update({f"no adapter{tag}": (0, "float16", lib, None), f"float16{tag}": (RANK, "float16", lib, None),
+                        f"int8{tag}": (RANK, "int8", lib, None)})  # fmt: skip
     runs = {}
     x = rng.standard_normal((1, HIDDEN)).astype(np.float32)
-    for label, (rank, dtype, lib) in configs.items():
-        model, feeds = build_graph(rank, dtype, rng)
+    for label, (rank, dtype, lib, how) in configs.items():
+        model, feeds = build_graph(rank, dtype, rng, how)
         so = ort.SessionOptions()
         so.use_per_session_threads = False
         so.register_custom_ops_library(lib)
@@ -131,6 +173,7 @@ def main() -> None:
     ap.add_argument("--kernel", action="append", help="a kernel library (repeat to compare builds; default: the built one)")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--offsets", action="store_true", help="int4 float offsets: their correction by standard ops or the kernel")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     kernels = args.kernel
@@ -139,18 +182,18 @@ def main() -> None:
 
         kernels = [str(native.build())]
     if args.child:
-        child(args.child, kernels, args.rounds)
+        child(args.child, kernels, args.rounds, args.offsets)
         return
     tags = [f" [{j}]" if len(kernels) > 1 else "" for j in range(len(kernels))]
     for j, k in enumerate(kernels):
         if len(kernels) > 1:
             print(f"[{j}] {k}")
-    cols = [c + t for t in tags for c in ("no adapter", "float16", "int8")]
+    cols = [c + t for t in tags for c in (OFFSET_CONFIGS if args.offsets else ("no adapter", "float16", "int8"))]
     print(f"\nsynthetic SmolLM2-135M projections, r16all; {args.rounds} rounds; extra time per token over the base\n")
     print("| threads | base ms/token | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for threads in args.threads:  # one process per thread count: the shared pool's size is fixed per process
-        cmd = [sys.executable, __file__, "--child", str(threads), "--rounds", str(args.rounds)]
+        cmd = [sys.executable, __file__, "--child", str(threads), "--rounds", str(args.rounds)] + (["--offsets"] if args.offsets else [])
         subprocess.run(cmd + [a for k in kernels for a in ("--kernel", k)], check=True, env=os.environ)
 
 
