@@ -298,6 +298,7 @@ struct LoraDeltaKernel {
   static constexpr size_t kB = Scaled ? 3 : 2;  // B's input index
   static constexpr size_t kBase = kB + (Scaled ? 2 : 1);  // the optional addends' first index
   static constexpr size_t kOptional = 3;  // base, extra, offsets
+  static constexpr size_t kOffsets = kBase + 2;
   std::vector<int64_t> chunk_modules;
   int64_t offset_block;
 
@@ -371,8 +372,8 @@ struct LoraDeltaKernel {
     if (addends[1] != nullptr)
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
     const float* xp = x.GetTensorData<float>();
-    if (kBase + 2 < n_inputs) {  // the base's float-offset correction
-      auto offsets = ctx.GetInput(kBase + 2);
+    if (kOffsets < n_inputs) {  // the base's float-offset correction
+      auto offsets = ctx.GetInput(kOffsets);
       if (static_cast<const OrtValue*>(offsets) != nullptr)
         add_block_offsets(ctx, offsets, xp, y, M, K, chunks * c, offset_block, "LoraDelta");
     }
@@ -434,18 +435,22 @@ struct BlockOffsetKernel {
 using F16Kernel = LoraDeltaKernel<F16, false>;
 using I8Kernel = LoraDeltaKernel<I8, true>;
 
+// What every lora_edge operator declares alike: a CPU kernel with one float32 output.
 template <class Op, class Kernel>
-struct DeltaOpBase : Ort::CustomOpBase<Op, Kernel> {
+struct CpuOpBase : Ort::CustomOpBase<Op, Kernel> {
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+template <class Op, class Kernel>
+struct DeltaOpBase : CpuOpBase<Op, Kernel> {
   size_t GetInputTypeCount() const { return Kernel::kBase + Kernel::kOptional; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= Kernel::kBase ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
                               : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-
 };
 
 struct LoraDeltaOp : DeltaOpBase<LoraDeltaOp, F16Kernel> {
@@ -464,16 +469,12 @@ struct LoraDeltaQ8Op : DeltaOpBase<LoraDeltaQ8Op, I8Kernel> {
   }
 };
 
-struct BlockOffsetOp : Ort::CustomOpBase<BlockOffsetOp, BlockOffsetKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new BlockOffsetKernel(api, info); }
+struct BlockOffsetOp : CpuOpBase<BlockOffsetOp, BlockOffsetKernel> {
   const char* GetName() const { return "BlockOffset"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {  // x, offsets, base
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 LoraDeltaOp the_op;
