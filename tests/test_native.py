@@ -287,6 +287,40 @@ def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta, constant):
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
 
 
+@pytest.mark.parametrize("k,c,modules", [(576, 192, [0, 0, 0, 1, 2]), (576, 1536, [0, 1]), (40, 24, [1, 0])])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
+def test_chunked_delta_with_offsets_in_one_pass(kernel, k, c, modules, int8, rows):
+    """A grouped branch (B in chunks) and the base's offsets in one node, as int4 branch packages run
+    them (q/k/v, gate/up): each chunk's columns get their own offsets' columns and their module's ranks,
+    in one product pass, on one thread and split over two."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.RandomState(k + c + int8)
+    r, n, nb = 16, len(modules) * c, -(-k // 32)
+    x = rng.randn(*rows, k).astype(np.float32)
+    a, b = rng.randn(k, (max(modules) + 1) * r), rng.randn(len(modules), r, c)
+    if int8:
+        feed, a, b = _q8_feed(x, a, b)
+    else:
+        a, b = a.astype(np.float16), b.astype(np.float16)
+        feed = {"x": x, "A": a, "B": b}
+    offsets, base = rng.randn(nb, n).astype(np.float16), rng.randn(*rows, n).astype(np.float32)
+    t = x.astype(np.float64) @ a.astype(np.float64)
+    delta = np.concatenate([t[..., m * r : (m + 1) * r] @ b[j].astype(np.float64) for j, m in enumerate(modules)], axis=-1)
+    xp = np.concatenate([x, np.zeros((*rows, nb * 32 - k), np.float32)], axis=-1).astype(np.float64)
+    want = base + xp.reshape(*rows, nb, 32).sum(-1) @ offsets.astype(np.float64) + delta
+    names = list(feed)
+    ins = [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), None) for nm, v in feed.items()]
+    ins.append(helper.make_tensor_value_info("base", TensorProto.FLOAT, None))
+    node = helper.make_node("LoraDeltaQ8" if int8 else "LoraDelta", [*names, "base", "", "offsets"], ["y"], domain="lora_edge",
+                            chunk_modules=modules, offset_block=32)  # fmt: skip
+    for threads in (1, 2):
+        got = _one_node_session(kernel, node, ins, threads, {"offsets": offsets}).run(None, {**feed, "base": base})[0]
+        assert got.shape == (*rows, n)
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
+
+
 def test_block_offset_refuses_offsets_of_another_block_count(kernel):
     sess = _offset_session(kernel, 64, 8, 32)
     feed = {"x": np.ones((1, 1, 64), np.float32), "offsets": np.zeros((3, 8), np.float16), "base": np.zeros((1, 1, 8), np.float32)}

@@ -187,6 +187,14 @@ void t_times_b(const float* t, const typename E::T* b, float* y, int64_t r, int6
 constexpr int64_t kColumnsPerTask = 128;  // of B, per thread-pool task
 constexpr int64_t kMinWorkToThread = 16384;  // multiply-adds of the B product below which one thread does it all
 
+// The float16 offsets' rows of a y += blocksum(x) @ offsets: a second product over the same columns,
+// run inside the B product's tasks so that a node with both pays for one pass and one ParallelFor.
+struct OffsetRows {
+  const float* s = nullptr;  // (M, nb) block sums
+  const uint16_t* o = nullptr;  // (nb, N)
+  int64_t nb = 0;
+};
+
 template <class E>
 struct Job {
   const float* t;  // (M, ldt): row m's ranks for chunk j start at t + m * ldt + first[j]
@@ -194,6 +202,7 @@ struct Job {
   float* y;  // (M, chunks * c)
   const int64_t* first;
   int64_t M, ldt, r, c, chunks, tasks_per_chunk;
+  OffsetRows off;  // optional
 };
 
 constexpr int64_t kRowsPerTask = 8;  // of x, per thread-pool task of the A product (prompt passes)
@@ -220,8 +229,11 @@ void run_task(void* data, size_t index) {
   int64_t n0 = part * kColumnsPerTask, n1 = std::min(j.c, n0 + kColumnsPerTask);
   const typename E::T* b = j.b + chunk * j.r * j.c;
   int64_t width = j.chunks * j.c;
-  for (int64_t m = 0; m < j.M; ++m)
-    t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, j.y + m * width + chunk * j.c, j.r, j.c, n0, n1);
+  for (int64_t m = 0; m < j.M; ++m) {
+    float* y = j.y + m * width + chunk * j.c;
+    if (j.off.o != nullptr) t_times_b<F16>(j.off.s + m * j.off.nb, j.off.o + chunk * j.c, y, j.off.nb, width, n0, n1);
+    t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, y, j.r, j.c, n0, n1);
+  }
 }
 
 // Scratch memory: on the stack up to N elements (a decode step's x @ A), else on the heap.
@@ -241,7 +253,7 @@ struct Scratch {
 template <class E>
 void run_b_product(Ort::KernelContext& ctx, Job<E>& job) {
   size_t tasks = (size_t)(job.chunks * job.tasks_per_chunk);
-  if (job.M * job.chunks * job.r * job.c < kMinWorkToThread || tasks == 1) {
+  if (job.M * job.chunks * (job.r + job.off.nb) * job.c < kMinWorkToThread || tasks == 1) {
     for (size_t i = 0; i < tasks; ++i) run_task<E>(&job, i);
   } else {
     ctx.ParallelFor(run_task<E>, tasks, 0, &job);
@@ -266,20 +278,28 @@ inline void block_sums(const float* x, float* s, int64_t K, int64_t nb, int64_t 
   }
 }
 
-// y (M, N) += blocksum(x) @ offsets: x (M, K) float32, offsets (nb, N) float16 (a tensor of the node's).
-void add_block_offsets(Ort::KernelContext& ctx, const Ort::ConstValue& offsets, const float* x, float* y, int64_t M,
-                       int64_t K, int64_t N, int64_t block, const char* op) {
+// The rows of y (M, N) += blocksum(x) @ offsets: x (M, K) float32, offsets (nb, N) float16 (a tensor of
+// the node's), checked; x's block sums go to s_mem. nb is 0 when there is nothing to add.
+template <size_t S>
+OffsetRows block_offset_rows(const Ort::ConstValue& offsets, const float* x, Scratch<float, S>& s_mem, int64_t M,
+                             int64_t K, int64_t N, int64_t block, const char* op) {
   auto os = offsets.GetTensorTypeAndShapeInfo().GetShape();
   const int64_t nb = block > 0 ? (K + block - 1) / block : 0;
   if (block <= 0 || os.size() != 2 || os[0] != nb || os[1] != N)
     ORT_CXX_API_THROW(std::string(op) + ": offsets must be (ceil(K / block), N) with block > 0", ORT_INVALID_ARGUMENT);
-  if (M == 0 || N == 0 || nb == 0) return;
-  Scratch<float, 1024> s_mem;
+  OffsetRows rows;
+  if (M == 0 || N == 0 || nb == 0) return rows;
   float* s = s_mem.get((size_t)(M * nb));
   for (int64_t m = 0; m < M; ++m) block_sums(x + m * K, s + m * nb, K, nb, block);
+  rows.s = s, rows.o = static_cast<const uint16_t*>(offsets.GetTensorRawData()), rows.nb = nb;
+  return rows;
+}
+
+// y (M, N) += the offsets' product alone (no LoRA ranks to share its pass).
+void add_offset_rows(Ort::KernelContext& ctx, const OffsetRows& rows, float* y, int64_t M, int64_t N) {
+  if (rows.nb == 0) return;
   const int64_t first = 0;
-  Job<F16> job{s, static_cast<const uint16_t*>(offsets.GetTensorRawData()), y, &first, M, nb, nb, N, 1,
-               (N + kColumnsPerTask - 1) / kColumnsPerTask};
+  Job<F16> job{rows.s, rows.o, y, &first, M, rows.nb, rows.nb, N, 1, (N + kColumnsPerTask - 1) / kColumnsPerTask};
   run_b_product<F16>(ctx, job);
 }
 
@@ -372,12 +392,14 @@ struct LoraDeltaKernel {
     if (addends[1] != nullptr)
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
     const float* xp = x.GetTensorData<float>();
-    if (kOffsets < n_inputs) {  // the base's float-offset correction
+    OffsetRows off;  // the base's float-offset correction, run in the B product's pass
+    Scratch<float, 1024> s_mem;
+    if (kOffsets < n_inputs) {
       auto offsets = ctx.GetInput(kOffsets);
       if (static_cast<const OrtValue*>(offsets) != nullptr)
-        add_block_offsets(ctx, offsets, xp, y, M, K, chunks * c, offset_block, "LoraDelta");
+        off = block_offset_rows(offsets, xp, s_mem, M, K, chunks * c, offset_block, "LoraDelta");
     }
-    if (R == 0 || r == 0) return;  // no adapter bound: just the sum
+    if (R == 0 || r == 0) return add_offset_rows(ctx, off, y, M, chunks * c);  // no adapter bound: just the sums
     using T = typename E::T;
     const T* ap = static_cast<const T*>(a.GetTensorRawData());
     const T* bp = static_cast<const T*>(b.GetTensorRawData());
@@ -401,7 +423,7 @@ struct LoraDeltaKernel {
       for (int64_t j = 0; j < chunks; ++j) first[j] = j * r;
       tp = scaled, ldt = chunks * r;
     }
-    Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask};
+    Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask, off};
     run_b_product<E>(ctx, job);
   }
 };
@@ -428,7 +450,8 @@ struct BlockOffsetKernel {
     float* y = out.GetTensorMutableData<float>();
     if (M * N == 0) return;
     std::memcpy(y, base.GetTensorData<float>(), sizeof(float) * M * N);
-    add_block_offsets(ctx, offsets, x.GetTensorData<float>(), y, M, K, N, block, "BlockOffset");
+    Scratch<float, 1024> s_mem;
+    add_offset_rows(ctx, block_offset_rows(offsets, x.GetTensorData<float>(), s_mem, M, K, N, block, "BlockOffset"), y, M, N);
   }
 };
 
