@@ -15,6 +15,15 @@ table reports each one's extra time over the base-only graph (median of per-roun
 
 Rows: "no adapter" (rank 0: the node's own cost), "float16" and "int8" (A/B storage), per kernel.
 
+It assumes a last-level cache well under the base's 55 MB. On a host whose share of a large L3 holds
+most of it (2026-12-03: a 2-vCPU slice of an AVX-512 Xeon with 480 MB of L3, pointer-chase latency 55 ns
+at 32 MB and 130 ns at 64 MB), the adapter's few MB push the synthetic base out of cache: ORT's profiler put
+MatMulNBits at 11.3 ms per token alone and 14.8 ms with the float16 adapter's nodes between, and a
+kernel variant that only read A and B (no arithmetic) took it to 21 ms. The extra time then belongs to
+the base, not the branch, and this benchmark overstates the branch several times over (+5-7 ms per token
+against +1.2 ms on the real model, whose 115 MB per token stream from memory anyway). Use
+`branch_cost.py` there.
+
 `--offsets`: the default int4's float block offsets too (float16, one per block of 32), over the same
 integer-only base: their correction as the standard graph runs it (Reshape + ReduceSum per input, a
 float32 MatMul and an Add per projection; with an adapter the kernel's node adds the correction as its

@@ -19,8 +19,10 @@ convert_hf_to_gguf.py and convert_lora_to_gguf.py); it is not a test dependency.
 (llama-cpp-python 0.3.36, in its own venv; its sdist carries vendor/llama.cpp with both scripts):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
       -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python
-    (GGML_NATIVE=ON built AMX kernels that died with "Illegal instruction" on this VM; name the ISA the CPU has,
-    `grep -o 'avx512[a-z_]*' /proc/cpuinfo`: AVX-512 ON where the CPU lacks it dies the same way)
+    (GGML_NATIVE=ON built AMX kernels that died with "Illegal instruction" on one VM and segfaulted at the first
+    eval on another; name the ISA the CPU has, `grep -o 'avx512[a-z_]*' /proc/cpuinfo`: AVX-512 ON where the CPU
+    lacks it dies the same way. On an AVX-512 host: -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+    -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON, AMX still OFF)
     save the float base as an HF folder: load_hf_model(smollm2_gguf()), then (transformers refuses to save a
     GGUF-loaded model) AutoModelForCausalLM.from_config(config without quantization_config) + load_state_dict
     + save_pretrained, and AutoTokenizer.from_pretrained(dir, gguf_file=...).save_pretrained; then
