@@ -166,6 +166,19 @@ def _q8_feed(x, a, b) -> dict:
     return feed, qa * sa.astype(np.float64)[None, :], qb * sb.astype(np.float64)[..., None]
 
 
+def _chunked_ref(x, a, b, modules, r: int):
+    """(x @ A) then chunk j of B times the r ranks of module modules[j], concatenated: float64."""
+    t = x.astype(np.float64) @ np.asarray(a, np.float64)
+    return np.concatenate([t[..., m * r : (m + 1) * r] @ np.asarray(b[j], np.float64) for j, m in enumerate(modules)], axis=-1)
+
+
+def _block_offsets_ref(x, offsets, block: int):
+    """blocksum(x) @ offsets in float64, x's last block zero-padded to `block`."""
+    nb, k = offsets.shape[0], x.shape[-1]
+    xp = np.concatenate([x, np.zeros((*x.shape[:-1], nb * block - k), np.float32)], axis=-1).astype(np.float64)
+    return xp.reshape(*x.shape[:-1], nb, block).sum(-1) @ offsets.astype(np.float64)
+
+
 @pytest.mark.parametrize("k,r,n", [(64, 16, 576), (37, 3, 5), (576, 48, 200), (1536, 19, 64), (8, 40, 1)])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
 def test_operator_matches_numpy_on_odd_shapes(kernel, k, r, n, rows):
@@ -219,15 +232,13 @@ def test_operator_chunks_read_their_modules_ranks(kernel):
     k, r, c, modules = 96, 8, 40, [0, 0, 0, 1, 2]  # q: three chunks, k and v one each
     x = rng.randn(1, 3, k).astype(np.float32)
     a, b = rng.randn(k, 3 * r).astype(np.float16), rng.randn(len(modules), r, c).astype(np.float16)
-    t = x.astype(np.float64) @ a.astype(np.float64)
-    want = np.concatenate([t[..., m * r : (m + 1) * r] @ b[j].astype(np.float64) for j, m in enumerate(modules)], axis=-1)
+    want = _chunked_ref(x, a, b, modules, r)
     got = _delta_session(kernel, k, 3, modules, threads=2).run(None, {"x": x, "A": a, "B": b})[0]
     assert got.shape == (1, 3, len(modules) * c)
     assert np.abs(got - want).max() <= 1e-4
     # int8: each chunk's rows have their own scales (chunks, r)
     feed, a8, b8 = _q8_feed(x, rng.randn(k, 3 * r), rng.randn(len(modules), r, c))
-    t = x.astype(np.float64) @ a8
-    want = np.concatenate([t[..., m * r : (m + 1) * r] @ b8[j] for j, m in enumerate(modules)], axis=-1)
+    want = _chunked_ref(x, a8, b8, modules, r)
     got = _delta_session(kernel, k, 3, modules, threads=2, int8=True).run(None, feed)[0]
     assert np.abs(got - want).max() <= 1e-4
 
@@ -272,8 +283,7 @@ def test_block_offset_matches_numpy(kernel, k, n, block, rows, delta, constant):
     nb = -(-k // block)
     x = rng.randn(*rows, k).astype(np.float32)
     offsets, base = rng.randn(nb, n).astype(np.float16), rng.randn(*rows, n).astype(np.float32)
-    xp = np.concatenate([x, np.zeros((*rows, nb * block - k), np.float32)], axis=-1).astype(np.float64)
-    want = base + xp.reshape(*rows, nb, block).sum(-1) @ offsets.astype(np.float64)
+    want = base + _block_offsets_ref(x, offsets, block)
     feed = {"x": x, "offsets": offsets, "base": base}
     if delta:
         a, b = rng.randn(k, 6).astype(np.float16), rng.randn(6, n).astype(np.float16)
@@ -306,10 +316,7 @@ def test_chunked_delta_with_offsets_in_one_pass(kernel, k, c, modules, int8, row
         a, b = a.astype(np.float16), b.astype(np.float16)
         feed = {"x": x, "A": a, "B": b}
     offsets, base = rng.randn(nb, n).astype(np.float16), rng.randn(*rows, n).astype(np.float32)
-    t = x.astype(np.float64) @ a.astype(np.float64)
-    delta = np.concatenate([t[..., m * r : (m + 1) * r] @ b[j].astype(np.float64) for j, m in enumerate(modules)], axis=-1)
-    xp = np.concatenate([x, np.zeros((*rows, nb * 32 - k), np.float32)], axis=-1).astype(np.float64)
-    want = base + xp.reshape(*rows, nb, 32).sum(-1) @ offsets.astype(np.float64) + delta
+    want = base + _block_offsets_ref(x, offsets, 32) + _chunked_ref(x, a, b, modules, r)
     names = list(feed)
     ins = [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), None) for nm, v in feed.items()]
     ins.append(helper.make_tensor_value_info("base", TensorProto.FLOAT, None))

@@ -280,8 +280,9 @@ inline void block_sums(const float* x, float* s, int64_t K, int64_t nb, int64_t 
 
 // The rows of y (M, N) += blocksum(x) @ offsets: x (M, K) float32, offsets (nb, N) float16 (a tensor of
 // the node's), checked; x's block sums go to s_mem. nb is 0 when there is nothing to add.
-template <size_t S>
-OffsetRows block_offset_rows(const Ort::ConstValue& offsets, const float* x, Scratch<float, S>& s_mem, int64_t M,
+using BlockSums = Scratch<float, 1024>;  // a decode step's block sums stay on the stack
+
+OffsetRows block_offset_rows(const Ort::ConstValue& offsets, const float* x, BlockSums& s_mem, int64_t M,
                              int64_t K, int64_t N, int64_t block, const char* op) {
   auto os = offsets.GetTensorTypeAndShapeInfo().GetShape();
   const int64_t nb = block > 0 ? (K + block - 1) / block : 0;
@@ -393,7 +394,7 @@ struct LoraDeltaKernel {
       for (int64_t i = 0; i < size; ++i) y[i] += addends[1][i];
     const float* xp = x.GetTensorData<float>();
     OffsetRows off;  // the base's float-offset correction, run in the B product's pass
-    Scratch<float, 1024> s_mem;
+    BlockSums s_mem;
     if (kOffsets < n_inputs) {
       auto offsets = ctx.GetInput(kOffsets);
       if (static_cast<const OrtValue*>(offsets) != nullptr)
@@ -450,7 +451,7 @@ struct BlockOffsetKernel {
     float* y = out.GetTensorMutableData<float>();
     if (M * N == 0) return;
     std::memcpy(y, base.GetTensorData<float>(), sizeof(float) * M * N);
-    Scratch<float, 1024> s_mem;
+    BlockSums s_mem;
     add_offset_rows(ctx, block_offset_rows(offsets, x.GetTensorData<float>(), s_mem, M, K, N, block, "BlockOffset"), y, M, N);
   }
 };
