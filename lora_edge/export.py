@@ -235,8 +235,11 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                                             lora_dtype=cfg.lora_dtype)  # fmt: skip
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
-    offsets_in_kernel = any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute)
-                            for n in model.graph.node if n.domain == "lora_edge")  # fmt: skip
+    kernel_nodes = [n for n in model.graph.node if n.domain == "lora_edge"]
+    # v4: MatMulQ4 (the int4 base); v3: BlockOffset and LoraDelta's offsets; a v2 kernel runs the rest
+    kernel_version = (4 if any(n.op_type == "MatMulQ4" for n in kernel_nodes) else
+                      3 if any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute) for n in kernel_nodes)
+                      else 2)  # fmt: skip
 
     with staged_output(cfg.output, cfg.force) as tmp:
         progress("writing model.onnx")
@@ -263,7 +266,6 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype == "int8"
-        kernel_version = 3 if offsets_in_kernel else 2  # (v3: BlockOffset and LoraDelta's offsets; a v2 kernel runs the rest)
         manifest = {
             "lora_edge_version": __version__,
             "base": {

@@ -230,6 +230,41 @@ def dequantize(qt: QTensor) -> np.ndarray:
     return w.reshape(qt.n, nb * qt.block)[:, : qt.k]
 
 
+Q4_GROUP, Q4_BLOCK = 16, 32  # pack_q4's layout: output columns per group, K per block
+
+
+def packs_q4(qt: QTensor) -> bool:
+    """Whether the native kernel's MatMulQ4 runs ``qt``: 4 bits, blocks of 32, float offsets (the int4 recipe)."""
+    return qt.bits == 4 and qt.block == Q4_BLOCK and qt.offsets is not None
+
+
+def pack_q4(qt: QTensor) -> np.ndarray:
+    """``qt`` in the layout of the native kernel's MatMulQ4 (lora_delta.cc): (G, nb, 320) uint8, G = ceil(N / 16).
+
+    Per group of 16 output columns and block of 32 along K, one contiguous record: 256 bytes of codes, then the
+    16 columns' float16 scales and float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte
+    4 j + i holds column j's code at k = 8 v + i (low nibble) and k = 8 v + 4 + i (high nibble), so that a
+    32-bit lane of a vector register holds 4 consecutive codes of one column. Padding columns are zero."""
+    if not packs_q4(qt):
+        raise ValueError("pack_q4 takes 4-bit blocks of 32 with float offsets")
+    n, nb = qt.n, qt.n_blocks
+    groups = -(-n // Q4_GROUP)
+    pad = groups * Q4_GROUP - n
+    q = unpack(qt.codes, 4, Q4_BLOCK).astype(np.uint8)  # (N, nb, 32)
+    scales, offsets = qt.scales.astype(np.float16), qt.offsets.astype(np.float16)
+    if pad:
+        q = np.pad(q, ((0, pad), (0, 0), (0, 0)))
+        scales, offsets = np.pad(scales, ((0, pad), (0, 0))), np.pad(offsets, ((0, pad), (0, 0)))
+    q = q.reshape(groups, Q4_GROUP, nb, 4, 2, 4)  # (g, j, b, v, nibble, i): k = 8 v + 4 nibble + i
+    q = q.transpose(0, 2, 3, 1, 5, 4)  # (g, b, v, j, i, nibble)
+    codes = (q[..., 0] | (q[..., 1] << 4)).reshape(groups, nb, 256)
+
+    def per_block(a: np.ndarray) -> np.ndarray:  # (N, nb) float16 -> (g, nb, 32) bytes
+        return a.reshape(groups, Q4_GROUP, nb).transpose(0, 2, 1).copy().view(np.uint8)
+
+    return np.ascontiguousarray(np.concatenate([codes, per_block(scales), per_block(offsets)], axis=-1))
+
+
 # -- applying a recipe to a model's weights --------------------------------------------------
 def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None) -> tuple[dict, dict]:
     """Return (weights with QTensor / float16 values per the recipe, a report for the manifest).

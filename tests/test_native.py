@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 import lora_edge
@@ -471,6 +472,160 @@ def test_two_threads_give_the_same_tokens(native_package, native):
     assert two.generate_ids(prompt, "all_r8_rslora", 16, 16)[0] == native.generate_ids(prompt, "all_r8_rslora", 16, 16)[0]
 
 
+# -- MatMulQ4: the int4 base projection (kernel v4) ---------------------------------------------------
+def _q4_weight(n: int, k: int, seed: int):
+    from lora_edge.quant import quantize
+
+    return quantize(np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05, 4, 32, zero="float", algo="rtn")
+
+
+def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
+    """MatMulQ4's arithmetic in float64: x quantized per block of 32 to symmetric int8 (d = max|x| / 127,
+    the codes rounded half to even from x * (127 / max|x|) in float32, as the kernel forms them), the
+    integer dot products with the codes, the implied zero point 8 taken off through the int8 sums, and the
+    offsets times x's exact block sums."""
+    from lora_edge.quant import unpack
+
+    m, k = x.reshape(-1, x.shape[-1]).shape
+    nb = qt.n_blocks
+    xs = np.zeros((m, nb * 32), np.float32)
+    xs[:, :k] = x.reshape(m, k)
+    xs = xs.reshape(m, nb, 32)
+    peak = np.abs(xs).max(-1)
+    inv = np.where(peak > 0, np.float32(127) / np.where(peak > 0, peak, 1), np.float32(0)).astype(np.float32)
+    xq = np.rint(xs * inv[..., None]).astype(np.float64)  # (m, nb, 32)
+    d = (peak / np.float32(127)).astype(np.float64)
+    q = unpack(qt.codes, 4, 32).astype(np.float64)  # (N, nb, 32)
+    dots = np.einsum("mbk,nbk->mnb", xq, q)
+    s, o = qt.scales.astype(np.float64), qt.offsets.astype(np.float64)  # (N, nb)
+    y = np.einsum("nb,mnb->mn", s, (dots - 8 * xq.sum(-1)[:, None, :]) * d[:, None, :])
+    y += xs.astype(np.float64).sum(-1) @ o.T
+    return y.reshape(*x.shape[:-1], qt.n)
+
+
+def _q4_session(kernel, qt, threads: int = 1):
+    from onnx import TensorProto, helper
+
+    from lora_edge.quant import pack_q4
+
+    node = helper.make_node("MatMulQ4", ["x", "w"], ["y"], domain="lora_edge", K=qt.k, N=qt.n)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    return _one_node_session(kernel, node, ins, threads, {"w": pack_q4(qt)})
+
+
+Q4_CASES = [(576, 960, (1, 1)), (1536, 576, (1, 1)), (100, 37, (1, 3)), (64, 16, (1, 5)), (33, 20, (2, 65)), (32, 1, (4,))]
+
+
+def _check_q4(kernel, k: int, n: int, rows: tuple) -> None:
+    """MatMulQ4 against its arithmetic in float64 (float32 sums over blocks: 1e-6 of the largest output,
+    observed ~1e-7), and against ONNX Runtime's own MatMulNBits at accuracy level 4 plus the offsets'
+    correction, which quantizes x the same way (observed ~4e-7 of the largest output; bound 1e-5)."""
+    from lora_edge.quant import dequantize
+
+    qt = _q4_weight(n, k, k + n)
+    x = np.random.RandomState(k * n).randn(*rows, k).astype(np.float32)
+    want = _q4_ref(x, qt)
+    nbits = _nbits_session(kernel, qt).run(None, {"x": x})[0]
+    scale = np.abs(want).max()
+    for threads in (1, 2):
+        got = _q4_session(kernel, qt, threads).run(None, {"x": x})[0]
+        assert got.shape == (*rows, n)
+        assert np.abs(got - want).max() <= 1e-6 * scale
+        assert np.abs(got - nbits).max() <= 1e-5 * scale
+    # and it is x @ W_hat.T up to int8 activations (~0.5% of the largest output)
+    assert np.abs(got - x.astype(np.float64) @ dequantize(qt).astype(np.float64).T).max() <= 2e-2 * scale
+
+
+def _nbits_session(kernel, qt):
+    """MatMulNBits (accuracy level 4) + BlockOffset: what a native int4 package ran before kernel v4."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["base"], domain="com.microsoft", K=qt.k, N=qt.n, bits=4,
+                              block_size=32, accuracy_level=4),
+             helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=32)]  # fmt: skip
+    inits = {"codes": qt.codes, "scales": qt.scales.astype(np.float32), "offsets": np.ascontiguousarray(qt.offsets.T)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(v, n) for n, v in inits.items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid("lora_edge", 1)])  # fmt: skip
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(kernel))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k,n,rows", Q4_CASES)
+def test_matmul_q4_matches_its_arithmetic_and_matmulnbits(kernel, k, n, rows):
+    """Decode rows (1), prompt rows (65: tiles of 4 and a remainder), K off the block size and N off
+    the 16-column groups, on one thread and two."""
+    _check_q4(kernel, k, n, rows)
+
+
+@pytest.mark.skipif(not __import__("platform").machine().lower() in ("x86_64", "amd64"), reason="x86 code paths")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
+    """The kernel built without AVX-512 (its AVX2 path) and without AVX2 (the portable C++): the same
+    results. (The default build takes this machine's best path.)"""
+    from lora_edge.native import SOURCE, find_ort_include
+
+    lib = tmp_path / f"k-{march}.so"
+    subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", f"-march={march}",
+                    f"-I{find_ort_include()}", str(SOURCE), "-o", str(lib)], check=True)  # fmt: skip
+    for k, n, rows in Q4_CASES[2:]:
+        _check_q4(lib, k, n, rows)
+
+
+def test_matmul_q4_rejects_a_mismatched_weight(kernel):
+    """A packed weight of the wrong shape for the node's K and N is ONNX Runtime's error, not a wrong read."""
+    qt = _q4_weight(40, 64, 1)
+    from onnx import TensorProto, helper
+
+    from lora_edge.quant import pack_q4
+
+    node = helper.make_node("MatMulQ4", ["x", "w"], ["y"], domain="lora_edge", K=96, N=40)
+    sess = _one_node_session(kernel, node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], 1, {"w": pack_q4(qt)})
+    with pytest.raises(Exception, match="MatMulQ4: packed must be"):
+        sess.run(None, {"x": np.zeros((1, 96), np.float32)})
+
+
+@pytest.mark.parametrize("mode", ["merge", "branch"])
+def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype):
+    """At accuracy level 4 (the default) a native int4 package runs every int4 projection as one MatMulQ4
+    (no BlockOffset; a branch takes its output as its base) and records kernel v4. Against the onnx-kernel
+    package (MatMulNBits, which quantizes x to int8 the same way): the float32 sums differ in order, so
+    most logits agree to float32 precision (median bound 1e-5), but where an activation lands within an
+    ulp of a rounding boundary its int8 code flips, which moves that position's logits by up to ~0.1 on
+    this tiny model (observed 0.036 on logits up to 2.2; bound 0.1, while a wrong weight or a lost offset
+    moves them by whole units). Greedy tokens are the same. With the adapter, the native package's
+    float16 or int8 A/B differ from the onnx package's float32 ones, so that case is the base's check."""
+    from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
+    from lora_edge.export import export
+
+    qcfg = QuantConfig(weights=WeightType.INT4)
+    ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
+    pkgs = {}
+    for kind in ("onnx", "native"):
+        pkgs[kind] = tmp_path / kind
+        export(ExportConfig(base=tiny_base, output=pkgs[kind], adapters=ad, quant=qcfg, mode=Mode(mode), lora_kernel=kind,
+                            lora_dtype=lora_dtype if kind == "native" else "float16"))  # fmt: skip
+    nodes = [n.op_type for n in onnx.load(str(pkgs["native"] / "model.onnx"), load_external_data=False).graph.node]
+    hf = json.loads((pkgs["native"] / "config.json").read_text())
+    n_linear = 4 * hf["num_hidden_layers"]  # q/k/v, o, gate/up and down of each layer
+    tied = hf.get("tie_word_embeddings", True)  # a tied head is the int8 embedding table's MatMulNBits
+    assert nodes.count("MatMulQ4") == n_linear + (not tied) and "BlockOffset" not in nodes
+    assert nodes.count("MatMulNBits") == int(tied)
+    if mode == "branch":
+        assert sum(n.startswith("LoraDelta") for n in nodes) == n_linear
+    assert json.loads((pkgs["native"] / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 4
+    onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
+    ids = np.random.RandomState(6).randint(0, 300, (2, 11))
+    diff = np.abs(native_m.forward(ids) - onnx_m.forward(ids))
+    assert np.median(diff) <= 1e-5 and diff.max() <= 0.1
+    prompt = [5, 17, 42, 7]
+    assert native_m.generate_ids(prompt, None, 12, 12)[0] == onnx_m.generate_ids(prompt, None, 12, 12)[0]
+
+
 # -- errors --------------------------------------------------------------------------------------------
 def test_missing_kernel_is_one_clear_line(native_package, tmp_path):
     env = {"LORA_EDGE_KERNEL_LIB": str(tmp_path / "nowhere.so"), "PATH": "/usr/bin:/bin"}
@@ -488,11 +643,11 @@ def test_an_older_kernel_build_is_one_clear_line(tiny_base, tiny_adapters, tmp_p
 
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.export import export
-    from lora_edge.native import SOURCE, find_ort_include
+    from lora_edge.native import KERNEL_VERSION, SOURCE, find_ort_include
 
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["qv_r4"]),),
                         quant=QUANTS["int4"], mode=Mode.MERGE, lora_kernel="native"))  # fmt: skip
-    src = SOURCE.read_text().replace("int lora_edge_kernel_version() { return 3; }",
+    src = SOURCE.read_text().replace(f"int lora_edge_kernel_version() {{ return {KERNEL_VERSION}; }}",
                                                             "int lora_edge_kernel_version() { return 2; }")  # fmt: skip
     assert "return 2; }" in src
     (tmp_path / "old.cc").write_text(src)

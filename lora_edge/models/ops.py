@@ -14,7 +14,7 @@ import numpy as np
 
 from ..adapters import EMBEDDING
 from ..graph import GraphBuilder
-from ..quant import QTensor
+from ..quant import QTensor, pack_q4, packs_q4
 from .spec import DecoderSpec, Slot
 
 
@@ -80,6 +80,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
 
     def quant_inputs(name: str, qt: QTensor) -> dict[str, str]:
         """Initializers of a quantized weight, created once (a tied head reuses the embedding's)."""
+        if name not in quant_values and q4_kernel(name, qt):  # one record per 16 columns and block: codes, scales, offsets
+            quant_values[name] = {"packed": g.weight(f"{name}.q4x", pack_q4(qt))}
         if name not in quant_values:
             v = {"codes": g.weight(f"{name}.q{qt.bits}", qt.codes)}
             scales = g.weight(f"{name}.scales", qt.scales)
@@ -95,6 +97,12 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             quant_values[name] = v
         return quant_values[name]
 
+    def q4_kernel(name: str, qt: QTensor) -> bool:
+        """Whether the native kernel's MatMulQ4 runs this projection: int4 blocks of 32 with float offsets at
+        accuracy level 4 (it computes as MatMulNBits does there, on int8 activations), and not a gathered
+        embedding table, whose rows the graph dequantizes."""
+        return native and accuracy_level == 4 and packs_q4(qt) and name != "model.embed_tokens.weight"
+
     block_sums: dict[tuple[str, int], str] = {}
 
     def matmul_nbits(x: str, name: str, qt: QTensor) -> str:
@@ -107,6 +115,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         correction when there is one (callers add them in one node with any LoRA delta; on the native
         kernel the correction is an :class:`OffsetTerm` that :func:`summed` or the LoraDelta node runs)."""
         v = quant_inputs(name, qt)
+        if "packed" in v:  # the kernel's own int4 product, offsets included (kernel v4)
+            return [g.op("MatMulQ4", [x, v["packed"]], domain="lora_edge", K=qt.k, N=qt.n)]
         ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
         y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
                  accuracy_level=accuracy_level)  # fmt: skip

@@ -31,8 +31,9 @@ from ..errors import LoraEdgeError
 # v2 adds LoraDeltaQ8 (int8) and the optional base/extra inputs both add their delta onto (v1's three
 # inputs mean what they meant), so a v2 kernel runs v1 packages. v3 adds BlockOffset and LoraDelta's optional
 # `offsets` input (the float-offset correction of int4 blocks, in the kernel); a package that uses neither
-# records v2, which a v2 kernel still runs.
-KERNEL_VERSION = 3
+# records v2, which a v2 kernel still runs. v4 adds MatMulQ4, the int4 base projection itself (its own packed
+# layout, lora_edge.quant.pack_q4); a package without it records v3 or v2.
+KERNEL_VERSION = 4
 LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
 MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)
 SOURCE = Path(__file__).with_name("lora_delta.cc")

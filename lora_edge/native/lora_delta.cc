@@ -31,11 +31,16 @@
 // (Reshape, ReduceSum, MatMul, Add) and read the offsets as float32.
 // LoraDelta and LoraDeltaQ8 take the same correction as a last optional input `offsets` with
 // attribute `offset_block`, so a quantized projection with its adapter is MatMulNBits + one node.
+//
+//   lora_edge::MatMulQ4(x, packed) -> x @ W_hat.T                                        (kernel v4)
+// the int4 projection itself, offsets included, from one packed stream per node (see MatMulQ4 below), in
+// place of MatMulNBits + the correction: a LoRA branch then takes its output as `base`.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -456,6 +461,207 @@ struct BlockOffsetKernel {
   }
 };
 
+// -- MatMulQ4: the int4 base projection itself (kernel v4) ------------------------------------------------
+// y (M, N) = x (M, K) @ W_hat.T with W_hat[n, k] = (q[n, k] - 8) * scale[n, b] + offset[n, b], b = k / 32, in
+// one stream per node: `packed` (G, nb, 320) uint8, G = ceil(N / 16) groups of 16 output columns; per group
+// and block of 32 along K (K zero-padded to nb * 32), 256 bytes of codes then 16 float16 scales and 16
+// float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte 4 j + i holds column 16 g + j's
+// code at k = 8 v + i (low nibble) and 8 v + 4 + i (high nibble), so that one lane of a 512-bit register
+// is one column's 4 consecutive codes: u8 x s8 dot products (VNNI's vpdpbusd, AVX2's maddubs) against
+// x's int8 codes, with no horizontal sums. x is quantized per block of 32, symmetric int8 (d = max|x| / 127),
+// as MatMulNBits does at accuracy level 4; the offsets multiply x's exact block sums. lora-edge's exporter
+// writes this layout (lora_edge.quant.pack_q4). Columns past N (padding) have zero scales and offsets.
+constexpr int64_t kQ4Block = 32, kQ4Group = 16, kQ4Bytes = 320, kQ4Codes = 256;
+
+// x's rows quantized for MatMulQ4: codes (M, nb * 32), and per block d (the scale), 8 * d * sum(codes)
+// (the implied zero point's share) and the exact float sum.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, zero_share, sums;
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t nb, QuantizedRows& out) {
+  const int64_t kp = nb * kQ4Block;
+  out.q.assign((size_t)(M * kp), 0);
+  out.d.resize((size_t)(M * nb)), out.zero_share.resize((size_t)(M * nb)), out.sums.resize((size_t)(M * nb));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kQ4Block;
+      const int64_t n = std::min(kQ4Block, K - b * kQ4Block);
+      float peak = 0.f, sum = 0.f;
+      for (int64_t k = 0; k < n; ++k) peak = std::max(peak, std::fabs(xb[k])), sum += xb[k];
+      const float d = peak / 127.f, inv = peak > 0.f ? 127.f / peak : 0.f;
+      int8_t* qb = out.q.data() + m * kp + b * kQ4Block;
+      int32_t qsum = 0;
+      for (int64_t k = 0; k < n; ++k) qb[k] = (int8_t)std::nearbyint(xb[k] * inv), qsum += qb[k];
+      const size_t i = (size_t)(m * nb + b);
+      out.d[i] = d, out.zero_share[i] = 8.f * d * (float)qsum, out.sums[i] = sum;
+    }
+}
+
+struct Q4Job {
+  const uint8_t* w;  // (G, nb, 320)
+  const QuantizedRows* x;
+  float* y;  // (M, N)
+  int64_t M, N, nb, groups_per_task, G;
+};
+
+// The stream runs ahead of the hardware prefetcher, which stops at each 4 KB page: records 16 blocks ahead
+// (5 KB) into L1 and 64 blocks ahead (20 KB) into L2. Measured on 66 MB of synthetic layers at 1 thread:
+// without it 0.66x MatMulNBits' speed, L1 alone 1.0x, both 1.25x.
+// (Addresses formed as integers, as in prefetch_lines: past the last record they point nowhere.)
+inline void q4_prefetch(const uint8_t* p) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p);
+  for (int o = 0; o < kQ4Bytes; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + 16 * kQ4Bytes + o), 0, 3);
+  for (int o = 0; o < kQ4Bytes; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + 64 * kQ4Bytes + o), 0, 2);
+}
+
+constexpr int64_t kQ4Rows = 4;  // rows of x per pass over a group's weights (a prompt pass reuses them from L1)
+
+// y[m, cols of group g] for rows m0..m0+rows-1 (a constant, so that the rows' loops unroll).
+template <int rows>
+void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
+  const int64_t kp = j.nb * kQ4Block, c0 = g * kQ4Group, width = std::min(kQ4Group, j.N - c0);
+  const uint8_t* p = j.w + g * j.nb * kQ4Bytes;
+  const int8_t* xq = j.x->q.data() + m0 * kp;
+  const size_t st = (size_t)(m0 * j.nb);
+  const float *d = j.x->d.data() + st, *zs = j.x->zero_share.data() + st, *bs = j.x->sums.data() + st;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 acc[rows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes) {
+    q4_prefetch(p);
+    __m512i dot[rows];
+    for (int r = 0; r < rows; ++r) dot[r] = _mm512_setzero_si512();
+    for (int v = 0; v < 4; ++v) {
+      const __m512i w = _mm512_loadu_si512((const void*)(p + 64 * v));
+      const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+      for (int r = 0; r < rows; ++r) {
+        const int8_t* xv = xq + r * kp + b * kQ4Block + 8 * v;
+        int32_t x0, x1;
+        std::memcpy(&x0, xv, 4), std::memcpy(&x1, xv + 4, 4);
+        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x0));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x1));
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + kQ4Codes)));
+    const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + kQ4Codes + 32)));
+    for (int r = 0; r < rows; ++r) {
+      const size_t i = (size_t)(r * j.nb + b);
+      const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(d[i]), _mm512_set1_ps(zs[i]));
+      acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(bs[i]), _mm512_fmadd_ps(s, t, acc[r]));
+    }
+  }
+  const __mmask16 keep = (__mmask16)((1u << width) - 1u);
+  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(j.y + (m0 + r) * j.N + c0, keep, acc[r]);
+#elif defined(LE_AVX2)
+  // the same over two halves of 8 columns: u8 x s8 pairs (maddubs, at most 2 * 15 * 127: no saturation)
+  // summed to int32 (madd with ones)
+  __m256 acc[rows][2];
+  for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes) {
+    q4_prefetch(p);
+    for (int h = 0; h < 2; ++h) {
+      __m256i dot[rows];
+      for (int r = 0; r < rows; ++r) dot[r] = _mm256_setzero_si256();
+      for (int v = 0; v < 4; ++v) {
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(p + 64 * v + 32 * h));
+        const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+        for (int r = 0; r < rows; ++r) {
+          const int8_t* xv = xq + r * kp + b * kQ4Block + 8 * v;
+          int32_t x0, x1;
+          std::memcpy(&x0, xv, 4), std::memcpy(&x1, xv + 4, 4);
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + kQ4Codes + 16 * h)));
+      const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + kQ4Codes + 32 + 16 * h)));
+      for (int r = 0; r < rows; ++r) {
+        const size_t i = (size_t)(r * j.nb + b);
+        const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(d[i]), _mm256_set1_ps(zs[i]));
+        acc[r][h] = _mm256_fmadd_ps(o, _mm256_set1_ps(bs[i]), _mm256_fmadd_ps(s, t, acc[r][h]));
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float out[kQ4Group];
+    _mm256_storeu_ps(out, acc[r][0]), _mm256_storeu_ps(out + 8, acc[r][1]);
+    std::memcpy(j.y + (m0 + r) * j.N + c0, out, sizeof(float) * width);
+  }
+#else
+  float acc[rows][kQ4Group] = {};
+  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes)
+    for (int64_t c = 0; c < width; ++c) {
+      const float s = half_to_float((uint16_t)(p[kQ4Codes + 2 * c] | p[kQ4Codes + 2 * c + 1] << 8));
+      const float o = half_to_float((uint16_t)(p[kQ4Codes + 32 + 2 * c] | p[kQ4Codes + 33 + 2 * c] << 8));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* xb = xq + r * kp + b * kQ4Block;
+        int32_t dot = 0;
+        for (int v = 0; v < 4; ++v)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = p[64 * v + 4 * c + i];
+            dot += (byte & 0x0f) * xb[8 * v + i] + (byte >> 4) * xb[8 * v + 4 + i];
+          }
+        const size_t at = (size_t)(r * j.nb + b);
+        acc[r][c] += s * ((float)dot * d[at] - zs[at]) + o * bs[at];
+      }
+    }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(j.y + (m0 + r) * j.N + c0, acc[r], sizeof(float) * width);
+#endif
+}
+
+void run_q4_task(void* data, size_t index) {
+  const Q4Job& j = *static_cast<const Q4Job*>(data);
+  const int64_t g1 = std::min(j.G, ((int64_t)index + 1) * j.groups_per_task);
+  for (int64_t g = (int64_t)index * j.groups_per_task; g < g1; ++g) {
+    int64_t m = 0;
+    for (; m + kQ4Rows <= j.M; m += kQ4Rows) q4_group_rows<kQ4Rows>(j, g, m);
+    switch (j.M - m) {
+      case 3: q4_group_rows<3>(j, g, m); break;
+      case 2: q4_group_rows<2>(j, g, m); break;
+      case 1: q4_group_rows<1>(j, g, m); break;
+      default: break;
+    }
+  }
+}
+
+struct MatMulQ4Kernel {
+  int64_t K, N;
+
+  MatMulQ4Kernel(const OrtApi&, const OrtKernelInfo* info) : K(int_attribute(info, "K", 0)), N(int_attribute(info, "N", 0)) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0), w = ctx.GetInput(1);
+    auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), ws = w.GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t nb = (K + kQ4Block - 1) / kQ4Block, G = (N + kQ4Group - 1) / kQ4Group;
+    if (xs.empty() || xs.back() != K || K <= 0 || N <= 0)
+      ORT_CXX_API_THROW("MatMulQ4: x must be (..., K) with the node's K > 0 and N > 0", ORT_INVALID_ARGUMENT);
+    if (ws.size() != 3 || ws[0] != G || ws[1] != nb || ws[2] != kQ4Bytes)
+      ORT_CXX_API_THROW("MatMulQ4: packed must be (ceil(N / 16), ceil(K / 32), 320)", ORT_INVALID_ARGUMENT);
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+    std::vector<int64_t>& ys = xs;
+    ys.back() = N;
+    auto out = ctx.GetOutput(0, ys);
+    if (M == 0) return;
+    QuantizedRows qx;
+    quantize_rows(x.GetTensorData<float>(), M, K, nb, qx);
+    // tasks of about 64 columns at decode; at a prompt pass each task's weights serve all rows from cache
+    const int64_t per_task = 4, tasks = (G + per_task - 1) / per_task;
+    Q4Job job{static_cast<const uint8_t*>(w.GetTensorRawData()), &qx, out.GetTensorMutableData<float>(), M, N, nb, per_task, G};
+    if (tasks == 1) {
+      run_q4_task(&job, 0);
+    } else {
+      ctx.ParallelFor(run_q4_task, (size_t)tasks, 0, &job);
+    }
+  }
+};
+
 using F16Kernel = LoraDeltaKernel<F16, false>;
 using I8Kernel = LoraDeltaKernel<I8, true>;
 
@@ -493,6 +699,14 @@ struct LoraDeltaQ8Op : DeltaOpBase<LoraDeltaQ8Op, I8Kernel> {
   }
 };
 
+struct MatMulQ4Op : CpuOpBase<MatMulQ4Op, MatMulQ4Kernel> {
+  const char* GetName() const { return "MatMulQ4"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // x, packed
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
 struct BlockOffsetOp : CpuOpBase<BlockOffsetOp, BlockOffsetKernel> {
   const char* GetName() const { return "BlockOffset"; }
   size_t GetInputTypeCount() const { return 3; }
@@ -504,6 +718,7 @@ struct BlockOffsetOp : CpuOpBase<BlockOffsetOp, BlockOffsetKernel> {
 LoraDeltaOp the_op;
 LoraDeltaQ8Op the_q8_op;
 BlockOffsetOp the_offset_op;
+MatMulQ4Op the_q4_op;
 std::once_flag domain_once;
 OrtCustomOpDomain* the_domain = nullptr;
 
@@ -526,6 +741,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_op);
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_q8_op);
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_offset_op);
+    if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, &the_q4_op);
   });
   if (status != nullptr) return status;
   return api->AddCustomOpDomain(options, the_domain);
@@ -537,6 +753,6 @@ __declspec(dllexport)
 #else
 __attribute__((visibility("default")))
 #endif
-int lora_edge_kernel_version() { return 3; }
+int lora_edge_kernel_version() { return 4; }
 
 }  // extern "C"
