@@ -236,8 +236,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     if not cfg.fused:  # the checker does not know ONNX Runtime's contrib ops registered in the default domain
         onnx.checker.check_model(model, full_check=False)
     kernel_nodes = [n for n in model.graph.node if n.domain == "lora_edge"]
-    # v4: MatMulQ4 (the int4 base); v3: BlockOffset and LoraDelta's offsets; a v2 kernel runs the rest
-    kernel_version = (4 if any(n.op_type == "MatMulQ4" for n in kernel_nodes) else
+    packed_at = {"LoraDelta": 6, "LoraDeltaQ8": 8}  # the index of a branch node's optional `packed` input (v4)
+    # v4: MatMulQ4 and the branches' packed input (the int4 base); v3: BlockOffset and LoraDelta's offsets;
+    # a v2 kernel runs the rest
+    kernel_version = (4 if any(n.op_type == "MatMulQ4" or len(n.input) > packed_at.get(n.op_type, 99) for n in kernel_nodes) else
                       3 if any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute) for n in kernel_nodes)
                       else 2)  # fmt: skip
 

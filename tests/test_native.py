@@ -167,6 +167,15 @@ def _q8_feed(x, a, b) -> dict:
     return feed, qa * sa.astype(np.float64)[None, :], qb * sb.astype(np.float64)[..., None]
 
 
+def _branch_feed(x, a, b, int8: bool):
+    """The branch node's inputs for float A and B, stored as LoraDeltaQ8 (``int8``) or LoraDelta (float16)
+    store them, and the A and B they stand for."""
+    if int8:
+        return _q8_feed(x, a, b)
+    a, b = a.astype(np.float16), b.astype(np.float16)
+    return {"x": x, "A": a, "B": b}, a, b
+
+
 def _chunked_ref(x, a, b, modules, r: int):
     """(x @ A) then chunk j of B times the r ranks of module modules[j], concatenated: float64."""
     t = x.astype(np.float64) @ np.asarray(a, np.float64)
@@ -216,11 +225,7 @@ def test_operator_adds_its_delta_onto_base_and_extra(kernel, int8, addends, r):
     rng = np.random.RandomState(r + addends)
     x = rng.randn(1, 3, 40).astype(np.float32)
     a, b = rng.randn(40, r), rng.randn(r, 72)
-    if int8:
-        feed, a, b = _q8_feed(x, a, b)
-    else:
-        a, b = a.astype(np.float16), b.astype(np.float16)
-        feed = {"x": x, "A": a, "B": b}
+    feed, a, b = _branch_feed(x, a, b, int8)
     terms = {n: rng.randn(1, 3, 72).astype(np.float32) for n in ("base", "extra")[:addends]}
     want = (x.astype(np.float64) @ a.astype(np.float64)) @ b.astype(np.float64) + sum(terms.values())
     got = _delta_session(kernel, 40, 2, int8=int8, addends=addends, threads=2).run(None, {**feed, **terms})[0]
@@ -311,11 +316,7 @@ def test_chunked_delta_with_offsets_in_one_pass(kernel, k, c, modules, int8, row
     r, n, nb = 16, len(modules) * c, -(-k // 32)
     x = rng.randn(*rows, k).astype(np.float32)
     a, b = rng.randn(k, (max(modules) + 1) * r), rng.randn(len(modules), r, c)
-    if int8:
-        feed, a, b = _q8_feed(x, a, b)
-    else:
-        a, b = a.astype(np.float16), b.astype(np.float16)
-        feed = {"x": x, "A": a, "B": b}
+    feed, a, b = _branch_feed(x, a, b, int8)
     offsets, base = rng.randn(nb, n).astype(np.float16), rng.randn(*rows, n).astype(np.float32)
     want = base + _block_offsets_ref(x, offsets, 32) + _chunked_ref(x, a, b, modules, r)
     names = list(feed)
@@ -576,6 +577,52 @@ def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
         _check_q4(lib, k, n, rows)
 
 
+@pytest.mark.parametrize("k,c,modules", [(576, 192, [0, 0, 0, 1, 2]), (576, 1536, [0, 1]), (40, 24, [1, 0])])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
+@pytest.mark.parametrize("rank", [16, 0])
+def test_branch_node_runs_its_int4_projection(kernel, k, c, modules, int8, rows, rank):
+    """A branch node taking the packed int4 weight (its last input) computes projection + extra + delta in
+    one node: in its B product's column tasks when the chunk width is a multiple of the 16-column groups
+    (192, 1536), in a pass of its own when not (24), and alone when no adapter is bound (rank 0). Bounds:
+    MatMulQ4's (1e-6 of the largest output) plus the delta's float32 sums (as for the other delta tests)."""
+    from onnx import TensorProto, helper
+
+    from lora_edge.quant import pack_q4
+
+    rng = np.random.RandomState(k + c + int8 + rank)
+    n = len(modules) * c
+    qt = _q4_weight(n, k, k + c)
+    x = rng.randn(*rows, k).astype(np.float32)
+    a, b = rng.randn(k, (max(modules) + 1) * rank), rng.randn(len(modules), rank, c)
+    feed, a, b = _branch_feed(x, a, b, int8)
+    extra = rng.randn(*rows, n).astype(np.float32)
+    want = _q4_ref(x, qt) + extra + _chunked_ref(x, a, b, modules, rank)
+    names = list(feed)
+    ins = [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), None) for nm, v in feed.items()]
+    ins.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    node = helper.make_node("LoraDeltaQ8" if int8 else "LoraDelta", [*names, "", "extra", "", "w"], ["y"], domain="lora_edge",
+                            chunk_modules=modules)  # fmt: skip
+    for threads in (1, 2):
+        got = _one_node_session(kernel, node, ins, threads, {"w": pack_q4(qt)}).run(None, {**feed, "extra": extra})[0]
+        assert got.shape == (*rows, n)
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(_q4_ref(x, qt)).max() + 1e-5 * max(1.0, np.abs(want).max()) * np.sqrt(k)
+
+
+def test_branch_node_takes_offsets_or_packed_not_both(kernel):
+    from onnx import TensorProto, helper
+
+    from lora_edge.quant import pack_q4
+
+    qt = _q4_weight(32, 64, 3)
+    node = helper.make_node("LoraDelta", ["x", "A", "B", "", "", "offsets", "w"], ["y"], domain="lora_edge", offset_block=32)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None), helper.make_tensor_value_info("A", TensorProto.FLOAT16, None),
+           helper.make_tensor_value_info("B", TensorProto.FLOAT16, None)]  # fmt: skip
+    sess = _one_node_session(kernel, node, ins, 1, {"w": pack_q4(qt), "offsets": np.zeros((2, 32), np.float16)})
+    with pytest.raises(Exception, match="offsets and packed are exclusive"):
+        sess.run(None, {"x": np.ones((1, 64), np.float32), "A": np.ones((64, 2), np.float16), "B": np.ones((2, 32), np.float16)})
+
+
 def test_matmul_q4_rejects_a_mismatched_weight(kernel):
     """A packed weight of the wrong shape for the node's K and N is ONNX Runtime's error, not a wrong read."""
     qt = _q4_weight(40, 64, 1)
@@ -591,8 +638,9 @@ def test_matmul_q4_rejects_a_mismatched_weight(kernel):
 
 @pytest.mark.parametrize("mode", ["merge", "branch"])
 def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype):
-    """At accuracy level 4 (the default) a native int4 package runs every int4 projection as one MatMulQ4
-    (no BlockOffset; a branch takes its output as its base) and records kernel v4. Against the onnx-kernel
+    """At accuracy level 4 (the default) a native int4 package runs every int4 projection as one MatMulQ4,
+    or, with a branch, as the branch's own node taking the packed weight (no BlockOffset, no second node),
+    and records kernel v4. Against the onnx-kernel
     package (MatMulNBits, which quantizes x to int8 the same way): the float32 sums differ in order, so
     most logits agree to float32 precision (median bound 1e-5), but where an activation lands within an
     ulp of a rounding boundary its int8 code flips, which moves that position's logits by up to ~0.1 on
@@ -609,14 +657,16 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
         pkgs[kind] = tmp_path / kind
         export(ExportConfig(base=tiny_base, output=pkgs[kind], adapters=ad, quant=qcfg, mode=Mode(mode), lora_kernel=kind,
                             lora_dtype=lora_dtype if kind == "native" else "float16"))  # fmt: skip
-    nodes = [n.op_type for n in onnx.load(str(pkgs["native"] / "model.onnx"), load_external_data=False).graph.node]
+    graph = onnx.load(str(pkgs["native"] / "model.onnx"), load_external_data=False).graph
+    nodes = [n.op_type for n in graph.node]
+    fused = [n for n in graph.node if n.op_type.startswith("LoraDelta") and n.input[-1].endswith(".q4x")]
     hf = json.loads((pkgs["native"] / "config.json").read_text())
     n_linear = 4 * hf["num_hidden_layers"]  # q/k/v, o, gate/up and down of each layer
     tied = hf.get("tie_word_embeddings", True)  # a tied head is the int8 embedding table's MatMulNBits
-    assert nodes.count("MatMulQ4") == n_linear + (not tied) and "BlockOffset" not in nodes
+    assert nodes.count("MatMulQ4") + len(fused) == n_linear + (not tied) and "BlockOffset" not in nodes
     assert nodes.count("MatMulNBits") == int(tied)
-    if mode == "branch":
-        assert sum(n.startswith("LoraDelta") for n in nodes) == n_linear
+    if mode == "branch":  # every adapted projection is one node: the branch's, taking the packed weight
+        assert len(fused) == sum(n.startswith("LoraDelta") for n in nodes) == n_linear
     assert json.loads((pkgs["native"] / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 4
     onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
     ids = np.random.RandomState(6).randint(0, 300, (2, 11))

@@ -27,6 +27,16 @@ class OffsetTerm(NamedTuple):
     block: int
 
 
+class PackedTerm(NamedTuple):
+    """An int4 projection x @ W_hat.T on the native kernel (offsets included), not yet a node: it joins the
+    branch's node that sums it (a LoraDelta's `packed` input, one node for both), else it is a MatMulQ4."""
+
+    x: str
+    packed: str  # (ceil(N / 16), n_blocks, 320) uint8, lora_edge.quant.pack_q4
+    k: int
+    n: int
+
+
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
                accuracy_level: int, fused: bool, lora_kernel: str = "onnx",
                lora_dtype: str = "float16") -> SimpleNamespace:  # fmt: skip
@@ -116,7 +126,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         kernel the correction is an :class:`OffsetTerm` that :func:`summed` or the LoraDelta node runs)."""
         v = quant_inputs(name, qt)
         if "packed" in v:  # the kernel's own int4 product, offsets included (kernel v4)
-            return [g.op("MatMulQ4", [x, v["packed"]], domain="lora_edge", K=qt.k, N=qt.n)]
+            return [PackedTerm(x, v["packed"], qt.k, qt.n)]
         ins = [x, v["codes"], v["scales"]] + ([v["zero_points"]] if "zero_points" in v else [])
         y = g.op("MatMulNBits", ins, domain="com.microsoft", K=qt.k, N=qt.n, bits=qt.bits, block_size=qt.block,
                  accuracy_level=accuracy_level)  # fmt: skip
@@ -149,7 +159,10 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
 
     def summed(terms: list, scope: str) -> str:
         """One node for the sum: Add for two terms, Sum for more (one pass over the output, not two).
-        An :class:`OffsetTerm` is added onto the first other term by one BlockOffset node."""
+        An :class:`OffsetTerm` is added onto the first other term by one BlockOffset node; a
+        :class:`PackedTerm` is a MatMulQ4 node."""
+        terms = [g.op("MatMulQ4", [t.x, t.packed], domain="lora_edge", K=t.k, N=t.n) if isinstance(t, PackedTerm) else t
+                 for t in terms]  # fmt: skip
         offset = next((t for t in terms if isinstance(t, OffsetTerm)), None)
         if offset is not None:
             rest = [t for t in terms if t is not offset]
@@ -163,7 +176,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """(x @ A) @ B for the group's slot; A, B are overridable float32 inputs (None: no slot).
         Its nodes are named ``lora/...`` so that profiles can tell the branch from the base.
         ``addends`` (native only, at most 2 shaped like the output, and at most one :class:`OffsetTerm`
-        of the same x): the node returns their sum plus the delta."""
+        or :class:`PackedTerm` of the same x): the node returns their sum plus the delta."""
         slot = slots.get(group)
         if slot is None:
             return None
@@ -171,11 +184,15 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             if native:  # one node: float16 A and B read as they are, the B product split over the threads
                 attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
                 offset = next((t for t in addends if isinstance(t, OffsetTerm)), None)
-                addends = [t for t in addends if t is not offset]
+                packed = next((t for t in addends if isinstance(t, PackedTerm)), None)
+                addends = [t for t in addends if t is not offset and t is not packed]
                 if offset is not None:  # (base, extra, offsets)
                     assert offset.x == x and len(addends) <= 2
                     addends = [*addends, *[""] * (2 - len(addends)), offset.offsets]
                     attrs["offset_block"] = offset.block
+                if packed is not None:  # (base, extra, offsets, packed): the node computes the projection too
+                    assert packed.x == x and offset is None and len(addends) <= 2
+                    addends = [*addends, *[""] * (3 - len(addends)), packed.packed]
                 if lt(slot) is np.int8:
                     sa, sb = slot.scale_names
                     return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb, *addends], domain="lora_edge", **attrs)
@@ -194,8 +211,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """The sum of ``terms`` (full-shape outputs of the base projection), ``bias`` (broadcast vectors)
         and the group's LoRA delta: on the native kernel one node adds its delta onto the terms (then
         the bias, if any, in one Add); otherwise one Add/Sum node for all of them."""
-        plain = [t for t in terms if not isinstance(t, OffsetTerm)]
-        if native and group in slots and len(plain) <= 2 and all(t.x == x for t in terms if isinstance(t, OffsetTerm)):
+        plain = [t for t in terms if not isinstance(t, (OffsetTerm, PackedTerm))]
+        folded = [t for t in terms if isinstance(t, (OffsetTerm, PackedTerm))]
+        if native and group in slots and len(plain) <= 2 and len(folded) <= 1 and all(t.x == x for t in folded):
             return summed([lora(x, group, terms), *bias], g.scope)
         delta = lora(x, group)
         terms = [*terms, *bias]
