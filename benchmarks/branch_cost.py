@@ -15,9 +15,10 @@ builds (same --work folder; built here when missing).
 merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%), for the
 standard-MatMul branch ("onnx") and lora-edge's LoraDelta kernel ("native", `--lora-kernel native`,
 float16 A/B; "native int8", `--lora-dtype int8`; the kernel is built first, `--no-native` skips both).
-For a recipe with float block offsets (int4) the kernel also runs the offset correction, so its merged
-package on the kernel ("merged (native)", the speed-up over the plain merged package given beside it)
-is the reference of the native rows: the same graph less the adapter.
+For a recipe with float block offsets (int4) the kernel also runs the projections themselves (kernel v4:
+MatMulQ4, or the branch's node taking the packed weight), so its merged package on the kernel ("merged
+(native)", the speed-up over the plain merged package given beside it) is the reference of the native
+rows: the same graph less the adapter.
 """
 
 from __future__ import annotations

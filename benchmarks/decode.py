@@ -61,8 +61,9 @@ RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
 
 
 NATIVE_KINDS = ("native", "native8")  # packages on lora-edge's kernel: float16 and int8 A/B
-# the merged package on lora-edge's kernel, for recipes with float block offsets (int4): BlockOffset runs the
-# correction; the native branch rows' cost is measured against it (the same graph less the adapter)
+# the merged package on lora-edge's kernel, for recipes with float block offsets (int4): MatMulQ4 runs each
+# projection (kernel v4; BlockOffset the correction at accuracy levels below 4); the native branch rows' cost
+# is measured against it (the same graph less the adapter)
 NATIVE_MERGED = "nativemerged"
 UNMERGED_KINDS = ("branch", *NATIVE_KINDS)  # rows that run r16all as a branch
 LORA_GGUF = {"lora": "gguf_lora", "lora8": "gguf_lora_q8"}  # llama.cpp row kind -> the argument naming its GGUF LoRA
