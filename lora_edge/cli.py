@@ -86,8 +86,9 @@ def _progress(start: float):
                    "ORT build. cuda: float16 compute and LoRA tensors (weights as --quant says).")
 @click.option("--lora-kernel", type=click.Choice(["onnx", "native"]), default="onnx", show_default=True,
               help="onnx: LoRA branches as standard MatMuls (fp32 A/B, any onnxruntime). native: one lora-edge LoraDelta "
-                   "operator per branch (fp16 A/B, threaded; faster decode with an adapter, --target cpu), which also runs "
-                   "int4's float-offset correction (merged int4 exports too); the machine that runs the package needs "
+                   "operator per branch (fp16 A/B, threaded; faster decode with an adapter, --target cpu); at int4 the kernel "
+                   "also runs the projections themselves (MatMulQ4, one node with the branch; merged int4 exports too); "
+                   "the machine that runs the package needs "
                    "`lora-edge build-kernel`.")
 @click.option("--lora-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
               help="With --lora-kernel native: how A/B are stored. int8: one scale per rank, half the bytes of float16 "

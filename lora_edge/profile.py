@@ -183,7 +183,9 @@ class OpShare:
     package: str
     adapter: str
     threads: int
-    lora_pct: float  # share of decode operator time spent in the LoRA branch nodes
+    # share of decode operator time spent in the LoRA branch nodes; None where the branches run inside the
+    # int4 projections' own nodes (kernel v4, nodes named lora+base/...), whose time the profiler cannot split
+    lora_pct: float | None
     by_op: dict[str, float]  # operator type -> share of decode operator time (%)
 
 
@@ -796,7 +798,7 @@ def _ops(job: dict, tick) -> dict:
             decode_windows = runs[len(runs) // 2 + 1 :]  # the second generation, without its prefill call
             lo = decode_windows[0]["ts"] if decode_windows else float("inf")
             totals: dict[str, float] = {}
-            lora = 0.0
+            lora, fused = 0.0, False
             for e in trace:
                 if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < lo:
                     continue
@@ -804,9 +806,10 @@ def _ops(job: dict, tick) -> dict:
                 totals[op] = totals.get(op, 0.0) + e["dur"]
                 if e["name"].startswith("lora/"):
                     lora += e["dur"]
+                fused = fused or e["name"].startswith("lora+base/")
             all_ = sum(totals.values()) or 1.0
             out.append({"package": job["label"], "adapter": adapter or job.get("merged") or "none", "threads": job["threads"],
-                        "lora_pct": 100 * lora / all_,
+                        "lora_pct": None if fused else 100 * lora / all_,
                         "by_op": {k: round(100 * v / all_, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}})  # fmt: skip
             del model
             tick(f"{job['label']} profiler {adapter or 'none'}")
@@ -898,7 +901,7 @@ def render(report: ProfileReport) -> str:
                                f"{_n(r.decode_tps.median)} ({_n(r.decode_tps.min)}-{_n(r.decode_tps.max)})",
                                f"{_n(r.token_ms.p50)}/{_n(r.token_ms.p95)}/{_n(r.token_ms.p99)}",
                                f"{_n(r.switch_us)} ({_n(r.first_bind_us)})",
-                               f"{ops[(r.package, r.adapter, r.threads)].lora_pct:.1f}%" if (r.package, r.adapter, r.threads) in ops else "-"]
+                               _share(ops.get((r.package, r.adapter, r.threads)))]
                               for r in report.runs])]  # fmt: skip
     if report.memory:
         lines += ["", _table(["package", "thr", "load s", "on disk MiB", "runtime MiB", "weights MiB", "adapters MiB", "KV cache MiB",
@@ -910,7 +913,7 @@ def render(report: ProfileReport) -> str:
         lines.append("")
         for o in report.ops:
             top = ", ".join(f"{k} {v:.0f}%" for k, v in list(o.by_op.items())[:5])
-            lines.append(f"where decode time goes: {o.package} / {o.adapter} / {o.threads} thr: LoRA {o.lora_pct:.1f}%; {top}")
+            lines.append(f"where decode time goes: {o.package} / {o.adapter} / {o.threads} thr: LoRA {_share(o)}; {top}")
     ranks = [p for p in report.sweeps if p.kind == "rank"]
     if ranks:
         lines += ["", _table(["package", "thr", "rank", "decode tok/s", "cost vs no adapter"],
@@ -941,6 +944,14 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
         return None
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _share(o: OpShare | None) -> str:
+    """The LoRA share column: a percentage, "in base" (kernel v4: the branch runs inside the int4
+    projection's node, so the profiler cannot tell its time apart), or "-" when not profiled."""
+    if o is None:
+        return "-"
+    return "in base" if o.lora_pct is None else f"{o.lora_pct:.1f}%"
 
 
 def _n(x: float) -> str:
@@ -1036,7 +1047,7 @@ def plot(report: ProfileReport, path: Path) -> None:
         lines(group(counts, lambda p: f"{p.package} {p.threads}t", lambda p: (p.value, p.rss_mib)),
               "adapters loaded", "resident MiB", "Memory vs loaded adapters")  # fmt: skip
     elif report.ops:
-        ax.bar([f"{o.package}\n{o.adapter} {o.threads}t" for o in report.ops], [o.lora_pct for o in report.ops])
+        ax.bar([f"{o.package}\n{o.adapter} {o.threads}t" for o in report.ops], [o.lora_pct or 0.0 for o in report.ops])
         ax.set_ylabel("% of decode operator time")
         ax.set_title("Time in the LoRA branches (ONNX Runtime profiler)")
         ax.tick_params(axis="x", labelsize=7)

@@ -863,6 +863,22 @@ def test_native_package_with_embedding_lora(kernel, tiny_base, tmp_path, dtype):
     assert np.abs(lora_edge.load(tmp_path / "pkg").forward(ids, adapter="emb") - want).max() <= TOL
 
 
+def test_profile_says_a_fused_branch_is_in_the_base(kernel, tiny_base, tiny_adapters, tmp_path):
+    """On a native int4 package the branches run inside the projections' nodes (named lora+base/...), so
+    `lora-edge profile` reports the LoRA share as "in base", not the node's whole time as LoRA."""
+    from lora_edge import profile as P
+    from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
+    from lora_edge.export import export
+
+    export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["all_r8_rslora"]),),
+                        quant=QuantConfig(weights=WeightType.INT4, algo="rtn"), lora_kernel="native"))  # fmt: skip
+    cfg = P.ProfileConfig(packages=(tmp_path / "pkg",), adapters=("x",), workload=P.Workload(prompt_tokens=(4,), new_tokens=3, warmup=0, runs=1),
+                          limits=P.Limits(threads=(1,)))  # fmt: skip
+    report = P.profile(cfg)
+    assert report.ops and all(o.lora_pct is None for o in report.ops)
+    assert "LoRA in base;" in P.render(report)
+
+
 def test_profile_rank_sweep_feeds_the_package_dtype(native_package, lora_dtype):
     """`lora-edge profile --ranks` makes synthetic adapters; on a native package they must be stored as
     the package stores A/B (float16, or int8 with scales), or ONNX Runtime refuses the inputs."""

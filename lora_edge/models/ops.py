@@ -180,7 +180,9 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         slot = slots.get(group)
         if slot is None:
             return None
-        with g.scoped(f"lora/{group}"):
+        # a node that also computes its int4 projection is named lora+base/...: profiles cannot split its time
+        fused = native and any(isinstance(t, PackedTerm) for t in addends)
+        with g.scoped(f"lora+base/{group}" if fused else f"lora/{group}"):
             if native:  # one node: float16 A and B read as they are, the B product split over the threads
                 attrs = {"chunk_modules": list(slot.chunk_modules)} if slot.chunk_width else {}
                 offset = next((t for t in addends if isinstance(t, OffsetTerm)), None)
