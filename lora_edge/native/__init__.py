@@ -32,7 +32,8 @@ from ..errors import LoraEdgeError
 # inputs mean what they meant), so a v2 kernel runs v1 packages. v3 adds BlockOffset and LoraDelta's optional
 # `offsets` input (the float-offset correction of int4 blocks, in the kernel); a package that uses neither
 # records v2, which a v2 kernel still runs. v4 adds MatMulQ4, the int4 base projection itself (its own packed
-# layout, lora_edge.quant.pack_q4); a package without it records v3 or v2.
+# layout, lora_edge.quant.pack_q4), and the same packed weight as LoraDelta's optional last input `packed` (the
+# node then computes the projection too); a package with neither records v3 or v2.
 KERNEL_VERSION = 4
 LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
 MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)
