@@ -126,13 +126,16 @@ def stored_oracle(tiny_base, tiny_adapters, lora_dtype):
 
 # -- the operator alone ----------------------------------------------------------------------------
 def _one_node_session(kernel, node, ins: list, threads: int, inits: dict | None = None):
-    """A session of one lora_edge node with inputs ``ins`` (and initializers ``inits``) and output y (float32)."""
+    """A session of one lora_edge node (or a list of nodes, com.microsoft's among them) with inputs ``ins``
+    (and initializers ``inits``) and output y (float32)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=[numpy_helper.from_array(c, n) for n, c in (inits or {}).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lora_edge", 1)])
+    graph = helper.make_graph(node if isinstance(node, list) else [node], "g", ins,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(c, n) for n, c in (inits or {}).items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid("lora_edge", 1)])  # fmt: skip
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.register_custom_ops_library(str(kernel))
@@ -540,21 +543,13 @@ def _check_q4(kernel, k: int, n: int, rows: tuple) -> None:
 
 def _nbits_session(kernel, qt):
     """MatMulNBits (accuracy level 4) + BlockOffset: what a native int4 package ran before kernel v4."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     nodes = [helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["base"], domain="com.microsoft", K=qt.k, N=qt.n, bits=4,
                               block_size=32, accuracy_level=4),
              helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=32)]  # fmt: skip
     inits = {"codes": qt.codes, "scales": qt.scales.astype(np.float32), "offsets": np.ascontiguousarray(qt.offsets.T)}
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=[numpy_helper.from_array(v, n) for n, v in inits.items()])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                    helper.make_opsetid("lora_edge", 1)])  # fmt: skip
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(kernel))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return _one_node_session(kernel, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], 1, inits)
 
 
 @pytest.mark.parametrize("k,n,rows", Q4_CASES)
@@ -769,6 +764,18 @@ def test_build_without_headers_is_one_clear_line(tmp_path):
 
 
 # -- the real model --------------------------------------------------------------------------------------
+def _real_base_and_adapters() -> tuple:
+    """SmolLM2-135M-Instruct's GGUF and the trained example adapters (pirate, shout), or a skip."""
+    from lora_edge.realmodel import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except lora_edge.InputError as exc:
+        pytest.skip(str(exc))
+    root = Path(__file__).resolve().parents[1] / "examples" / "adapters"
+    return gguf, {n: root / n for n in ("pirate", "shout")}
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_real_native_package_matches_peft(kernel, tmp_path, dtype):
@@ -778,18 +785,10 @@ def test_real_native_package_matches_peft(kernel, tmp_path, dtype):
     (6e-5 relative); bound 1e-2, while a wrong scale or target moves logits by whole units. int8 A/B
     (a scale per rank, ~0.7% relative error in the branch's output): observed 6.9e-2, bound 0.2.
     Greedy decoding is the same 30 tokens as PyTorch + PEFT with the float32 adapter, for both."""
-    from pathlib import Path
-
     from lora_edge.config import AdapterSpec, ExportConfig
     from lora_edge.export import export
-    from lora_edge.realmodel import smollm2_gguf
 
-    try:
-        gguf = smollm2_gguf()
-    except lora_edge.InputError as exc:
-        pytest.skip(str(exc))
-    root = Path(__file__).resolve().parents[1] / "examples" / "adapters"
-    adapters = {n: root / n for n in ("pirate", "shout")}
+    gguf, adapters = _real_base_and_adapters()
     export(ExportConfig(base=gguf, output=tmp_path / "pkg", adapters=tuple(AdapterSpec(n, p) for n, p in adapters.items()),
                         lora_kernel="native", lora_dtype=dtype))  # fmt: skip
     model, exact, stored = lora_edge.load(tmp_path / "pkg"), Oracle(gguf, adapters), StoredOracle(gguf, adapters, dtype)
@@ -820,14 +819,8 @@ def test_real_int4_on_matmul_q4_is_as_accurate_as_matmulnbits(kernel, tmp_path):
 
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
     from lora_edge.export import export
-    from lora_edge.realmodel import smollm2_gguf
 
-    try:
-        gguf = smollm2_gguf()
-    except lora_edge.InputError as exc:
-        pytest.skip(str(exc))
-    root = Path(__file__).resolve().parents[1] / "examples" / "adapters"
-    adapters = {n: root / n for n in ("pirate", "shout")}
+    gguf, adapters = _real_base_and_adapters()
     qcfg = QuantConfig(weights=WeightType.INT4, algo="rtn")
     models = {}
     for kind in ("onnx", "native"):
