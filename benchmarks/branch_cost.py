@@ -14,7 +14,8 @@ builds (same --work folder; built here when missing).
 "cost" is the target's figure: how much longer a decode step takes with r16all as a branch than
 merged, at the same quantization and thread count (time ratio - 1; the target is <= 10%), for the
 standard-MatMul branch ("onnx") and lora-edge's LoraDelta kernel ("native", `--lora-kernel native`,
-float16 A/B; "native int8", `--lora-dtype int8`; the kernel is built first, `--no-native` skips both).
+float16 A/B; "native int8", `--lora-dtype int8`; "native w8a8", `--lora-dtype w8a8`: int8 A/B in the q8x order with
+int8 activations; the kernel is built first, `--no-native` skips them).
 For a recipe with float block offsets (int4) the kernel also runs the projections themselves (kernel v4:
 MatMulQ4, or the branch's node taking the packed weight), so its merged package on the kernel ("merged
 (native)", the speed-up over the plain merged package given beside it) is the reference of the native
@@ -58,9 +59,9 @@ def main() -> None:
     pkgs = build(args.work, smollm2_gguf(), args.quants, native=not args.no_native)
     print(f"\nSmolLM2-135M-Instruct, r16all (rank 16, all 7 projections); {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens forced; {args.rounds} rounds, one process, configurations alternated\n")  # fmt: skip
-    kinds = ["branch", "none"] + ([] if args.no_native else ["native", "native8", "native-none"])
+    kinds = ["branch", "none"] + ([] if args.no_native else ["native", "native8", "native8a8", "native-none"])
     label = {"branch": "branch (onnx)", "none": "no adapter (onnx)", "native": "branch (native)",
-             "native8": "branch (native int8)", "native-none": "no adapter (native)"}  # fmt: skip
+             "native8": "branch (native int8)", "native8a8": "branch (native w8a8)", "native-none": "no adapter (native)"}  # fmt: skip
     print("| quant | threads | merged tok/s | merged (native) tok/s, speed-up | "
           + " | ".join(f"{label[k]} tok/s, cost (range)" for k in kinds) + " |")  # fmt: skip
     print("|---|---|---|---|" + "---|" * len(kinds))
@@ -71,12 +72,14 @@ def main() -> None:
             branch = lora_edge.load(pkgs[f"{q}-branch"], threads=threads)
             native = None if args.no_native else lora_edge.load(pkgs[f"{q}-native"], threads=threads)
             native8 = None if args.no_native else lora_edge.load(pkgs[f"{q}-native8"], threads=threads)
+            native8a8 = None if args.no_native else lora_edge.load(pkgs[f"{q}-native8a8"], threads=threads)
             if not prompt:
                 words = merged.tokenizer.encode((ROOT / "lora_edge/data/verify_text.txt").read_text(), chat=False)
                 prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
             runs = {"merged": (merged, None), "branch": (branch, "r16all"), "none": (branch, None)}
             if native is not None:
-                runs.update({"native": (native, "r16all"), "native8": (native8, "r16all"), "native-none": (native, None)})
+                runs.update({"native": (native, "r16all"), "native8": (native8, "r16all"), "native8a8": (native8a8, "r16all"),
+                             "native-none": (native, None)})  # fmt: skip
             if f"{q}-{NATIVE_MERGED}" in pkgs:
                 runs[NATIVE_MERGED] = (lora_edge.load(pkgs[f"{q}-{NATIVE_MERGED}"], threads=threads), None)
             for m, a in runs.values():  # warm-up
@@ -94,7 +97,7 @@ def main() -> None:
                 cost = sorted(100 * (y / x - 1) for x, y in zip(tps[k], ref))
                 cells.append(f"{statistics.median(tps[k]):.1f}, {statistics.median(cost):+.1f}% ({cost[0]:+.1f} to {cost[-1]:+.1f})")
             print(f"| {q} | {threads} | {statistics.median(tps['merged']):.1f} | " + " | ".join(cells) + " |", flush=True)
-            del merged, branch, native, native8, runs
+            del merged, branch, native, native8, native8a8, runs
 
 
 if __name__ == "__main__":

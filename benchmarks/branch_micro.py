@@ -45,16 +45,30 @@ import numpy as np
 LAYERS, HIDDEN, KV, FFN, RANK = 30, 576, 192, 1536, 16  # SmolLM2-135M; r16all
 
 
-def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets: str | None = None):
+def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets: str | None = None, packed: bool = False):
     """The synthetic decoder: base projections only (rank None) or with the kernel's nodes; its feeds.
-    ``offsets``: float block offsets on every projection, corrected by standard ops ("onnx") or the kernel ("kernel")."""
+    ``offsets``: float block offsets on every projection, corrected by standard ops ("onnx") or the kernel ("kernel").
+    ``packed``: each base projection is the kernel's MatMulQ4 (v4), and a branch's node takes its packed weight
+    (one node per projection and adapter, as `--lora-kernel native` int4 packages run)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, feeds = [], [], {}
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, HIDDEN])]
     sums: dict[str, str] = {}
 
+    def packed_weight(name: str, k: int, n: int) -> str:
+        groups, nb = -(-n // 16), k // 32
+        codes = rng.integers(0, 256, (groups, nb, 256), dtype=np.uint8)
+        scales, offs = ((rng.random((2, groups, nb, 16)) * 2e-3).astype(np.float16).view(np.uint8).reshape(2, groups, nb, 32))
+        inits.append(numpy_helper.from_array(np.concatenate([codes, scales, offs], axis=-1), f"{name}.q4x"))
+        return f"{name}.q4x"
+
     def base(name: str, x: str, k: int, n: int) -> str:
+        if packed and rank is None:
+            nodes.append(helper.make_node("MatMulQ4", [x, packed_weight(name, k, n)], [f"{name}.y"], domain="lora_edge", K=k, N=n))
+            return f"{name}.y"
+        if packed:
+            return ""  # the branch's node runs the projection
         codes = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
         scales = (rng.random(n * k // 32, dtype=np.float32) * 2e-3).astype(np.float32)
         inits.extend([numpy_helper.from_array(codes, f"{name}.q"), numpy_helper.from_array(scales, f"{name}.s")])
@@ -98,13 +112,19 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
 
             (qa, sa), (qb, sb) = quantize_int8(a, 0), quantize_int8(b, -1)
             named = {"A": qa, "A_scale": sa, "B": qb, "B_scale": sb}
+        elif dtype == "q8x":
+            from lora_edge.native import quantize_q8x
+
+            named = dict(zip(("A", "A_scale", "B", "B_scale"), quantize_q8x(a, b if len(chunk_modules) > 1 else b[0])))
         else:
             named = {"A": a.astype(np.float16), "B": b.astype(np.float16)}
         for key, v in named.items():
             feeds[f"{name}.{key}"] = v
             inputs.append(helper.make_tensor_value_info(f"{name}.{key}", helper.np_dtype_to_tensor_dtype(v.dtype), None))
-        op = "LoraDeltaQ8" if dtype == "int8" else "LoraDelta"
+        op = "LoraDeltaQ8" if dtype in ("int8", "q8x") else "LoraDelta"
         trailing = [*extra, *([""] + kernel_offsets if kernel_offsets else [])]  # base, extra, offsets
+        if packed:
+            trailing = ["", "", packed_weight(name, k, n)]  # extra, offsets, packed
         attrs = {"offset_block": 32} if kernel_offsets else {}
         nodes.append(helper.make_node(op, [x, *(f"{name}.{key}" for key in named), y, *trailing], [f"{name}.out"],
                                       domain="lora_edge", chunk_modules=chunk_modules, **attrs))  # fmt: skip
@@ -132,7 +152,7 @@ OFFSET_CONFIGS = {"offsets (onnx)": (None, "onnx"), "offsets (kernel)": (None, "
                   "int8 + offsets (onnx)": (RANK, "onnx"), "int8 + offsets (kernel)": (RANK, "kernel")}  # fmt: skip
 
 
-def child(threads: int, kernels: list[str], rounds: int, offsets: bool = False) -> None:
+def child(threads: int, kernels: list[str], rounds: int, offsets: bool = False, packed: bool = False) -> None:
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as C
 
@@ -145,11 +165,11 @@ def child(threads: int, kernels: list[str], rounds: int, offsets: bool = False) 
             configs.update({f"{k}{tag}": (rank, "int8", lib, how) for k, (rank, how) in OFFSET_CONFIGS.items()})
             continue
         configs.update({f"no adapter{tag}": (0, "float16", lib, None), f"float16{tag}": (RANK, "float16", lib, None),
-                        f"int8{tag}": (RANK, "int8", lib, None)})  # fmt: skip
+                        f"int8{tag}": (RANK, "int8", lib, None), **({f"int8 q8x{tag}": (RANK, "q8x", lib, None)} if packed else {})})  # fmt: skip
     runs = {}
     x = rng.standard_normal((1, HIDDEN)).astype(np.float32)
     for label, (rank, dtype, lib, how) in configs.items():
-        model, feeds = build_graph(rank, dtype, rng, how)
+        model, feeds = build_graph(rank, dtype, rng, how, packed)
         so = ort.SessionOptions()
         so.use_per_session_threads = False
         so.register_custom_ops_library(lib)
@@ -183,6 +203,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--offsets", action="store_true", help="int4 float offsets: their correction by standard ops or the kernel")
+    ap.add_argument("--packed", action="store_true", help="kernel v4: MatMulQ4 bases, each branch's node running its projection")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     kernels = args.kernel
@@ -191,18 +212,19 @@ def main() -> None:
 
         kernels = [str(native.build())]
     if args.child:
-        child(args.child, kernels, args.rounds, args.offsets)
+        child(args.child, kernels, args.rounds, args.offsets, args.packed)
         return
     tags = [f" [{j}]" if len(kernels) > 1 else "" for j in range(len(kernels))]
     for j, k in enumerate(kernels):
         if len(kernels) > 1:
             print(f"[{j}] {k}")
-    cols = [c + t for t in tags for c in (OFFSET_CONFIGS if args.offsets else ("no adapter", "float16", "int8"))]
+    names = ("no adapter", "float16", "int8") + (("int8 q8x",) if args.packed else ())
+    cols = [c + t for t in tags for c in (OFFSET_CONFIGS if args.offsets else names)]
     print(f"\nsynthetic SmolLM2-135M projections, r16all; {args.rounds} rounds; extra time per token over the base\n")
     print("| threads | base ms/token | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for threads in args.threads:  # one process per thread count: the shared pool's size is fixed per process
-        cmd = [sys.executable, __file__, "--child", str(threads), "--rounds", str(args.rounds)] + (["--offsets"] if args.offsets else [])
+        cmd = [sys.executable, __file__, "--child", str(threads), "--rounds", str(args.rounds)] + (["--offsets"] if args.offsets else []) + (["--packed"] if args.packed else [])
         subprocess.run(cmd + [a for k in kernels for a in ("--kernel", k)], check=True, env=os.environ)
 
 

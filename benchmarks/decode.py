@@ -8,8 +8,8 @@ Real SmolLM2-135M-Instruct. The adapter is "r16all": rank 16 on every attention 
 projection (made with PEFT, seeded; its values do not matter for speed), plus the two example
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
-`--lora-kernel native`, float16 A/B), "-native8" (`--lora-dtype int8`: int8 A/B; `--no-native` leaves
-both out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
+`--lora-kernel native`, float16 A/B), "-native8" (`--lora-dtype int8`: int8 A/B), "-native8a8"
+(`--lora-dtype w8a8`: int8 A/B in the q8x order, int8 activations; `--no-native` leaves the three out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
 (peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced to the
 full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
@@ -60,7 +60,8 @@ RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
            "int4sym": {"weights": "int4", "block_size": 32, "zero": "none"}}  # fmt: skip
 
 
-NATIVE_KINDS = ("native", "native8")  # packages on lora-edge's kernel: float16 and int8 A/B
+NATIVE_KINDS = ("native", "native8", "native8a8")  # packages on lora-edge's kernel: float16, int8 and w8a8 A/B
+NATIVE_DTYPES = {"native": "float16", "native8": "int8", "native8a8": "w8a8"}
 # the merged package on lora-edge's kernel, for recipes with float block offsets (int4): MatMulQ4 runs each
 # projection (kernel v4; BlockOffset the correction at accuracy levels below 4); the native branch rows' cost
 # is measured against it (the same graph less the adapter)
@@ -103,7 +104,8 @@ def kinds_of(q: str, native: bool) -> tuple[str, ...]:
 def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[str, Path]:
     """The packages of each recipe: "-merged" (r16all folded in), "-branch" (r16all and the example adapters
     as branches, standard MatMuls) and, with ``native``, "-native" (the same branches on lora-edge's
-    LoraDelta kernel, float16 A/B; the kernel is built first), "-native8" (int8 A/B, LoraDeltaQ8) and, for
+    LoraDelta kernel, float16 A/B; the kernel is built first), "-native8" (int8 A/B, LoraDeltaQ8), "-native8a8"
+    (w8a8: the same in the q8x order, int8 activations) and, for
     recipes with float offsets, "-nativemerged" (merged, the offset correction on the kernel)."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.export import export
@@ -124,7 +126,7 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
                 print(f"exporting {out.name}", file=sys.stderr, flush=True)
                 export(ExportConfig(base=base, output=out, adapters=specs, quant=qcfg, mode=Mode.MERGE if merged else Mode.BRANCH,
                                     lora_kernel="native" if mode.startswith("native") else "onnx",
-                                    lora_dtype="int8" if mode == "native8" else "float16"))  # fmt: skip
+                                    lora_dtype=NATIVE_DTYPES.get(mode, "float16")))  # fmt: skip
             pkgs[f"{q}-{mode}"] = out
     return pkgs
 
@@ -327,7 +329,7 @@ def main() -> None:
         if c.endswith(("-lora", "-lora8")) and (x := ratio(c.rsplit("-", 1)[0] + "-none", c, t)):
             cost = f"{100 * (x - 1):+.1f}% (vs no LoRA)"
         q, kind = c.split("-")[0], "lora" if unmerged else "none"
-        if c.endswith("-native8") and args.gguf_lora_q8:  # int8 A/B: against llama.cpp's q8_0 LoRA
+        if c.endswith(("-native8", "-native8a8")) and args.gguf_lora_q8:  # int8 A/B: against llama.cpp's q8_0 LoRA
             kind = "lora8"
         # same bits: Q8_0 / Q4_0, as the issue asks; same format: the GGUF type that stores what the recipe stores
         # (int4: 4-bit codes, a scale and an offset per 32 = Q4_1; int8b32: 8-bit, one scale per 32 = Q8_0;

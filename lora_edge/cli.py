@@ -90,9 +90,11 @@ def _progress(start: float):
                    "also runs the projections themselves (MatMulQ4, one node with the branch; merged int4 exports too); "
                    "the machine that runs the package needs "
                    "`lora-edge build-kernel`.")
-@click.option("--lora-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
+@click.option("--lora-dtype", type=click.Choice(["float16", "int8", "w8a8"]), default="float16", show_default=True,
               help="With --lora-kernel native: how A/B are stored. int8: one scale per rank, half the bytes of float16 "
-                   "(faster decode with an adapter; ~0.7% relative error in the branch's output).")
+                   "(~0.7% relative error in the branch's output). w8a8: the same int8 A/B laid out for integer dot "
+                   "products, with the branch's activations quantized to int8 too (the fastest branch on decode; ~1% "
+                   "relative error in the branch's output).")
 def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
            block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
            int8_modules, float_modules, attention: str, accuracy_level: int, target: str, lora_kernel: str,

@@ -52,7 +52,7 @@ class AdapterSpec:
 
 QUANT_ALGOS = ("gptq", "search", "rtn")
 LORA_KERNELS = ("onnx", "native")  # how a LoRA branch runs: ExportConfig.lora_kernel
-LORA_DTYPES = ("float16", "int8")  # how the native kernel stores A and B: ExportConfig.lora_dtype
+LORA_DTYPES = ("float16", "int8", "w8a8")  # how the native kernel stores A and B: ExportConfig.lora_dtype
 
 
 class WeightType(str, enum.Enum):

@@ -19,6 +19,7 @@ from .adapters import EMBEDDING, Adapter, check_adapter_files, read_adapter
 from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
+from .models.ops import slot_q8x
 from .models.spec import BaseModel
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
@@ -146,13 +147,15 @@ def balanced(adapter: Adapter) -> Adapter:
 def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32,
                        lora_dtype: str | None = None) -> None:  # fmt: skip
     """``dtype``: of every tensor; ``lora_dtype``: how the native kernel stores lora_A / lora_B ("float16",
-    or "int8" with scales; see lora_edge.native.encode), None for ``dtype`` like the rest."""
+    "int8" with scales, "w8a8" the same in the q8x order where the slot allows it; see lora_edge.native.encode),
+    None for ``dtype`` like the rest."""
     import onnxruntime as ort
 
     from .native import encode
 
     tensors = adapter_tensors(balanced(adapter) if lora_dtype else adapter, slots)
     pairs = [(s.a_name, s.b_name) for s in slots.values() if s.name != EMBEDDING]  # (embedding LoRA stays in dtype)
+
     ab = {n for pair in pairs for n in pair}
     tensors = {name: t if lora_dtype and name in ab else t.astype(dtype) for name, t in tensors.items()}
     if lora_dtype:
@@ -239,7 +242,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     packed_at = {"LoraDelta": 6, "LoraDeltaQ8": 8}  # the index of a branch node's optional `packed` input (v4)
     # v4: MatMulQ4 and the branches' packed input (the int4 base); v3: BlockOffset and LoraDelta's offsets;
     # a v2 kernel runs the rest
-    kernel_version = (4 if any(n.op_type == "MatMulQ4" or len(n.input) > packed_at.get(n.op_type, 99) for n in kernel_nodes) else
+    q8x = cfg.lora_kernel == "native" and cfg.lora_dtype == "w8a8" and any(slot_q8x(s) for s in slots.values())
+    # v5: LoraDeltaQ8's int8 A and B in the q8x order (w8a8)
+    kernel_version = (5 if q8x else 4 if any(n.op_type == "MatMulQ4" or len(n.input) > packed_at.get(n.op_type, 99) for n in kernel_nodes) else
                       3 if any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute) for n in kernel_nodes)
                       else 2)  # fmt: skip
 
@@ -267,7 +272,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         (tmp / "config.json").write_text(json.dumps(base.hf_config, indent=2, sort_keys=True) + "\n")
         if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
-        int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype == "int8"
+        int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype in ("int8", "w8a8")
         manifest = {
             "lora_edge_version": __version__,
             "base": {
@@ -285,7 +290,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                 "compute_dtype": cfg.compute_dtype,
                 "attention": "fused" if cfg.fused else "reference",
                 "null_rank": cfg.null_rank,
-                **({"lora_kernel": {"name": "native", "version": kernel_version, "dtype": cfg.lora_dtype}}
+                **({"lora_kernel": {"name": "native", "version": kernel_version, "dtype": cfg.lora_dtype, **({"layout": "q8x"} if q8x else {})}}
                    if cfg.lora_kernel == "native" else {}),  # fmt: skip
                 **io,
             },
@@ -299,6 +304,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
                     "lora_B": s.b_name,
                     **(dict(zip(("lora_A_scale", "lora_B_scale"), s.scale_names)) if int8_lora and s.name != EMBEDDING else {}),
                     **({"lora_B_chunks": {"width": s.chunk_width, "modules": list(s.chunk_modules)}} if s.chunk_width else {}),
+                    **({"lora_layout": "q8x"} if q8x and slot_q8x(s) else {}),
                     **({"lora_M": s.m_name} if s.dora else {}),
                     **({"lora_bias": s.bias_name} if s.bias else {}),
                     **({"weight": s.weight_name, "bias_in": s.replaced_bias_name} if s.replace else {}),

@@ -37,6 +37,14 @@ class PackedTerm(NamedTuple):
     n: int
 
 
+def slot_q8x(slot: Slot) -> bool:
+    """Whether a native int8 package stores this slot's A and B in the q8x order (kernel v5): every slot but the
+    embedding's whose B chunks (or outputs) are a whole number of 16-column vectors."""
+    from ..native import Q8X_WIDTH
+
+    return slot.name != EMBEDDING and (slot.chunk_width or slot.out_features) % Q8X_WIDTH == 0
+
+
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
                accuracy_level: int, fused: bool, lora_kernel: str = "onnx",
                lora_dtype: str = "float16") -> SimpleNamespace:  # fmt: skip
@@ -48,24 +56,41 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     native = lora_kernel == "native"
     if native and ct is not np.float32:
         raise ValueError("the native LoRA kernel computes in float32; it is for the cpu target")
-    int8 = native and lora_dtype == "int8"
+    int8 = native and lora_dtype in ("int8", "w8a8")
 
     def lt(slot: Slot):  # the dtype of a slot's lora_A / lora_B (embedding LoRA is gathered by the graph, in ct)
         return (np.int8 if int8 else np.float16) if native and slot.name != EMBEDDING else ct
+
+    def q8x(slot: Slot) -> bool:  # int8 A/B in the VNNI order of kernel v5 (lora_edge.native.quantize_q8x)
+        return lt(slot) is np.int8 and lora_dtype == "w8a8" and slot_q8x(slot)
 
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
         """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            if slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
+            if q8x(slot):  # A (ceil(in / 32) * 8, R, 4), B (chunks, r_m / 4, c, 4): zero codes stored as 0x80
+                from ..native import quantize_q8x
+
+                chunked = bool(slot.chunk_width)
+                n, c = (len(slot.chunk_modules), slot.chunk_width) if chunked else (1, slot.out_features)
+                r_dim = slot.module_rank_dim if chunked else slot.rank_dim
+                r = null_rank  # per module (chunked) or in all
+                a = np.zeros((slot.in_features, r * (len(slot.parts) if chunked else 1)), f32)
+                qa, sa_v, qb, sb_v = quantize_q8x(a, np.zeros((n, r, c), f32))
+                sa, sb = slot.scale_names
+                out[slot.a_name] = (qa, [qa.shape[0], slot.rank_dim, 4])
+                out[slot.b_name] = (qb, [n, f"{r_dim}/4", c, 4])
+                out[sa] = (sa_v, [slot.rank_dim])
+                out[sb] = (sb_v, [n, r_dim])
+            elif slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt(slot)), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((n, null_rank, c), lt(slot)), [n, slot.module_rank_dim, c])
             else:
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt(slot)), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt(slot)), [slot.rank_dim, slot.out_features])
-            if lt(slot) is np.int8:  # one scale per column of A, per row of B
+            if lt(slot) is np.int8 and not q8x(slot):  # one scale per column of A, per row of B
                 sa, sb = slot.scale_names
                 out[sa] = (np.zeros(out[slot.a_name][0].shape[1], f32), [slot.rank_dim])
                 out[sb] = (np.zeros(out[slot.b_name][0].shape[:-1], f32), out[slot.b_name][1][:-1])

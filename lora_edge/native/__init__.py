@@ -33,9 +33,11 @@ from ..errors import LoraEdgeError
 # `offsets` input (the float-offset correction of int4 blocks, in the kernel); a package that uses neither
 # records v2, which a v2 kernel still runs. v4 adds MatMulQ4, the int4 base projection itself (its own packed
 # layout, lora_edge.quant.pack_q4), and the same packed weight as LoraDelta's optional last input `packed` (the
-# node then computes the projection too); a package with neither records v3 or v2.
-KERNEL_VERSION = 4
-LORA_DTYPES = ("float16", "int8")  # how a native package stores lora_A / lora_B
+# node then computes the projection too); a package with neither records v3 or v2. v5 adds LoraDeltaQ8's q8x
+# order (3-D A, 4-D B: the int8 codes laid out for 4-wide integer dot products, :func:`quantize_q8x`), which
+# int8 packages now use; the 2-D int8 layout still runs.
+KERNEL_VERSION = 5
+LORA_DTYPES = ("float16", "int8", "w8a8")  # how a native package stores lora_A / lora_B (see encode)
 MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)
 SOURCE = Path(__file__).with_name("lora_delta.cc")
 _HEADER = "onnxruntime_cxx_api.h"
@@ -63,18 +65,65 @@ def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(m / safe), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
+Q8X_WIDTH = 16  # a q8x B's chunk width must be a multiple of this (one vector of columns)
+
+
+def q8x_fits(b_shape: tuple[int, ...]) -> bool:
+    """Whether a lora_B of this (float) shape, (R, N) or (chunks, r, c), can be stored in the q8x order."""
+    return len(b_shape) in (2, 3) and b_shape[-1] % Q8X_WIDTH == 0
+
+
+def q8x_shapes(k: int, r: int, n_modules: int, chunks: int, c: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The q8x shapes of lora_A and lora_B for input width ``k``, rank ``r`` per module (padded to 4 here)."""
+    r4 = -(-r // 4) * 4
+    return (-(-k // 32) * 8, n_modules * r4, 4), (chunks, r4 // 4, c, 4)
+
+
+def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (lora_delta.cc, kernel v5).
+
+    ``a`` (K, R); ``b`` (R, N) (one chunk) or (chunks, r, c) with R = n_modules * r. Each module's ranks are
+    zero-padded to a multiple of 4, then quantized as :func:`encode` does (A per column, B per row); the codes
+    go in the order of 4-wide dot products: A (ceil(K / 32) * 8, R4, 4) with byte [q, j, i] = A[4 q + i, j]
+    (K zero-padded to a multiple of 32), B (chunks, r4 / 4, c, 4) with [g, q, n, i] = B_g[4 q + i, n], each
+    code stored XOR 0x80 (the kernel reads it as an unsigned byte, code + 128)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if b.ndim == 2:
+        b = b[None]
+    k, chunks, r, c = a.shape[0], b.shape[0], b.shape[1], b.shape[2]
+    n = a.shape[1] // r if r else 0
+    r4 = -(-r // 4) * 4
+    a = np.pad(a.reshape(k, n, r), ((0, 0), (0, 0), (0, r4 - r))).reshape(k, n * r4)
+    b = np.pad(b, ((0, 0), (0, r4 - r), (0, 0)))
+    qa, sa = quantize_int8(a, axis=0)
+    qb, sb = quantize_int8(b, axis=-1)
+    kp = -(-k // 32) * 32
+    qa = np.pad(qa, ((0, kp - k), (0, 0))).reshape(kp // 4, 4, n * r4).transpose(0, 2, 1)
+    qb = qb.reshape(chunks, r4 // 4, 4, c).transpose(0, 1, 3, 2)
+
+    def flip(codes: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray((codes.view(np.uint8) ^ np.uint8(0x80)).view(np.int8))
+
+    return flip(qa), sa, flip(qb), sb
+
+
 def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lora_dtype: str) -> dict[str, np.ndarray]:
     """``tensors`` with each (lora_A, lora_B) pair of ``pairs`` stored as a native package stores it:
     float16, or int8 with A scaled per column (rank) and B per row (rank, per chunk when chunked) —
-    A (K, R) -> codes (K, R) + scales (R); B (R, N) -> (R,) or (chunks, r, c) -> (chunks, r)."""
+    A (K, R) -> codes (K, R) + scales (R); B (R, N) -> (R,) or (chunks, r, c) -> (chunks, r). "w8a8": the same
+    int8 codes in the q8x order (:func:`quantize_q8x`) where B fits (:func:`q8x_fits`; else as "int8"), which
+    the kernel multiplies by int8 activations (x and x @ A quantized on the fly)."""
     out = dict(tensors)
     for a_name, b_name in pairs:
         if a_name not in tensors:
             continue
         if lora_dtype == "float16":
             out[a_name], out[b_name] = tensors[a_name].astype(np.float16), tensors[b_name].astype(np.float16)
-        elif lora_dtype == "int8":
+        elif lora_dtype in ("int8", "w8a8"):
             sa, sb = scale_names(a_name, b_name)
+            if lora_dtype == "w8a8" and q8x_fits(tensors[b_name].shape):
+                out[a_name], out[sa], out[b_name], out[sb] = quantize_q8x(tensors[a_name], tensors[b_name])
+                continue
             out[a_name], out[sa] = quantize_int8(tensors[a_name], axis=0)
             out[b_name], out[sb] = quantize_int8(tensors[b_name], axis=-1)
         else:

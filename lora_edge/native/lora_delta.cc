@@ -37,6 +37,10 @@
 // place of MatMulNBits + the correction. LoraDelta and LoraDeltaQ8 take the same weight as a last optional
 // input `packed` and compute the projection themselves, in the tasks of their B product: an int4 projection
 // with its adapter is one node.
+//
+//   LoraDeltaQ8 with A (ceil(K / 32) * 8, R, 4) and B (chunks, r / 4, c, 4) int8                       (kernel v5)
+// the same int8 codes in the order of 4-wide u8 x s8 dot products ("q8x", see below): x @ A and t @ B as
+// integer dot products (VNNI's vpdpbusd, AVX2's maddubs) on x and t quantized to int8.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -159,6 +163,12 @@ inline void prefetch_lines(const void* p, size_t from, size_t n) {
   for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 3);
 }
 
+// The same into L2 (and beyond): for lines wanted after other work that streams through L1.
+inline void prefetch_lines_l2(const void* p, size_t from, size_t n) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + from;
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 2);
+}
+
 constexpr int64_t kColumnBlock = 64;  // columns of B per pass down its rows: 8 vectors of 8 accumulators
 
 // y[n0:n1] += t[0:r] @ b[:, n0:n1], b (r, ldb) row-major. Each block of 64 columns walks down the
@@ -211,12 +221,14 @@ constexpr int64_t kQ4Block = 32, kQ4Group = 16, kQ4Bytes = 320, kQ4Codes = 256;
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> d, zero_share, sums;
+  std::vector<int32_t> qsum;  // the codes' sum per block
 };
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t nb, QuantizedRows& out) {
   const int64_t kp = nb * kQ4Block;
-  out.q.assign((size_t)(M * kp), 0);
+  out.q.resize((size_t)(M * kp));
   out.d.resize((size_t)(M * nb)), out.zero_share.resize((size_t)(M * nb)), out.sums.resize((size_t)(M * nb));
+  out.qsum.resize((size_t)(M * nb));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + m * K + b * kQ4Block;
@@ -227,8 +239,9 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t nb, QuantizedRo
       int8_t* qb = out.q.data() + m * kp + b * kQ4Block;
       int32_t qsum = 0;
       for (int64_t k = 0; k < n; ++k) qb[k] = (int8_t)std::nearbyint(xb[k] * inv), qsum += qb[k];
+      std::memset(qb + n, 0, (size_t)(kQ4Block - n));  // K's padding
       const size_t i = (size_t)(m * nb + b);
-      out.d[i] = d, out.zero_share[i] = 8.f * d * (float)qsum, out.sums[i] = sum;
+      out.d[i] = d, out.zero_share[i] = 8.f * d * (float)qsum, out.sums[i] = sum, out.qsum[i] = qsum;
     }
 }
 
@@ -393,6 +406,177 @@ Q4Job q4_job(const Ort::ConstValue& packed, const float* x, QuantizedRows& qx, f
   return Q4Job{static_cast<const uint8_t*>(packed.GetTensorRawData()), &qx, y, M, N, nb, G};
 }
 
+// -- int8 A and B in VNNI order (kernel v5, "q8x") ------------------------------------------------------------
+// LoraDeltaQ8's A and B may come as 3-D / 4-D int8 tensors in the order of u8 x s8 dot products of 4 (VNNI's
+// vpdpbusd): A (Kp / 4, R, 4), byte [q, r, i] the code of A[4 q + i, r] XOR 0x80 (the code + 128 as a u8),
+// Kp = ceil(K / 32) * 32 (padding rows code 0); B (chunks, r / 4, c, 4), byte [j, q, n, i] the code of chunk j's
+// B[4 q + i, n] XOR 0x80, r a multiple of 4 and c of 16. Scales as for the 2-D layout. One 512-bit register
+// is then 16 ranks (or columns) x 4 products, so 64 multiply-adds are one instruction, against 24 for the
+// float path: at batch 1 the float path's instructions, not its bytes, were the branch's cost (int8 and
+// float16 A/B measured the same). x is quantized per block of 32 as for MatMulQ4 (the same codes when the
+// node runs its int4 base), x @ A's ranks per chunk to int8 (one scale per chunk and row) for the B product.
+// Each path below computes exact integer dot products of the signed codes.
+inline int8_t unbias(uint8_t v) { return (int8_t)(v ^ 0x80u); }
+
+constexpr int64_t kQ8xAhead = 4;  // blocks of A's rows prefetched ahead of the x @ A loop
+
+// t[0:R] = sum over blocks b of d_b * (xq_b . A_b) for one row, A in the q8x order, R a multiple of 4.
+void x_times_a_q8x(const int8_t* xq, const float* d, const int32_t* qsum, const uint8_t* a, float* t, int64_t nb, int64_t R) {
+  int64_t r0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  for (; r0 < R; r0 += 64) {  // up to 4 vectors of 16 ranks per pass over A's rows
+    const int64_t nv = std::min<int64_t>(4, (R - r0 + 15) / 16);
+    __mmask16 mask[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t lanes = std::max<int64_t>(0, std::min<int64_t>(16, R - r0 - 16 * v));
+      mask[v] = (__mmask16)((1u << lanes) - 1u);
+    }
+    __m512 acc[4];
+    for (int v = 0; v < 4; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i dot[4];
+      for (int v = 0; v < 4; ++v) dot[v] = _mm512_setzero_si512();
+      const uint8_t* p = a + (b * 8 * R + r0) * 4;
+      prefetch_lines(p, (size_t)(kQ8xAhead * 8 * R * 4), (size_t)(8 * R * 4));  // A is cold (read once per token)
+      for (int q = 0; q < 8; ++q, p += R * 4) {
+        int32_t xv;
+        std::memcpy(&xv, xq + b * kQ4Block + 4 * q, 4);
+        const __m512i xb = _mm512_set1_epi32(xv);
+        for (int v = 0; v < 4; ++v)
+          if (v < nv) dot[v] = _mm512_dpbusd_epi32(dot[v], _mm512_maskz_loadu_epi32(mask[v], p + 64 * v), xb);
+      }
+      const __m512i bias = _mm512_set1_epi32(128 * qsum[b]);  // the u8 codes' +128, times x's codes
+      for (int v = 0; v < 4; ++v)
+        if (v < nv) acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[v], bias)), _mm512_set1_ps(d[b]), acc[v]);
+    }
+    for (int v = 0; v < 4; ++v)
+      if (v < nv) _mm512_mask_storeu_ps(t + r0 + 16 * v, mask[v], acc[v]);
+  }
+#elif defined(LE_AVX2)
+  // 8 ranks per vector: signed pairs through maddubs with the sign trick (|a| x sign(x, a): at most
+  // 2 * 127 * 127, no saturation), summed to int32 by madd with ones
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  for (; r0 + 8 <= R; r0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i dot = _mm256_setzero_si256();
+      const uint8_t* p = a + (b * 8 * R + r0) * 4;
+      for (int q = 0; q < 8; ++q, p += R * 4) {
+        int32_t xv;
+        std::memcpy(&xv, xq + b * kQ4Block + 4 * q, 4);
+        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)p), flip);
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_set1_epi32(xv), w));
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+      }
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[b]), acc);
+    }
+    _mm256_storeu_ps(t + r0, acc);
+  }
+#endif
+  (void)qsum;
+  for (int64_t r = r0; r < R; ++r) {  // the rest (all of it without AVX2)
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t dot = 0;
+      for (int64_t k = 0; k < kQ4Block; ++k) dot += xq[b * kQ4Block + k] * unbias(a[((b * 8 + k / 4) * R + r) * 4 + k % 4]);
+      acc += d[b] * (float)dot;
+    }
+    t[r] = acc;
+  }
+}
+
+// y[n0:n1] += dt * (tq . B[:, n]) for one row and chunk: tq (4 rq) int8 ranks, B the chunk's (rq, c, 4) q8x bytes,
+// n0 and n1 multiples of 16.
+void t_times_b_q8x(const int8_t* tq, float dt, int32_t tsum, const uint8_t* b, float* y, int64_t rq, int64_t c, int64_t n0,
+                   int64_t n1) {
+  int64_t n = n0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const __m512 scale = _mm512_set1_ps(dt);
+  const __m512i bias = _mm512_set1_epi32(128 * tsum);
+  for (; n + 64 <= n1; n += 64) {
+    __m512i dot[4];
+    for (int v = 0; v < 4; ++v) dot[v] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < rq; ++q) {
+      int32_t tv;
+      std::memcpy(&tv, tq + 4 * q, 4);
+      const __m512i tb = _mm512_set1_epi32(tv);
+      const uint8_t* p = b + (q * c + n) * 4;
+      for (int v = 0; v < 4; ++v) dot[v] = _mm512_dpbusd_epi32(dot[v], _mm512_loadu_si512((const void*)(p + 64 * v)), tb);
+    }
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_ps(y + n + 16 * v, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[v], bias)), scale,
+                                                        _mm512_loadu_ps(y + n + 16 * v)));
+  }
+  for (; n + 16 <= n1; n += 16) {
+    __m512i dot = _mm512_setzero_si512();
+    for (int64_t q = 0; q < rq; ++q) {
+      int32_t tv;
+      std::memcpy(&tv, tq + 4 * q, 4);
+      dot = _mm512_dpbusd_epi32(dot, _mm512_loadu_si512((const void*)(b + (q * c + n) * 4)), _mm512_set1_epi32(tv));
+    }
+    _mm512_storeu_ps(y + n, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, bias)), scale, _mm512_loadu_ps(y + n)));
+  }
+#elif defined(LE_AVX2)
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  const __m256 scale = _mm256_set1_ps(dt);
+  for (; n + 8 <= n1; n += 8) {
+    __m256i dot = _mm256_setzero_si256();
+    for (int64_t q = 0; q < rq; ++q) {
+      int32_t tv;
+      std::memcpy(&tv, tq + 4 * q, 4);
+      const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + (q * c + n) * 4)), flip);
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_set1_epi32(tv), w));
+      dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+    }
+    _mm256_storeu_ps(y + n, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, _mm256_loadu_ps(y + n)));
+  }
+#endif
+  (void)tsum;
+  for (; n < n1; ++n) {  // the rest (all of it without AVX2)
+    int32_t dot = 0;
+    for (int64_t i = 0; i < 4 * rq; ++i) dot += tq[i] * unbias(b[((i / 4) * c + n) * 4 + i % 4]);
+    y[n] += dt * (float)dot;
+  }
+}
+
+// A row's ranks for the q8x B product: per chunk, t' (r floats) to int8 codes with one scale (max |t'| / 127),
+// and the codes' sum (the u8 codes' +128 correction).
+struct QuantizedRanks {
+  std::vector<int8_t> q;  // (M, chunks, r)
+  std::vector<float> d;  // (M, chunks)
+  std::vector<int32_t> sum;  // (M, chunks)
+};
+
+void quantize_ranks(const float* t, int64_t rows, int64_t r, QuantizedRanks& out) {
+  out.q.resize((size_t)(rows * r)), out.d.resize((size_t)rows), out.sum.resize((size_t)rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ti = t + i * r;
+    float peak = 0.f;
+    for (int64_t k = 0; k < r; ++k) peak = std::max(peak, std::fabs(ti[k]));
+    const float inv = peak > 0.f ? 127.f / peak : 0.f;
+    int32_t s = 0;
+    for (int64_t k = 0; k < r; ++k) {
+      const int8_t v = (int8_t)std::nearbyint(ti[k] * inv);
+      out.q[(size_t)(i * r + k)] = v, s += v;
+    }
+    out.d[(size_t)i] = peak / 127.f, out.sum[(size_t)i] = s;
+  }
+}
+
+// Per-thread scratch of a node's Compute, kept from call to call: a decode step would otherwise allocate a dozen
+// small buffers per node (measured: ~1 us of a q8x node's ~4). The node's thread-pool tasks read it through
+// their job while Compute waits for them.
+struct Workspace {
+  QuantizedRows x;
+  QuantizedRanks ranks;
+  std::vector<int64_t> first;
+};
+
+Workspace& workspace() {
+  thread_local Workspace w;
+  return w;
+}
+
 // The float16 offsets' rows of a y += blocksum(x) @ offsets: a second product over the same columns,
 // run inside the B product's tasks so that a node with both pays for one pass and one ParallelFor.
 struct OffsetRows {
@@ -410,6 +594,7 @@ struct Job {
   int64_t M, ldt, r, c, chunks, tasks_per_chunk;
   OffsetRows off;  // optional
   const Q4Job* q4 = nullptr;  // optional: the int4 base's product over the same columns (c a multiple of 16)
+  const QuantizedRanks* ranks = nullptr;  // q8x: row m's chunk j ranks at (m * chunks + j) * r; b then the q8x bytes
 };
 
 constexpr int64_t kRowsPerTask = 8;  // of x, per thread-pool task of the A product (prompt passes)
@@ -420,13 +605,21 @@ struct RowJob {
   const typename E::T* a;
   float* t;  // (M, R)
   int64_t M, K, R;
+  const QuantizedRows* q8x = nullptr;  // x's codes when A is in the q8x order
 };
 
 template <class E>
 void run_rows(void* data, size_t index) {
   const RowJob<E>& j = *static_cast<const RowJob<E>*>(data);
   for (int64_t m = (int64_t)index * kRowsPerTask; m < std::min(j.M, ((int64_t)index + 1) * kRowsPerTask); ++m)
-    x_times_a<E>(j.x + m * j.K, j.a, j.t + m * j.R, j.K, j.R);
+    if (j.q8x != nullptr) {
+      const int64_t nb = (j.K + kQ4Block - 1) / kQ4Block;
+      const size_t at = (size_t)(m * nb);
+      x_times_a_q8x(j.q8x->q.data() + at * kQ4Block, j.q8x->d.data() + at, j.q8x->qsum.data() + at,
+                    reinterpret_cast<const uint8_t*>(j.a), j.t + m * j.R, nb, j.R);
+    } else {
+      x_times_a<E>(j.x + m * j.K, j.a, j.t + m * j.R, j.K, j.R);
+    }
 }
 
 template <class E>
@@ -436,11 +629,22 @@ void run_task(void* data, size_t index) {
   int64_t n0 = part * kColumnsPerTask, n1 = std::min(j.c, n0 + kColumnsPerTask);
   const typename E::T* b = j.b + chunk * j.r * j.c;
   int64_t width = j.chunks * j.c;
-  if (j.q4 != nullptr) q4_groups(*j.q4, (chunk * j.c + n0) / kQ4Group, (chunk * j.c + n1 + kQ4Group - 1) / kQ4Group);
+  if (j.q4 != nullptr) {
+    // B's bytes for these columns are cold: asked for into L2 now, they arrive while the base's part streams
+    if (j.ranks != nullptr)
+      for (int64_t q = 0; q < j.r / 4; ++q) prefetch_lines_l2(b + (q * j.c + n0) * 4, 0, (size_t)(n1 - n0) * 4);
+    q4_groups(*j.q4, (chunk * j.c + n0) / kQ4Group, (chunk * j.c + n1 + kQ4Group - 1) / kQ4Group);
+  }
   for (int64_t m = 0; m < j.M; ++m) {
     float* y = j.y + m * width + chunk * j.c;
     if (j.off.o != nullptr) t_times_b<F16>(j.off.s + m * j.off.nb, j.off.o + chunk * j.c, y, j.off.nb, width, n0, n1);
-    t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, y, j.r, j.c, n0, n1);
+    if (j.ranks != nullptr) {
+      const size_t row = (size_t)(m * j.chunks + chunk);
+      t_times_b_q8x(j.ranks->q.data() + row * j.r, j.ranks->d[row], j.ranks->sum[row], reinterpret_cast<const uint8_t*>(b), y,
+                    j.r / 4, j.c, n0, n1);
+    } else {
+      t_times_b<E>(j.t + m * j.ldt + j.first[chunk], b, y, j.r, j.c, n0, n1);
+    }
   }
 }
 
@@ -547,20 +751,28 @@ struct LoraDeltaKernel {
     auto x = ctx.GetInput(0), a = ctx.GetInput(1), b = ctx.GetInput(kB);
     auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), as = a.GetTensorTypeAndShapeInfo().GetShape(),
          bs = b.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.empty() || as.size() != 2 || (bs.size() != 2 && bs.size() != 3))
-      ORT_CXX_API_THROW("LoraDelta: x must be (..., K), A (K, R), B (R, N) or (chunks, r, c)", ORT_INVALID_ARGUMENT);
-    const int64_t K = xs.back(), R = as[1];
-    if (as[0] != K) ORT_CXX_API_THROW("LoraDelta: A's rows differ from x's last dim", ORT_INVALID_ARGUMENT);
+    const bool q8x = Scaled && as.size() == 3;  // int8 A and B in VNNI order (v5)
+    if (xs.empty() || (as.size() != 2 && !q8x) || (q8x ? bs.size() != 4 : bs.size() != 2 && bs.size() != 3))
+      ORT_CXX_API_THROW("LoraDelta: x must be (..., K), A (K, R), B (R, N) or (chunks, r, c) (LoraDeltaQ8's q8x order: "
+                        "A (ceil(K / 32) * 8, R, 4), B (chunks, r / 4, c, 4))", ORT_INVALID_ARGUMENT);
+    const int64_t K = xs.back(), R = as[1], nb = (K + kQ4Block - 1) / kQ4Block;
+    if (q8x ? as[0] != nb * 8 || as[2] != 4 || R % 4 != 0 : as[0] != K)
+      ORT_CXX_API_THROW("LoraDelta: A's rows differ from x's last dim", ORT_INVALID_ARGUMENT);
     int64_t M = 1;
     for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
-    int64_t chunks, r, c;
-    std::vector<int64_t> first;  // per chunk: where its module's ranks start in a row of x @ A
-    if (bs.size() == 2) {
-      chunks = 1, r = bs[0], c = bs[1];
-      if (r != R) ORT_CXX_API_THROW("LoraDelta: B's rows differ from A's columns", ORT_INVALID_ARGUMENT);
+    int64_t chunks = bs.size() == 2 ? 1 : bs[0], r = bs.size() == 2 ? bs[0] : bs[1], c = bs.size() == 2 ? bs[1] : bs[2];
+    if (q8x) {
+      r *= 4;
+      if (bs[3] != 4 || c % kQ4Group != 0)
+        ORT_CXX_API_THROW("LoraDeltaQ8: a q8x B must be (chunks, r / 4, c, 4) with c a multiple of 16", ORT_INVALID_ARGUMENT);
+    }
+    Workspace& ws = workspace();
+    std::vector<int64_t>& first = ws.first;  // per chunk: where its module's ranks start in a row of x @ A
+    first.clear();
+    if (bs.size() == 2 || (q8x && chunk_modules.empty())) {
+      if (r != R || chunks != 1) ORT_CXX_API_THROW("LoraDelta: B's rows differ from A's columns", ORT_INVALID_ARGUMENT);
       first.push_back(0);
     } else {
-      chunks = bs[0], r = bs[1], c = bs[2];
       if ((int64_t)chunk_modules.size() != chunks)
         ORT_CXX_API_THROW("LoraDelta: B's chunk count differs from chunk_modules", ORT_INVALID_ARGUMENT);
       for (int64_t mod : chunk_modules) {
@@ -609,15 +821,15 @@ struct LoraDeltaKernel {
       if (static_cast<const OrtValue*>(offsets) != nullptr)
         off = block_offset_rows(offsets, xp, s_mem, M, K, chunks * c, offset_block, "LoraDelta");
     }
-    QuantizedRows qx;
+    QuantizedRows& qx = ws.x;  // x's int8 codes: for the int4 base and a q8x x @ A
     Q4Job q4{};
-    bool fuse_q4 = false;
+    bool fuse_q4 = false, quantized = false;
     if (kPacked < n_inputs) {
       auto packed = ctx.GetInput(kPacked);
       if (static_cast<const OrtValue*>(packed) != nullptr) {
         if (off.nb != 0) ORT_CXX_API_THROW("LoraDelta: offsets and packed are exclusive (packed holds its offsets)", ORT_INVALID_ARGUMENT);
         q4 = q4_job(packed, xp, qx, y, M, K, chunks * c, "LoraDelta");
-        fuse_q4 = true;
+        fuse_q4 = quantized = true;
       }
     }
     if (fuse_q4 && (R == 0 || r == 0 || c % kQ4Group != 0)) run_q4(ctx, q4), fuse_q4 = false;  // a pass of its own
@@ -627,7 +839,8 @@ struct LoraDeltaKernel {
     const T* bp = static_cast<const T*>(b.GetTensorRawData());
     Scratch<float, 1024> t_mem, scaled_mem;
     float* t = t_mem.get((size_t)(M * R));
-    RowJob<E> rows{xp, ap, t, M, K, R};
+    if (q8x && !quantized) quantize_rows(xp, M, K, nb, qx);
+    RowJob<E> rows{xp, ap, t, M, K, R, q8x ? &qx : nullptr};
     size_t row_tasks = (size_t)((M + kRowsPerTask - 1) / kRowsPerTask);
     if (row_tasks > 1 && M * K * R >= 4 * kMinWorkToThread) {  // a prompt pass: rows over the threads
       ctx.ParallelFor(run_rows<E>, row_tasks, 0, &rows);
@@ -645,7 +858,10 @@ struct LoraDeltaKernel {
       for (int64_t j = 0; j < chunks; ++j) first[j] = j * r;
       tp = scaled, ldt = chunks * r;
     }
-    Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask, off, fuse_q4 ? &q4 : nullptr};
+    QuantizedRanks& ranks = ws.ranks;
+    if (q8x) quantize_ranks(tp, M * chunks, r, ranks);
+    Job<E> job{tp, bp, y, first.data(), M, ldt, r, c, chunks, (c + kColumnsPerTask - 1) / kColumnsPerTask, off, fuse_q4 ? &q4 : nullptr,
+               q8x ? &ranks : nullptr};
     run_b_product<E>(ctx, job);
   }
 };
@@ -694,7 +910,7 @@ struct MatMulQ4Kernel {
     ys.back() = N;
     auto out = ctx.GetOutput(0, ys);
     float* y = out.GetTensorMutableData<float>();
-    QuantizedRows qx;
+    QuantizedRows& qx = workspace().x;
     Q4Job job = q4_job(ctx.GetInput(1), x.GetTensorData<float>(), qx, y, M, K, N, "MatMulQ4");
     if (M == 0) return;
     std::memset(y, 0, sizeof(float) * M * N);
@@ -796,6 +1012,6 @@ __declspec(dllexport)
 #else
 __attribute__((visibility("default")))
 #endif
-int lora_edge_kernel_version() { return 4; }
+int lora_edge_kernel_version() { return 5; }
 
 }  // extern "C"
