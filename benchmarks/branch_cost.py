@@ -2,6 +2,7 @@
 
     python benchmarks/branch_cost.py                          # int4, int8, fp32 at 1 and 2 threads, 12 rounds
     python benchmarks/branch_cost.py --quants int4 --threads 1 --rounds 6 --new-tokens 64
+    python benchmarks/branch_cost.py --quants int4 --threads 1 --rounds 4 --per-token   # alternated every token
 
 `decode.py` runs every configuration in its own process (it needs each one's peak RSS), a few
 tens of seconds apart, and this shared machine drifts by 25-40% over minutes, so its branch-vs-merged
@@ -41,6 +42,26 @@ def decode_tps(model, prompt: list[int], adapter: str | None, new: int) -> float
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def per_token_ms(runs: dict, prompt: list[int], new: int) -> dict[str, list[float]]:
+    """Every configuration's decode steps, alternated token by token: each prefilled with ``prompt``, then one
+    step of each in turn, ``new`` times; the ms of every step. Drift slower than a few steps (tens of ms)
+    cancels out of the per-step ratios."""
+    import numpy as np
+
+    steps, nxt = {}, {}
+    for k, (m, a) in runs.items():
+        steps[k] = m.steps(a, len(prompt) + new + 1)
+        nxt[k] = int(np.argmax(steps[k](np.asarray([prompt], np.int64), len(prompt))[0]))
+    ms: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(new):
+        for k in runs:
+            t0 = time.perf_counter()
+            logits = steps[k](np.asarray([[nxt[k]]], np.int64), len(prompt) + i + 1)
+            ms[k].append(1e3 * (time.perf_counter() - t0))
+            nxt[k] = int(np.argmax(logits[0]))
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=list(RECIPES))
@@ -50,6 +71,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-bench"))
     ap.add_argument("--no-native", action="store_true", help="skip the --lora-kernel native packages (no C++ compiler here)")
+    ap.add_argument("--per-token", action="store_true",
+                    help="alternate the configurations every decode step (each round one generation of --new-tokens "
+                         "steps per configuration, interleaved); cost = the median of the per-step time ratios. For 1 "
+                         "thread: with more, the waiting sessions' thread pools spin against the running one")
     args = ap.parse_args()
 
     import lora_edge
@@ -86,6 +111,10 @@ def main() -> None:
                 decode_tps(m, prompt[:16], a, 8)
             tps: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.rounds):
+                if args.per_token:  # one "round" value per step: tok/s of that step
+                    for k, v in per_token_ms(runs, prompt, args.new_tokens).items():
+                        tps[k].extend(1e3 / t for t in v)
+                    continue
                 for k, (m, a) in runs.items():
                     tps[k].append(decode_tps(m, prompt, a, args.new_tokens))
             cells = ["-"]

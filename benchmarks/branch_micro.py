@@ -53,6 +53,7 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, feeds = [], [], {}
+    blob_parts: list = []
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, HIDDEN])]
     sums: dict[str, str] = {}
 
@@ -112,16 +113,21 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
 
             (qa, sa), (qb, sb) = quantize_int8(a, 0), quantize_int8(b, -1)
             named = {"A": qa, "A_scale": sa, "B": qb, "B_scale": sb}
-        elif dtype == "q8x":
-            from lora_edge.native import quantize_q8x
-
-            named = dict(zip(("A", "A_scale", "B", "B_scale"), quantize_q8x(a, b if len(chunk_modules) > 1 else b[0])))
+        elif dtype == "w8a8":  # every branch's part of one blob input, as w8a8 packages bind it
+            blob_parts.append(((len(chunk_modules), chunk), (a, b if len(chunk_modules) > 1 else b[0])))
+            trailing = [y, *extra, *([""] + kernel_offsets if kernel_offsets else [])]
+            if packed:
+                trailing = ["", "", "", packed_weight(name, k, n)]
+            attrs = {"chunk_modules": chunk_modules} if len(chunk_modules) > 1 else {}
+            nodes.append(helper.make_node("LoraDeltaQ8", [x, "lora.w8a8", "", "", "", *trailing], [f"{name}.out"], domain="lora_edge",
+                                          slot=len(blob_parts) - 1, **attrs))  # fmt: skip
+            return f"{name}.out"
         else:
             named = {"A": a.astype(np.float16), "B": b.astype(np.float16)}
         for key, v in named.items():
             feeds[f"{name}.{key}"] = v
             inputs.append(helper.make_tensor_value_info(f"{name}.{key}", helper.np_dtype_to_tensor_dtype(v.dtype), None))
-        op = "LoraDeltaQ8" if dtype in ("int8", "q8x") else "LoraDelta"
+        op = "LoraDeltaQ8" if dtype == "int8" else "LoraDelta"
         trailing = [*extra, *([""] + kernel_offsets if kernel_offsets else [])]  # base, extra, offsets
         if packed:
             trailing = ["", "", packed_weight(name, k, n)]  # extra, offsets, packed
@@ -141,6 +147,11 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
         g = first(linear(f"gate_up{i}", o, HIDDEN, 2 * FFN, FFN, [0, 1]), FFN, f"g{i}")
         nodes.append(helper.make_node("Tanh", [linear(f"down{i}", g, FFN, HIDDEN, HIDDEN, [0])], [f"h{i}"]))
         x = f"h{i}"
+    if blob_parts:
+        from lora_edge.native import w8a8_blob
+
+        feeds["lora.w8a8"] = w8a8_blob(blob_parts)
+        inputs.append(helper.make_tensor_value_info("lora.w8a8", TensorProto.INT8, None))
     for name, v in {"zero": 0, "last": -1, f"width{HIDDEN}": HIDDEN, f"width{FFN}": FFN}.items():
         inits.append(numpy_helper.from_array(np.array([v], np.int64), name))
     graph = helper.make_graph(nodes, "decoder", inputs, [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
@@ -165,7 +176,7 @@ def child(threads: int, kernels: list[str], rounds: int, offsets: bool = False, 
             configs.update({f"{k}{tag}": (rank, "int8", lib, how) for k, (rank, how) in OFFSET_CONFIGS.items()})
             continue
         configs.update({f"no adapter{tag}": (0, "float16", lib, None), f"float16{tag}": (RANK, "float16", lib, None),
-                        f"int8{tag}": (RANK, "int8", lib, None), **({f"int8 q8x{tag}": (RANK, "q8x", lib, None)} if packed else {})})  # fmt: skip
+                        f"int8{tag}": (RANK, "int8", lib, None), **({f"w8a8{tag}": (RANK, "w8a8", lib, None)} if packed else {})})  # fmt: skip
     runs = {}
     x = rng.standard_normal((1, HIDDEN)).astype(np.float32)
     for label, (rank, dtype, lib, how) in configs.items():
@@ -218,7 +229,7 @@ def main() -> None:
     for j, k in enumerate(kernels):
         if len(kernels) > 1:
             print(f"[{j}] {k}")
-    names = ("no adapter", "float16", "int8") + (("int8 q8x",) if args.packed else ())
+    names = ("no adapter", "float16", "int8") + (("w8a8",) if args.packed else ())
     cols = [c + t for t in tags for c in (OFFSET_CONFIGS if args.offsets else names)]
     print(f"\nsynthetic SmolLM2-135M projections, r16all; {args.rounds} rounds; extra time per token over the base\n")
     print("| threads | base ms/token | " + " | ".join(cols) + " |")

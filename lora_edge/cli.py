@@ -110,6 +110,7 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-gpu/ --quant int4 --target cuda
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast/ --quant int4 --lora-kernel native
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast8/ -q int4 --lora-kernel native --lora-dtype int8
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-w8a8/ -q int4 --lora-kernel native --lora-dtype w8a8
     """
     from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
     from .export import export as do_export

@@ -868,7 +868,7 @@ def _sweep(job: dict, tick) -> dict:
                 for name, shape in ranked_shapes(s, r).items():
                     arrays[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
             if kernel:
-                arrays = encode(arrays, stored_pairs, kernel["dtype"])
+                arrays = encode(arrays, stored_pairs, kernel["dtype"], kernel.get("blob", {}).get("slots", ()))
             model._adapters[f"rank{r}"] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
             t = tps(f"rank{r}")
             points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import PackageError, RuntimeInputError
+from .native import W8A8_BLOB
 from .package import read_manifest
 
 
@@ -612,12 +613,9 @@ def slot_shapes(slots: list[dict]) -> dict[str, tuple[str, tuple]]:
         out[s["lora_A"]] = (n, (s["in_features"], "r"))
         chunks = s.get("lora_B_chunks")  # {"width": c, "modules": [module index of each chunk]}
         out[s["lora_B"]] = (n, (len(chunks["modules"]), f"r/{len(s['parts'])}", chunks["width"]) if chunks else ("r", o))
-        if s.get("lora_layout") == "q8x":  # int8 in the VNNI order (native kernel v5; lora_edge.native.quantize_q8x)
-            b = out[s["lora_B"]][1]  # B (chunks, r_m / 4, c, 4) or (1, r / 4, out, 4); its scales (chunks, r_m) or (1, r)
-            out[s["lora_A"]] = (n, (-(-s["in_features"] // 32) * 8, "r", 4))
-            out[s["lora_B"]] = (n, (b[0], f"r/{4 * len(s['parts'])}", b[2], 4) if chunks else (1, "r/4", o, 4))
-            out[s["lora_A_scale"]] = (n, ("r",))
-            out[s["lora_B_scale"]] = (n, b[:2] if chunks else (1, "r"))
+        if "lora_blob" in s:  # w8a8: its A, B and scales are its part of the one blob (native kernel v5)
+            del out[s["lora_A"]], out[s["lora_B"]]
+            out[W8A8_BLOB] = ("w8a8 blob", ("bytes",))
         elif s.get("lora_A_scale"):  # int8 A/B (native kernel): one scale per column of A, per row of B
             out[s["lora_A_scale"]] = (n, ("r",))
             out[s["lora_B_scale"]] = (n, out[s["lora_B"]][1][:-1])

@@ -750,13 +750,19 @@ def test_w8a8_package_stores_q8x_and_computes_the_int8_package(tiny_base, tiny_a
         pkgs[dtype] = tmp_path / dtype
         export(ExportConfig(base=tiny_base, output=pkgs[dtype], adapters=(AdapterSpec("x", ad),), lora_kernel="native",
                             quant=QUANTS[quant] if quant else QuantConfig(), lora_dtype=dtype))  # fmt: skip
-    manifest = json.loads((pkgs["w8a8"] / "manifest.json").read_text())
-    assert manifest["graph"]["lora_kernel"] == {"name": "native", "version": 5, "dtype": "w8a8", "layout": "q8x"}
-    assert all(s.get("lora_layout") == "q8x" for s in manifest["slots"] if s["name"] != "embed_tokens")
+    from lora_edge.native import W8A8_BLOB
+
+    kernel = json.loads((pkgs["w8a8"] / "manifest.json").read_text())["graph"]["lora_kernel"]
+    slots = json.loads((pkgs["w8a8"] / "manifest.json").read_text())["slots"]
+    assert {k: kernel[k] for k in ("name", "version", "dtype")} == {"name": "native", "version": 5, "dtype": "w8a8"}
+    assert kernel["blob"]["name"] == W8A8_BLOB and len(kernel["blob"]["slots"]) == len(slots) == 4 * 3  # 4 branches a layer
+    assert [s["lora_blob"] for s in slots] == list(range(len(slots)))
     params = ort.AdapterFormat.read_adapter(str(pkgs["w8a8"] / "adapters" / "x.onnx_adapter")).get_parameters()
-    shapes = {n: tuple(v.shape()) for n, v in params.items()}
-    assert {len(s) for n, s in shapes.items() if n.endswith(".lora_A")} == {3}
-    assert {len(s) for n, s in shapes.items() if n.endswith(".lora_B")} == {4}
+    assert list(params) == [W8A8_BLOB] and params[W8A8_BLOB].data_type() == "tensor(int8)"  # one input for every branch
+    blob = params[W8A8_BLOB].numpy()
+    assert blob[:8].view(np.int64)[0] == len(slots)
+    size = lambda p: (p / "adapters" / "x.onnx_adapter").stat().st_size  # noqa: E731
+    assert size(pkgs["w8a8"]) < 1.2 * size(pkgs["int8"])  # the same codes (ranks padded to 4, K to 32, 64-byte alignment)
     m8, m8a8 = lora_edge.load(pkgs["int8"]), lora_edge.load(pkgs["w8a8"])
     ids = np.random.RandomState(5).randint(0, 300, (2, 13))
     want, got = m8.forward(ids, adapter="x"), m8a8.forward(ids, adapter="x")

@@ -45,6 +45,11 @@ def slot_q8x(slot: Slot) -> bool:
     return slot.name != EMBEDDING and (slot.chunk_width or slot.out_features) % Q8X_WIDTH == 0
 
 
+def blob_geometry(slot: Slot) -> tuple[int, int]:
+    """(chunks, c) of a slot's B in a w8a8 blob: its chunks and their width, or one chunk of all its outputs."""
+    return (len(slot.chunk_modules), slot.chunk_width) if slot.chunk_width else (1, slot.out_features)
+
+
 def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[str, Slot], ct, store_fp16: bool,
                accuracy_level: int, fused: bool, lora_kernel: str = "onnx",
                lora_dtype: str = "float16") -> SimpleNamespace:  # fmt: skip
@@ -64,25 +69,15 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     def q8x(slot: Slot) -> bool:  # int8 A/B in the VNNI order of kernel v5 (lora_edge.native.quantize_q8x)
         return lt(slot) is np.int8 and lora_dtype == "w8a8" and slot_q8x(slot)
 
+    blob_index = {s.name: i for i, s in enumerate(s for s in slots.values() if q8x(s))}  # slot -> its part of the blob
+
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
         """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            if q8x(slot):  # A (ceil(in / 32) * 8, R, 4), B (chunks, r_m / 4, c, 4): zero codes stored as 0x80
-                from ..native import quantize_q8x
-
-                chunked = bool(slot.chunk_width)
-                n, c = (len(slot.chunk_modules), slot.chunk_width) if chunked else (1, slot.out_features)
-                r_dim = slot.module_rank_dim if chunked else slot.rank_dim
-                r = null_rank  # per module (chunked) or in all
-                a = np.zeros((slot.in_features, r * (len(slot.parts) if chunked else 1)), f32)
-                qa, sa_v, qb, sb_v = quantize_q8x(a, np.zeros((n, r, c), f32))
-                sa, sb = slot.scale_names
-                out[slot.a_name] = (qa, [qa.shape[0], slot.rank_dim, 4])
-                out[slot.b_name] = (qb, [n, f"{r_dim}/4", c, 4])
-                out[sa] = (sa_v, [slot.rank_dim])
-                out[sb] = (sb_v, [n, r_dim])
+            if q8x(slot):  # its A, B and scales are its part of the one w8a8 blob (below)
+                pass
             elif slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt(slot)), [slot.in_features, slot.rank_dim])
@@ -103,6 +98,10 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 out[slot.weight_name] = (np.ascontiguousarray(w.T).astype(ct), [slot.in_features, slot.out_features])
                 if f"{slot.name}.bias" in weights:
                     out[slot.replaced_bias_name] = (np.asarray(weights[f"{slot.name}.bias"]).astype(ct), [slot.out_features])
+        if blob_index:  # w8a8: every q8x branch's part, all empty (R = 0) by default
+            from ..native import W8A8_BLOB, w8a8_blob
+
+            out[W8A8_BLOB] = (w8a8_blob([(blob_geometry(s), None) for s in slots.values() if s.name in blob_index]), ["w8a8_bytes"])
         return out
 
     def float_weight(name: str, arr: np.ndarray) -> str:
@@ -220,6 +219,11 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 if packed is not None:  # (base, extra, offsets, packed): the node computes the projection too
                     assert packed.x == x and offset is None and len(addends) <= 2
                     addends = [*addends, *[""] * (3 - len(addends)), packed.packed]
+                if slot.name in blob_index:  # its A, B and scales: its part of the adapter's one blob
+                    from ..native import W8A8_BLOB
+
+                    return g.op("LoraDeltaQ8", [x, W8A8_BLOB, "", "", "", *addends], domain="lora_edge",
+                                slot=blob_index[slot.name], **attrs)  # fmt: skip
                 if lt(slot) is np.int8:
                     sa, sb = slot.scale_names
                     return g.op("LoraDeltaQ8", [x, slot.a_name, sa, slot.b_name, sb, *addends], domain="lora_edge", **attrs)

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -68,17 +68,6 @@ def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 Q8X_WIDTH = 16  # a q8x B's chunk width must be a multiple of this (one vector of columns)
 
 
-def q8x_fits(b_shape: tuple[int, ...]) -> bool:
-    """Whether a lora_B of this (float) shape, (R, N) or (chunks, r, c), can be stored in the q8x order."""
-    return len(b_shape) in (2, 3) and b_shape[-1] % Q8X_WIDTH == 0
-
-
-def q8x_shapes(k: int, r: int, n_modules: int, chunks: int, c: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The q8x shapes of lora_A and lora_B for input width ``k``, rank ``r`` per module (padded to 4 here)."""
-    r4 = -(-r // 4) * 4
-    return (-(-k // 32) * 8, n_modules * r4, 4), (chunks, r4 // 4, c, 4)
-
-
 def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (lora_delta.cc, kernel v5).
 
@@ -107,27 +96,61 @@ def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return flip(qa), sa, flip(qb), sb
 
 
-def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lora_dtype: str) -> dict[str, np.ndarray]:
+W8A8_BLOB = "lora.w8a8"  # the one adapter input of a w8a8 package's q8x branches
+
+
+def w8a8_blob(parts: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]]) -> np.ndarray:
+    """The w8a8 blob (lora_delta.cc): one int8 tensor holding every q8x branch's A, B and scales, so that a run binds
+    one input for all of them. ``parts``: per branch of the package, in its order, ((chunks, c), the float (A, B) as
+    :func:`quantize_q8x` takes them, or None where the adapter leaves the branch alone). Layout: int64 n, then per
+    branch 8 int64 (offsets of A, A_scale, B, B_scale in bytes from the start, R, chunks, r, c), then the arrays,
+    each at a multiple of 64 bytes."""
+    header = np.zeros(1 + 8 * len(parts), np.int64)
+    header[0] = len(parts)
+    pieces, at = [header.view(np.int8)], header.nbytes
+
+    def put(arr: np.ndarray) -> int:
+        nonlocal at
+        pad = -at % 64
+        pieces.extend([np.zeros(pad, np.int8), np.ascontiguousarray(arr).reshape(-1).view(np.int8)])
+        at += pad
+        start, at = at, at + arr.nbytes
+        return start
+
+    for i, ((chunks, c), pair) in enumerate(parts):
+        fields = [0, 0, 0, 0, 0, chunks, 0, c]
+        if pair is not None:
+            qa, sa, qb, sb = quantize_q8x(*pair)
+            fields = [put(qa), put(sa), put(qb), put(sb), qa.shape[1], qb.shape[0], 4 * qb.shape[1], qb.shape[2]]
+        header[1 + 8 * i : 9 + 8 * i] = fields
+    return np.concatenate(pieces)
+
+
+def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lora_dtype: str,
+           blob_slots: Sequence[tuple[str, str, int, int]] = ()) -> dict[str, np.ndarray]:  # fmt: skip
     """``tensors`` with each (lora_A, lora_B) pair of ``pairs`` stored as a native package stores it:
     float16, or int8 with A scaled per column (rank) and B per row (rank, per chunk when chunked) —
     A (K, R) -> codes (K, R) + scales (R); B (R, N) -> (R,) or (chunks, r, c) -> (chunks, r). "w8a8": the same
-    int8 codes in the q8x order (:func:`quantize_q8x`) where B fits (:func:`q8x_fits`; else as "int8"), which
-    the kernel multiplies by int8 activations (x and x @ A quantized on the fly)."""
+    int8 codes in the q8x order (:func:`quantize_q8x`), multiplied by int8 activations (x and x @ A quantized on the
+    fly), for the package's ``blob_slots`` ((lora_A, lora_B, chunks, c) per q8x branch, in its order), all in one
+    tensor :data:`W8A8_BLOB` (:func:`w8a8_blob`); the other pairs as "int8"."""
     out = dict(tensors)
+    in_blob = {(a, b) for a, b, _, _ in blob_slots} if lora_dtype == "w8a8" else set()
     for a_name, b_name in pairs:
-        if a_name not in tensors:
+        if a_name not in tensors or (a_name, b_name) in in_blob:
             continue
         if lora_dtype == "float16":
             out[a_name], out[b_name] = tensors[a_name].astype(np.float16), tensors[b_name].astype(np.float16)
         elif lora_dtype in ("int8", "w8a8"):
             sa, sb = scale_names(a_name, b_name)
-            if lora_dtype == "w8a8" and q8x_fits(tensors[b_name].shape):
-                out[a_name], out[sa], out[b_name], out[sb] = quantize_q8x(tensors[a_name], tensors[b_name])
-                continue
             out[a_name], out[sa] = quantize_int8(tensors[a_name], axis=0)
             out[b_name], out[sb] = quantize_int8(tensors[b_name], axis=-1)
         else:
             raise ValueError(f"LoRA dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
+    if lora_dtype == "w8a8":
+        out[W8A8_BLOB] = w8a8_blob([((chunks, c), (tensors[a], tensors[b]) if a in tensors else None) for a, b, chunks, c in blob_slots])
+        for a, b, _, _ in blob_slots:
+            out.pop(a, None), out.pop(b, None)
     return out
 
 

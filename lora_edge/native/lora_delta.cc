@@ -563,6 +563,43 @@ void quantize_ranks(const float* t, int64_t rows, int64_t r, QuantizedRanks& out
   }
 }
 
+// -- the w8a8 blob (kernel v5) -------------------------------------------------------------------------------------
+// A w8a8 package's adapter is one int8 tensor for all its q8x branches, so that a run binds one input where it bound
+// four per branch (ONNX Runtime's per-run cost of a bound input, ~0.6 us each, was 0.3 ms of a token's 0.6 ms of branch
+// with 480). Layout (lora_edge.native.w8a8_blob): int64 n, then per slot 8 int64 (a_off, sa_off, b_off, sb_off, R,
+// chunks, r, c: byte offsets from the blob's start, and the sizes of the slot's q8x A (ceil(K / 32) * 8, R, 4) and B
+// (chunks, r / 4, c, 4), float32 scales A_scale (R) and B_scale (chunks, r)); R = r = 0 for a branch the adapter
+// leaves alone (chunks and c still give the node's output width). LoraDeltaQ8 takes the blob as its A (1-D), with
+// attribute `slot`, and no A_scale, B, B_scale.
+struct BlobSlot {
+  const uint8_t* a;
+  const float* sa;
+  const uint8_t* b;
+  const float* sb;
+  int64_t R, chunks, r, c;
+};
+
+BlobSlot blob_slot(const Ort::ConstValue& blob, int64_t slot, int64_t nb) {
+  const auto size = (int64_t)blob.GetTensorTypeAndShapeInfo().GetElementCount();
+  const uint8_t* p = static_cast<const uint8_t*>(blob.GetTensorRawData());
+  int64_t n = 0, f[8];
+  if (size >= 8) std::memcpy(&n, p, 8);
+  if (slot < 0 || n <= slot || (size - 8) / 64 < n)
+    ORT_CXX_API_THROW("LoraDeltaQ8: the w8a8 blob has no part for this node's slot (an adapter of another package?)",
+                      ORT_INVALID_ARGUMENT);
+  std::memcpy(f, p + 8 + 64 * slot, sizeof(f));
+  const int64_t R = f[4], chunks = f[5], r = f[6], c = f[7];
+  auto fits = [&](int64_t off, int64_t bytes, int64_t align) { return off >= 0 && off % align == 0 && bytes <= size - off; };
+  const bool dims = R >= 0 && chunks >= 0 && r >= 0 && c >= 0 && R % 4 == 0 && r % 4 == 0 && c % kQ4Group == 0 &&
+                    R < (1 << 20) && chunks < (1 << 20) && r < (1 << 20) && c < (1 << 24);
+  if (!dims || !fits(f[0], nb * kQ4Block * R, 1) || !fits(f[1], 4 * R, 4) || !fits(f[2], chunks * r * c, 1) ||
+      !fits(f[3], 4 * chunks * r, 4))
+    ORT_CXX_API_THROW("LoraDeltaQ8: the w8a8 blob's part for this node does not fit its input width or the blob",
+                      ORT_INVALID_ARGUMENT);
+  return BlobSlot{p + f[0], reinterpret_cast<const float*>(p + f[1]), p + f[2], reinterpret_cast<const float*>(p + f[3]),
+                  R, chunks, r, c};
+}
+
 // Per-thread scratch of a node's Compute, kept from call to call: a decode step would otherwise allocate a dozen
 // small buffers per node (measured: ~1 us of a q8x node's ~4). The node's thread-pool tasks read it through
 // their job while Compute waits for them.
@@ -734,9 +771,10 @@ struct LoraDeltaKernel {
   static constexpr size_t kOptional = 4;  // base, extra, offsets, packed
   static constexpr size_t kOffsets = kBase + 2, kPacked = kBase + 3;
   std::vector<int64_t> chunk_modules;
-  int64_t offset_block;
+  int64_t offset_block, slot;  // slot: this node's part of a w8a8 blob
 
-  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info) : offset_block(int_attribute(info, "offset_block", 0)) {
+  LoraDeltaKernel(const OrtApi& api, const OrtKernelInfo* info)
+      : offset_block(int_attribute(info, "offset_block", 0)), slot(int_attribute(info, "slot", -1)) {
     Ort::ConstKernelInfo ki(info);
     try {
       chunk_modules = ki.GetAttributes<int64_t>("chunk_modules");
@@ -748,28 +786,54 @@ struct LoraDeltaKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0), a = ctx.GetInput(1), b = ctx.GetInput(kB);
-    auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), as = a.GetTensorTypeAndShapeInfo().GetShape(),
-         bs = b.GetTensorTypeAndShapeInfo().GetShape();
-    const bool q8x = Scaled && as.size() == 3;  // int8 A and B in VNNI order (v5)
-    if (xs.empty() || (as.size() != 2 && !q8x) || (q8x ? bs.size() != 4 : bs.size() != 2 && bs.size() != 3))
-      ORT_CXX_API_THROW("LoraDelta: x must be (..., K), A (K, R), B (R, N) or (chunks, r, c) (LoraDeltaQ8's q8x order: "
-                        "A (ceil(K / 32) * 8, R, 4), B (chunks, r / 4, c, 4))", ORT_INVALID_ARGUMENT);
-    const int64_t K = xs.back(), R = as[1], nb = (K + kQ4Block - 1) / kQ4Block;
-    if (q8x ? as[0] != nb * 8 || as[2] != 4 || R % 4 != 0 : as[0] != K)
-      ORT_CXX_API_THROW("LoraDelta: A's rows differ from x's last dim", ORT_INVALID_ARGUMENT);
+    auto x = ctx.GetInput(0), a = ctx.GetInput(1);
+    auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), as = a.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.empty()) ORT_CXX_API_THROW("LoraDelta: x must be (..., K)", ORT_INVALID_ARGUMENT);
+    const int64_t K = xs.back(), nb = (K + kQ4Block - 1) / kQ4Block;
     int64_t M = 1;
     for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
-    int64_t chunks = bs.size() == 2 ? 1 : bs[0], r = bs.size() == 2 ? bs[0] : bs[1], c = bs.size() == 2 ? bs[1] : bs[2];
-    if (q8x) {
-      r *= 4;
-      if (bs[3] != 4 || c % kQ4Group != 0)
-        ORT_CXX_API_THROW("LoraDeltaQ8: a q8x B must be (chunks, r / 4, c, 4) with c a multiple of 16", ORT_INVALID_ARGUMENT);
+    const void *a_raw, *b_raw;
+    const float *sa = nullptr, *sb = nullptr;
+    int64_t R, chunks, r, c;
+    bool q8x, one_chunk;  // q8x: int8 A and B in VNNI order (v5)
+    if (Scaled && as.size() == 1) {  // the adapter's w8a8 blob: this node's A, B and scales are its slot `slot`
+      const BlobSlot part = blob_slot(a, slot, nb);
+      a_raw = part.a, sa = part.sa, b_raw = part.b, sb = part.sb;
+      R = part.R, chunks = part.chunks, r = part.r, c = part.c;
+      q8x = true, one_chunk = chunk_modules.empty();
+    } else {
+      auto b = ctx.GetInput(kB);
+      auto bs = b.GetTensorTypeAndShapeInfo().GetShape();
+      q8x = Scaled && as.size() == 3;
+      if ((as.size() != 2 && !q8x) || (q8x ? bs.size() != 4 : bs.size() != 2 && bs.size() != 3))
+        ORT_CXX_API_THROW("LoraDelta: x must be (..., K), A (K, R), B (R, N) or (chunks, r, c) (LoraDeltaQ8's q8x order: "
+                          "A (ceil(K / 32) * 8, R, 4), B (chunks, r / 4, c, 4); or A the w8a8 blob)", ORT_INVALID_ARGUMENT);
+      R = as[1];
+      if (q8x ? as[0] != nb * 8 || as[2] != 4 || R % 4 != 0 : as[0] != K)
+        ORT_CXX_API_THROW("LoraDelta: A's rows differ from x's last dim", ORT_INVALID_ARGUMENT);
+      chunks = bs.size() == 2 ? 1 : bs[0], r = bs.size() == 2 ? bs[0] : bs[1], c = bs.size() == 2 ? bs[1] : bs[2];
+      if (q8x) {
+        r *= 4;
+        if (bs[3] != 4 || c % kQ4Group != 0)
+          ORT_CXX_API_THROW("LoraDeltaQ8: a q8x B must be (chunks, r / 4, c, 4) with c a multiple of 16", ORT_INVALID_ARGUMENT);
+      }
+      one_chunk = bs.size() == 2 || (q8x && chunk_modules.empty());
+      a_raw = a.GetTensorRawData(), b_raw = b.GetTensorRawData();
+      if (Scaled) {
+        auto sav = ctx.GetInput(2), sbv = ctx.GetInput(4);
+        if (static_cast<const OrtValue*>(sav) == nullptr || static_cast<const OrtValue*>(sbv) == nullptr)
+          ORT_CXX_API_THROW("LoraDeltaQ8: A_scale and B_scale are needed unless A is the w8a8 blob", ORT_INVALID_ARGUMENT);
+        if ((int64_t)sav.GetTensorTypeAndShapeInfo().GetElementCount() != R)
+          ORT_CXX_API_THROW("LoraDeltaQ8: A_scale must hold one scale per column of A", ORT_INVALID_ARGUMENT);
+        if ((int64_t)sbv.GetTensorTypeAndShapeInfo().GetElementCount() != chunks * r)
+          ORT_CXX_API_THROW("LoraDeltaQ8: B_scale must hold one scale per row of B", ORT_INVALID_ARGUMENT);
+        sa = sav.GetTensorData<float>(), sb = sbv.GetTensorData<float>();
+      }
     }
     Workspace& ws = workspace();
     std::vector<int64_t>& first = ws.first;  // per chunk: where its module's ranks start in a row of x @ A
     first.clear();
-    if (bs.size() == 2 || (q8x && chunk_modules.empty())) {
+    if (one_chunk) {
       if (r != R || chunks != 1) ORT_CXX_API_THROW("LoraDelta: B's rows differ from A's columns", ORT_INVALID_ARGUMENT);
       first.push_back(0);
     } else {
@@ -779,15 +843,6 @@ struct LoraDeltaKernel {
         if (mod < 0 || (mod + 1) * r > R) ORT_CXX_API_THROW("LoraDelta: a chunk reads ranks A does not have", ORT_INVALID_ARGUMENT);
         first.push_back(mod * r);
       }
-    }
-    const float *sa = nullptr, *sb = nullptr;
-    if (Scaled) {
-      auto sav = ctx.GetInput(2), sbv = ctx.GetInput(4);
-      if ((int64_t)sav.GetTensorTypeAndShapeInfo().GetElementCount() != R)
-        ORT_CXX_API_THROW("LoraDeltaQ8: A_scale must hold one scale per column of A", ORT_INVALID_ARGUMENT);
-      if ((int64_t)sbv.GetTensorTypeAndShapeInfo().GetElementCount() != chunks * r)
-        ORT_CXX_API_THROW("LoraDeltaQ8: B_scale must hold one scale per row of B", ORT_INVALID_ARGUMENT);
-      sa = sav.GetTensorData<float>(), sb = sbv.GetTensorData<float>();
     }
     std::vector<int64_t>& ys = xs;  // the output's shape: x's, with B's width last
     ys.back() = chunks * c;
@@ -835,8 +890,8 @@ struct LoraDeltaKernel {
     if (fuse_q4 && (R == 0 || r == 0 || c % kQ4Group != 0)) run_q4(ctx, q4), fuse_q4 = false;  // a pass of its own
     if (R == 0 || r == 0) return add_offset_rows(ctx, off, y, M, chunks * c);  // no adapter bound: just the sums
     using T = typename E::T;
-    const T* ap = static_cast<const T*>(a.GetTensorRawData());
-    const T* bp = static_cast<const T*>(b.GetTensorRawData());
+    const T* ap = static_cast<const T*>(a_raw);
+    const T* bp = static_cast<const T*>(b_raw);
     Scratch<float, 1024> t_mem, scaled_mem;
     float* t = t_mem.get((size_t)(M * R));
     if (q8x && !quantized) quantize_rows(xp, M, K, nb, qx);
@@ -950,6 +1005,9 @@ struct LoraDeltaOp : DeltaOpBase<LoraDeltaOp, F16Kernel> {
 
 struct LoraDeltaQ8Op : DeltaOpBase<LoraDeltaQ8Op, I8Kernel> {
   const char* GetName() const { return "LoraDeltaQ8"; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {  // (A_scale, B, B_scale: none with a blob)
+    return i >= 2 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
   ONNXTensorElementDataType GetInputType(size_t i) const {  // x, A, A_scale, B, B_scale, base, extra, offsets, packed
     return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
            : i == 7         ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
