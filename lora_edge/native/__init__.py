@@ -2,7 +2,9 @@
 
 A package exported with ``--lora-kernel native`` runs each LoRA branch as one LoraDelta node with
 float16 A and B, split over the session's threads; with ``--lora-dtype int8``, one LoraDeltaQ8 node
-with int8 A and B and a float32 scale per rank (half the bytes again; see :func:`encode`). The
+with int8 A and B and a float32 scale per rank (half the bytes again; see :func:`encode`); with
+``--lora-dtype w8a8`` the same codes in the order of integer dot products, the branch's activations in
+int8 too, every branch's part in one adapter input (:func:`w8a8_blob`). The
 operators are compiled on the machine that runs packages (``lora-edge build-kernel``, or
 :func:`build`) for its own CPU, from the C++ source shipped here and ONNX Runtime's C API headers
 (any release from 1.21: the C API is ABI-stable, so a kernel built against 1.21's headers loads
@@ -34,8 +36,9 @@ from ..errors import LoraEdgeError
 # records v2, which a v2 kernel still runs. v4 adds MatMulQ4, the int4 base projection itself (its own packed
 # layout, lora_edge.quant.pack_q4), and the same packed weight as LoraDelta's optional last input `packed` (the
 # node then computes the projection too); a package with neither records v3 or v2. v5 adds LoraDeltaQ8's q8x
-# order (3-D A, 4-D B: the int8 codes laid out for 4-wide integer dot products, :func:`quantize_q8x`), which
-# int8 packages now use; the 2-D int8 layout still runs.
+# order (3-D A, 4-D B: the int8 codes laid out for 4-wide integer dot products, :func:`quantize_q8x`) and the
+# w8a8 blob (every q8x branch's A, B and scales in one input, :func:`w8a8_blob`), which --lora-dtype w8a8
+# packages use; the 2-D int8 layout still runs.
 KERNEL_VERSION = 5
 LORA_DTYPES = ("float16", "int8", "w8a8")  # how a native package stores lora_A / lora_B (see encode)
 MIN_ORT = (1, 21)  # the C API version the kernel is built against (ORT_API_VERSION 21)

@@ -40,7 +40,9 @@
 //
 //   LoraDeltaQ8 with A (ceil(K / 32) * 8, R, 4) and B (chunks, r / 4, c, 4) int8                       (kernel v5)
 // the same int8 codes in the order of 4-wide u8 x s8 dot products ("q8x", see below): x @ A and t @ B as
-// integer dot products (VNNI's vpdpbusd, AVX2's maddubs) on x and t quantized to int8.
+// integer dot products (VNNI's vpdpbusd, AVX2's maddubs) on x and t quantized to int8. Or A a 1-D int8 tensor,
+// the w8a8 blob that holds every q8x branch of a package (one input for all of them), with attribute `slot`
+// and no A_scale, B, B_scale (see BlobSlot).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
