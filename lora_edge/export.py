@@ -20,8 +20,8 @@ from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
 from .models.ops import blob_geometry, slot_q8x
-from .native import W8A8_BLOB
 from .models.spec import BaseModel
+from .native import W8A8_BLOB
 from .package import check_output, staged_output, write_manifest
 from .quant import quantize_weights
 from .targets import Target, to_ort_format, write_genai_config
@@ -156,7 +156,6 @@ def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], mod
 
     tensors = adapter_tensors(balanced(adapter) if lora_dtype else adapter, slots)
     pairs = [(s.a_name, s.b_name) for s in slots.values() if s.name != EMBEDDING]  # (embedding LoRA stays in dtype)
-
     ab = {n for pair in pairs for n in pair}
     tensors = {name: t if lora_dtype and name in ab else t.astype(dtype) for name, t in tensors.items()}
     if lora_dtype:

@@ -38,8 +38,8 @@ class PackedTerm(NamedTuple):
 
 
 def slot_q8x(slot: Slot) -> bool:
-    """Whether a native int8 package stores this slot's A and B in the q8x order (kernel v5): every slot but the
-    embedding's whose B chunks (or outputs) are a whole number of 16-column vectors."""
+    """Whether a w8a8 package stores this slot's A and B in the q8x order, in its blob (kernel v5): every slot but
+    the embedding's whose B chunks (or outputs) are a whole number of 16-column vectors (the others keep int8's)."""
     from ..native import Q8X_WIDTH
 
     return slot.name != EMBEDDING and (slot.chunk_width or slot.out_features) % Q8X_WIDTH == 0
@@ -76,8 +76,8 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
         """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            if q8x(slot):  # its A, B and scales are its part of the one w8a8 blob (below)
-                pass
+            if q8x(slot):
+                pass  # no inputs of its own: its A, B and scales are its part of the one w8a8 blob (below)
             elif slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank * len(slot.parts)), lt(slot)), [slot.in_features, slot.rank_dim])
