@@ -732,8 +732,8 @@ def test_q8x_node_refuses_a_b_off_the_column_vectors(kernel):
 
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_w8a8_package_stores_q8x_and_computes_the_int8_package(tiny_base, tiny_adapters, tmp_path, quant):
-    """--lora-dtype w8a8: the package records kernel v5 and the q8x layout, its adapter files hold the 3-D / 4-D
-    codes, and its logits are the int8 package's (the same codes) up to the activations' int8 rounding in the
+    """--lora-dtype w8a8: the package records kernel v5 and the blob's parts, its adapter file holds one int8 blob
+    (every branch's q8x codes and scales), and its logits are the int8 package's (the same codes) up to the activations' int8 rounding in the
     branch: the median difference within 6% of the adapter's median effect on the logits (measured 2.4-3.2%;
     a wrong layout gives ~100%). This random 3-layer model amplifies a node's ~1% (the operator tests) to a
     few % and flips near-tied greedy tokens, as it does for int8 activations in the base (why the tiny int4
