@@ -113,26 +113,23 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
 
             (qa, sa), (qb, sb) = quantize_int8(a, 0), quantize_int8(b, -1)
             named = {"A": qa, "A_scale": sa, "B": qb, "B_scale": sb}
-        elif dtype == "w8a8":  # every branch's part of one blob input, as w8a8 packages bind it
-            blob_parts.append(((len(chunk_modules), chunk), (a, b if len(chunk_modules) > 1 else b[0])))
-            trailing = [y, *extra, *([""] + kernel_offsets if kernel_offsets else [])]
-            if packed:
-                trailing = ["", "", "", packed_weight(name, k, n)]
-            attrs = {"chunk_modules": chunk_modules} if len(chunk_modules) > 1 else {}
-            nodes.append(helper.make_node("LoraDeltaQ8", [x, "lora.w8a8", "", "", "", *trailing], [f"{name}.out"], domain="lora_edge",
-                                          slot=len(blob_parts) - 1, **attrs))  # fmt: skip
-            return f"{name}.out"
+        elif dtype == "w8a8":  # its part of one blob input for every branch, as w8a8 packages bind it
+            blob_parts.append(((len(chunk_modules), chunk), (a, b)))
+            named = {}
         else:
             named = {"A": a.astype(np.float16), "B": b.astype(np.float16)}
         for key, v in named.items():
             feeds[f"{name}.{key}"] = v
             inputs.append(helper.make_tensor_value_info(f"{name}.{key}", helper.np_dtype_to_tensor_dtype(v.dtype), None))
-        op = "LoraDeltaQ8" if dtype == "int8" else "LoraDelta"
+        ab = ["lora.w8a8", "", "", ""] if dtype == "w8a8" else [f"{name}.{key}" for key in named]
+        op = "LoraDeltaQ8" if dtype in ("int8", "w8a8") else "LoraDelta"
         trailing = [*extra, *([""] + kernel_offsets if kernel_offsets else [])]  # base, extra, offsets
         if packed:
             trailing = ["", "", packed_weight(name, k, n)]  # extra, offsets, packed
         attrs = {"offset_block": 32} if kernel_offsets else {}
-        nodes.append(helper.make_node(op, [x, *(f"{name}.{key}" for key in named), y, *trailing], [f"{name}.out"],
+        if dtype == "w8a8":
+            attrs["slot"] = len(blob_parts) - 1
+        nodes.append(helper.make_node(op, [x, *ab, y, *trailing], [f"{name}.out"],
                                       domain="lora_edge", chunk_modules=chunk_modules, **attrs))  # fmt: skip
         return f"{name}.out"
 

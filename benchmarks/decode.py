@@ -9,7 +9,8 @@ projection (made with PEFT, seeded; its values do not matter for speed), plus th
 adapters loaded beside it in branch packages. Per recipe: "-merged" (r16all folded in), "-branch"
 (r16all as standard-MatMul branches), "-native" (the same branches on lora-edge's LoraDelta kernel,
 `--lora-kernel native`, float16 A/B), "-native8" (`--lora-dtype int8`: int8 A/B), "-native8a8"
-(`--lora-dtype w8a8`: int8 A/B in the q8x order, int8 activations; `--no-native` leaves the three out) and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
+(`--lora-dtype w8a8`: int8 A/B in the q8x order, int8 activations; `--no-native` leaves the three out)
+and "-none" (the branch package, no adapter). Each measurement runs in a fresh subprocess
 (peak RSS is that process's VmHWM). Decode time excludes the prompt pass; generation is forced to the
 full length (min_new_tokens). Compare ratios within one run: this machine is shared and noisy.
 
@@ -60,8 +61,8 @@ RECIPES = {"fp32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
            "int4sym": {"weights": "int4", "block_size": 32, "zero": "none"}}  # fmt: skip
 
 
-NATIVE_KINDS = ("native", "native8", "native8a8")  # packages on lora-edge's kernel: float16, int8 and w8a8 A/B
-NATIVE_DTYPES = {"native": "float16", "native8": "int8", "native8a8": "w8a8"}
+NATIVE_DTYPES = {"native": "float16", "native8": "int8", "native8a8": "w8a8"}  # packages on lora-edge's kernel: their A/B
+NATIVE_KINDS = tuple(NATIVE_DTYPES)
 # the merged package on lora-edge's kernel, for recipes with float block offsets (int4): MatMulQ4 runs each
 # projection (kernel v4; BlockOffset the correction at accuracy levels below 4); the native branch rows' cost
 # is measured against it (the same graph less the adapter)

@@ -19,7 +19,7 @@ from .adapters import EMBEDDING, Adapter, check_adapter_files, read_adapter
 from .config import ExportConfig, Mode, WeightType
 from .errors import InputError
 from .models import Slot, family_for
-from .models.ops import blob_geometry, slot_q8x
+from .models.ops import blob_geometry, blob_slots
 from .models.spec import BaseModel
 from .native import W8A8_BLOB
 from .package import check_output, staged_output, write_manifest
@@ -146,10 +146,10 @@ def balanced(adapter: Adapter) -> Adapter:
 
 
 def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], model_version: int, dtype=np.float32,
-                       lora_dtype: str | None = None, blob_slots: tuple = ()) -> None:  # fmt: skip
+                       lora_dtype: str | None = None, blob: tuple = ()) -> None:  # fmt: skip
     """``dtype``: of every tensor; ``lora_dtype``: how the native kernel stores lora_A / lora_B ("float16",
-    "int8" with scales, "w8a8" the same in the q8x order, the ``blob_slots`` in one tensor; see
-    lora_edge.native.encode), None for ``dtype`` like the rest."""
+    "int8" with scales, "w8a8" the same in the q8x order, the ``blob``'s (lora_A, lora_B, chunks, c) in one
+    tensor; see lora_edge.native.encode), None for ``dtype`` like the rest."""
     import onnxruntime as ort
 
     from .native import encode
@@ -159,7 +159,7 @@ def write_adapter_file(path: Path, adapter: Adapter, slots: dict[str, Slot], mod
     ab = {n for pair in pairs for n in pair}
     tensors = {name: t if lora_dtype and name in ab else t.astype(dtype) for name, t in tensors.items()}
     if lora_dtype:
-        tensors = encode(tensors, pairs, lora_dtype, blob_slots)
+        tensors = encode(tensors, pairs, lora_dtype, blob)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(model_version)
@@ -243,10 +243,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     # v4: MatMulQ4 and the branches' packed input (the int4 base); v3: BlockOffset and LoraDelta's offsets;
     # a v2 kernel runs the rest
     # w8a8: the q8x branches' A, B and scales in one blob input, (lora_A, lora_B, chunks, c) per branch
-    blob_slots = tuple((s.name, s.a_name, s.b_name, *blob_geometry(s)) for s in slots.values() if slot_q8x(s)) \
-        if cfg.lora_kernel == "native" and cfg.lora_dtype == "w8a8" else ()  # fmt: skip
+    in_blob = blob_slots(slots, cfg.lora_kernel, cfg.lora_dtype)
+    blob_parts = tuple((s.a_name, s.b_name, *blob_geometry(s)) for s in in_blob)
     # v5: LoraDeltaQ8 in the q8x order, from the w8a8 blob
-    kernel_version = (5 if blob_slots else 4 if any(n.op_type == "MatMulQ4" or len(n.input) > packed_at.get(n.op_type, 99) for n in kernel_nodes) else
+    kernel_version = (5 if blob_parts else 4 if any(n.op_type == "MatMulQ4" or len(n.input) > packed_at.get(n.op_type, 99) for n in kernel_nodes) else
                       3 if any(n.op_type == "BlockOffset" or any(a.name == "offset_block" for a in n.attribute) for n in kernel_nodes)
                       else 2)  # fmt: skip
 
@@ -261,8 +261,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
             for a in adapters:
                 progress(f"writing adapters/{a.name}.onnx_adapter")
                 write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype),
-                                   lora_dtype=cfg.lora_dtype if cfg.lora_kernel == "native" else None,
-                                   blob_slots=tuple(b[1:] for b in blob_slots))  # fmt: skip
+                                   lora_dtype=cfg.lora_dtype if cfg.lora_kernel == "native" else None, blob=blob_parts)  # fmt: skip
         graph_file = "model.onnx"
         if cfg.target == Target.MOBILE.value:
             progress("converting to ORT format (model.ort) and writing the operator config for a reduced build")
@@ -276,10 +275,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         if cfg.fused and base.spec.kind == "decoder" and cfg.lora_kernel == "onnx":  # (GenAI cannot load lora_edge.LoraDelta)
             write_genai_config(tmp, base.spec.to_json(), base.hf_config, graph_file, cfg.target)
         int8_lora = cfg.lora_kernel == "native" and cfg.lora_dtype in ("int8", "w8a8")
-        blob_of = {b[0]: i for i, b in enumerate(blob_slots)}
+        blob_of = {s.name: i for i, s in enumerate(in_blob)}
         kernel_entry = {"name": "native", "version": kernel_version, "dtype": cfg.lora_dtype}
-        if blob_slots:  # the blob's input and its parts, (lora_A, lora_B, chunks, c) each, for whoever encodes adapters
-            kernel_entry["blob"] = {"name": W8A8_BLOB, "slots": [list(b[1:]) for b in blob_slots]}
+        if blob_parts:  # the blob's input and its parts, (lora_A, lora_B, chunks, c) each, for whoever encodes adapters
+            kernel_entry["blob"] = {"name": W8A8_BLOB, "slots": [list(b) for b in blob_parts]}
         manifest = {
             "lora_edge_version": __version__,
             "base": {

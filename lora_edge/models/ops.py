@@ -14,6 +14,7 @@ import numpy as np
 
 from ..adapters import EMBEDDING
 from ..graph import GraphBuilder
+from ..native import Q8X_WIDTH, W8A8_BLOB, w8a8_blob
 from ..quant import QTensor, pack_q4, packs_q4
 from .spec import DecoderSpec, Slot
 
@@ -37,12 +38,13 @@ class PackedTerm(NamedTuple):
     n: int
 
 
-def slot_q8x(slot: Slot) -> bool:
-    """Whether a w8a8 package stores this slot's A and B in the q8x order, in its blob (kernel v5): every slot but
-    the embedding's whose B chunks (or outputs) are a whole number of 16-column vectors (the others keep int8's)."""
-    from ..native import Q8X_WIDTH
-
-    return slot.name != EMBEDDING and (slot.chunk_width or slot.out_features) % Q8X_WIDTH == 0
+def blob_slots(slots: dict[str, Slot], lora_kernel: str, lora_dtype: str) -> list[Slot]:
+    """The slots whose A, B and scales a package keeps in its w8a8 blob (kernel v5), in the blob's order: with
+    ``--lora-dtype w8a8``, every slot but the embedding's whose B chunks (or outputs) are a whole number of
+    16-column vectors (the others keep int8's own inputs)."""
+    if lora_kernel != "native" or lora_dtype != "w8a8":
+        return []
+    return [s for s in slots.values() if s.name != EMBEDDING and (s.chunk_width or s.out_features) % Q8X_WIDTH == 0]
 
 
 def blob_geometry(slot: Slot) -> tuple[int, int]:
@@ -66,17 +68,14 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
     def lt(slot: Slot):  # the dtype of a slot's lora_A / lora_B (embedding LoRA is gathered by the graph, in ct)
         return (np.int8 if int8 else np.float16) if native and slot.name != EMBEDDING else ct
 
-    def q8x(slot: Slot) -> bool:  # int8 A/B in the VNNI order of kernel v5 (lora_edge.native.quantize_q8x)
-        return lt(slot) is np.int8 and lora_dtype == "w8a8" and slot_q8x(slot)
-
-    blob_index = {s.name: i for i, s in enumerate(s for s in slots.values() if q8x(s))}  # slot -> its part of the blob
+    blob_index = {s.name: i for i, s in enumerate(blob_slots(slots, lora_kernel, lora_dtype))}  # slot -> its blob part
 
     # -- weights ---------------------------------------------------------------------------
     def adapter_inputs(null_rank: int) -> dict[str, tuple[np.ndarray, list]]:
         """Every slot's overridable inputs: name -> (default, symbolic shape). The defaults compute the base."""
         out: dict[str, tuple[np.ndarray, list]] = {}
         for slot in slots.values():
-            if q8x(slot):
+            if slot.name in blob_index:
                 pass  # no inputs of its own: its A, B and scales are its part of the one w8a8 blob (below)
             elif slot.chunk_width:  # (chunks, r_m, c): A's rank is n_modules * r_m
                 c, n = slot.chunk_width, len(slot.chunk_modules)
@@ -85,7 +84,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
             else:
                 out[slot.a_name] = (np.zeros((slot.in_features, null_rank), lt(slot)), [slot.in_features, slot.rank_dim])
                 out[slot.b_name] = (np.zeros((null_rank, slot.out_features), lt(slot)), [slot.rank_dim, slot.out_features])
-            if lt(slot) is np.int8 and not q8x(slot):  # one scale per column of A, per row of B
+            if lt(slot) is np.int8 and slot.name not in blob_index:  # one scale per column of A, per row of B
                 sa, sb = slot.scale_names
                 out[sa] = (np.zeros(out[slot.a_name][0].shape[1], f32), [slot.rank_dim])
                 out[sb] = (np.zeros(out[slot.b_name][0].shape[:-1], f32), out[slot.b_name][1][:-1])
@@ -99,9 +98,7 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                 if f"{slot.name}.bias" in weights:
                     out[slot.replaced_bias_name] = (np.asarray(weights[f"{slot.name}.bias"]).astype(ct), [slot.out_features])
         if blob_index:  # w8a8: every q8x branch's part, all empty (R = 0) by default
-            from ..native import W8A8_BLOB, w8a8_blob
-
-            out[W8A8_BLOB] = (w8a8_blob([(blob_geometry(s), None) for s in slots.values() if s.name in blob_index]), ["w8a8_bytes"])
+            out[W8A8_BLOB] = (w8a8_blob([(blob_geometry(s), None) for s in blob_slots(slots, lora_kernel, lora_dtype)]), ["w8a8_bytes"])
         return out
 
     def float_weight(name: str, arr: np.ndarray) -> str:
@@ -220,8 +217,6 @@ def linear_ops(g: GraphBuilder, spec: DecoderSpec, weights: dict, slots: dict[st
                     assert packed.x == x and offset is None and len(addends) <= 2
                     addends = [*addends, *[""] * (3 - len(addends)), packed.packed]
                 if slot.name in blob_index:  # its A, B and scales: its part of the adapter's one blob
-                    from ..native import W8A8_BLOB
-
                     return g.op("LoraDeltaQ8", [x, W8A8_BLOB, "", "", "", *addends], domain="lora_edge",
                                 slot=blob_index[slot.name], **attrs)  # fmt: skip
                 if lt(slot) is np.int8:

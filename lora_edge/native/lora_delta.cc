@@ -159,16 +159,12 @@ void x_times_a(const float* x, const typename E::T* a, float* t, int64_t K, int6
 }
 
 // Prefetches the cache lines of bytes [from, from + n) past p. A hint: it never faults, even past an
-// array's end, and the address is formed as an integer so that no pointer leaves its array.
+// array's end, and the address is formed as an integer so that no pointer leaves its array. Locality 3 into L1,
+// 2 into L2 (and beyond: for lines wanted after other work that streams through L1).
+template <int Locality = 3>
 inline void prefetch_lines(const void* p, size_t from, size_t n) {
   const uintptr_t at = reinterpret_cast<uintptr_t>(p) + from;
-  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 3);
-}
-
-// The same into L2 (and beyond): for lines wanted after other work that streams through L1.
-inline void prefetch_lines_l2(const void* p, size_t from, size_t n) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + from;
-  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 2);
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, Locality);
 }
 
 constexpr int64_t kColumnBlock = 64;  // columns of B per pass down its rows: 8 vectors of 8 accumulators
@@ -671,7 +667,7 @@ void run_task(void* data, size_t index) {
   if (j.q4 != nullptr) {
     // B's bytes for these columns are cold: asked for into L2 now, they arrive while the base's part streams
     if (j.ranks != nullptr)
-      for (int64_t q = 0; q < j.r / 4; ++q) prefetch_lines_l2(b + (q * j.c + n0) * 4, 0, (size_t)(n1 - n0) * 4);
+      for (int64_t q = 0; q < j.r / 4; ++q) prefetch_lines<2>(b + (q * j.c + n0) * 4, 0, (size_t)(n1 - n0) * 4);
     q4_groups(*j.q4, (chunk * j.c + n0) / kQ4Group, (chunk * j.c + n1 + kQ4Group - 1) / kQ4Group);
   }
   for (int64_t m = 0; m < j.M; ++m) {
