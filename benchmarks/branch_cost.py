@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import lora_edge
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     args.work.mkdir(parents=True, exist_ok=True)
     pkgs = build(args.work, smollm2_gguf(), args.quants, native=not args.no_native)

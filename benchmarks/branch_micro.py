@@ -109,7 +109,7 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
         a = rng.standard_normal((k, modules * rank)).astype(np.float32) * 0.05
         b = rng.standard_normal((len(chunk_modules), rank, chunk)).astype(np.float32) * 0.05
         if dtype == "int8":
-            from lora_edge.native import quantize_int8
+            from lora_edge.native.encode import quantize_int8
 
             (qa, sa), (qb, sb) = quantize_int8(a, 0), quantize_int8(b, -1)
             named = {"A": qa, "A_scale": sa, "B": qb, "B_scale": sb}
@@ -145,7 +145,7 @@ def build_graph(rank: int | None, dtype: str, rng: np.random.Generator, offsets:
         nodes.append(helper.make_node("Tanh", [linear(f"down{i}", g, FFN, HIDDEN, HIDDEN, [0])], [f"h{i}"]))
         x = f"h{i}"
     if blob_parts:
-        from lora_edge.native import w8a8_blob
+        from lora_edge.native.encode import w8a8_blob
 
         feeds["lora.w8a8"] = w8a8_blob(blob_parts)
         inputs.append(helper.make_tensor_value_info("lora.w8a8", TensorProto.INT8, None))
@@ -216,9 +216,9 @@ def main() -> None:
     args = ap.parse_args()
     kernels = args.kernel
     if not kernels:
-        from lora_edge import native
+        from lora_edge.native import build as build_native
 
-        kernels = [str(native.build())]
+        kernels = [str(build_native())]
     if args.child:
         child(args.child, kernels, args.rounds, args.offsets, args.packed)
         return

@@ -77,7 +77,7 @@ def make_r16(path: Path, base: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_edge.models.loader import load_hf_model
+    from lora_edge.compile.models.loader import load_hf_model
 
     torch.manual_seed(0)
     model = get_peft_model(load_hf_model(base), LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
@@ -109,10 +109,10 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
     (w8a8: the same in the q8x order, int8 activations) and, for
     recipes with float offsets, "-nativemerged" (merged, the offset correction on the kernel)."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     if native:
-        from lora_edge.native import build as build_kernel
+        from lora_edge.native.build import build as build_kernel
 
         build_kernel(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     r16 = make_r16(work / "r16all", base)
@@ -162,8 +162,8 @@ warnings.filterwarnings("ignore")
 import torch
 sys.path.insert(0, sys.argv[1])
 from peft import PeftModel
-from lora_edge.models.loader import load_hf_model
-from lora_edge.models.gguf_tokenizer import tokenizer_files_from_gguf
+from lora_edge.compile.models.loader import load_hf_model
+from lora_edge.compile.models.gguf_tokenizer import tokenizer_files_from_gguf
 from tokenizers import Tokenizer
 base, adapter, threads, n_prompt, n_new = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(threads)
@@ -258,7 +258,7 @@ def main() -> None:
                     help="r16all as a GGUF LoRA in q8_0 (--outtype q8_0): the -native8 rows' llama.cpp comparison")
     args = ap.parse_args()
 
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     base = smollm2_gguf()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def main() -> None:
         raise SystemExit("--gguf needs --llama-python: a Python with llama-cpp-python installed (see benchmarks/decode.py)")
 
     import lora_edge
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     pkgs = build(args.work, smollm2_gguf(), args.quants)
     rows = []

@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = ap.parse_args()
 
-    from lora_edge.export import export
-    from lora_edge.realmodel import smollm2_gguf
-    from lora_edge.verify import VerifyConfig, verify
+    from lora_edge.compile.pipeline import export
+    from lora_edge.compile.realmodel import smollm2_gguf
+    from lora_edge.compile.verify import VerifyConfig, verify
 
     base = smollm2_gguf()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def main() -> None:
         res = export(ExportConfig(base=base, output=out, adapters=tuple(AdapterSpec(n, ADAPTERS[n]) for n in names),
                                   mode=v.get("mode", Mode.BRANCH), quant=v["quant"]))  # fmt: skip
         t_export = time.perf_counter() - t
-        size = sum(f["bytes"] for k, f in res.manifest["files"].items() if k.startswith("model.onnx"))
+        size = res.manifest.size("model.onnx")
         fp32_size = fp32_size or (size if name == "fp32" else None)
         rep = verify(VerifyConfig(package=out))
         for r in rep.results:

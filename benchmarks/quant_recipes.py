@@ -51,17 +51,17 @@ def main() -> None:
 
     import torch
 
-    from lora_edge.models.loader import load_base, load_hf_model
-    from lora_edge.quant import QTensor, dequantize, quantize_weights
-    from lora_edge.realmodel import smollm2_gguf
-    from lora_edge.verify import compare_logits
+    from lora_edge.compile.models.loader import load_base, load_hf_model
+    from lora_edge.compile.quant.blocks import QTensor, dequantize, quantize_weights
+    from lora_edge.compile.realmodel import smollm2_gguf
+    from lora_edge.compile.verify import compare_logits
 
     torch.set_num_threads(2)
     gguf = smollm2_gguf()
     base, model = load_base(gguf)
     from tokenizers import Tokenizer
 
-    from lora_edge.models.gguf_tokenizer import tokenizer_files_from_gguf
+    from lora_edge.compile.models.gguf_tokenizer import tokenizer_files_from_gguf
 
     tok = Tokenizer.from_str(tokenizer_files_from_gguf(gguf)["tokenizer.json"].decode())
     text = resources.files("lora_edge").joinpath("data/verify_text.txt").read_text()
@@ -80,7 +80,7 @@ def main() -> None:
 
             calib = tok.encode(default_calibration_text(), add_special_tokens=False).ids
             hessians = collect_hessians(model, calib, list(base.linear_modules))
-        qw, _ = quantize_weights(base.weights, base.linear_modules, RECIPES[name], hessians=hessians)
+        qw, _, _ = quantize_weights(base.weights, base.linear_modules, RECIPES[name], hessians=hessians)
         size = sum(v.nbytes for v in qw.values())
         m = load_hf_model(gguf)
         sd = {k: torch.tensor(dequantize(v) if isinstance(v, QTensor) else np.asarray(v, np.float32)) for k, v in qw.items()}

@@ -84,10 +84,10 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_edge.models.gguf_tokenizer import tokenizer_files_from_gguf
-    from lora_edge.models.loader import load_hf_model
-    from lora_edge.realmodel import smollm2_gguf
-    from lora_edge.runtime import _Tokenizer
+    from lora_edge.compile.models.gguf_tokenizer import tokenizer_files_from_gguf
+    from lora_edge.compile.models.loader import load_hf_model
+    from lora_edge.compile.realmodel import smollm2_gguf
+    from lora_edge.runtime.tokenizer import Tokenizer as _Tokenizer
 
     torch.manual_seed(0)
     random.seed(0)

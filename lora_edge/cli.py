@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import WeightType
+from .config import AdapterSpec, Attention, LoraDtype, LoraKernel, Mode, QuantAlgo, Target, WeightType, ZeroPoint
 from .errors import LoraEdgeError
+from .recipes import DEFAULT as DEFAULT_RECIPE
+from .recipes import Recipe, describe_recipes, export_config
 
 
 class UserError(click.ClickException):
@@ -49,83 +51,85 @@ def _progress(start: float):
     return report
 
 
-@cli.command()
+def _choice(kind) -> click.Choice:
+    return click.Choice(kind.values())
+
+
+@cli.command(epilog="\b\nRecipes (--recipe; any flag below overrides the recipe's value):\n" + describe_recipes())
 @click.argument("base", type=click.Path(path_type=Path))
 @click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME=PATH",
               help="A PEFT LoRA adapter directory; repeat for more. NAME becomes adapters/NAME.onnx_adapter.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Package directory to create.")
-@click.option("--mode", type=click.Choice(["branch", "merge"]), default="branch", show_default=True,
+@click.option("-r", "--recipe", type=_choice(Recipe), default=DEFAULT_RECIPE.value, show_default=True,
+              help="The measured best options for an intent (listed below); the flags after --force override it.")
+@click.option("--mode", type=_choice(Mode), default=Mode.BRANCH.value, show_default=True,
               help="branch: adapters stay switchable per call on one graph. merge: fold exactly one adapter into the weights "
                    "(several adapters with merge is an error: export once per adapter). Merging before int4 can cost accuracy: "
                    "check with `lora-edge verify`.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lora-edge package (nothing else is ever deleted).")
-@click.option("--null-rank", type=click.IntRange(0, 1), default=None,
-              help="Rank of the 'no adapter' defaults: 0 (empty: no branch work; default for cpu/mobile) or 1 (zeros, "
-                   "works on every provider; default for cuda).")
-@click.option("-q", "--quant", type=click.Choice([w.value for w in WeightType]), default="fp32", show_default=True,
-              help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays fp32 (fp16 with --lora-kernel native).")
-@click.option("--block-size", type=int, default=None,
-              help="Quantization block size (16-256, power of two); default 16 for int8, 32 for int4.")
-@click.option("--zero", type=click.Choice(["int", "none", "float"]), default=None,
+@click.option("-q", "--quant", type=_choice(WeightType), default=None,
+              help="Base weights: fp32, fp16 (stored half, computed fp32), int8 or int4 (block-wise MatMulNBits). LoRA stays float.")
+@click.option("--target", type=_choice(Target), default=None,
+              help="cpu: model.onnx, float32 compute. mobile: model.ort (ORT format) + the operator config for a reduced "
+                   "ORT build. cuda: float16 compute and LoRA tensors.")
+@click.option("--lora-kernel", type=_choice(LoraKernel), default=None,
+              help="onnx: LoRA branches as standard MatMuls (any onnxruntime). native: lora-edge's own operators (threaded; "
+                   "at int4 they run the projections too; --target cpu); the device needs `lora-edge build-kernel`.")
+@click.option("--lora-dtype", type=_choice(LoraDtype), default=None,
+              help="With --lora-kernel native: how A/B are stored. float16; int8: one scale per rank, half the bytes "
+                   "(~0.7% relative error in the branch's output); w8a8: int8 laid out for integer dot products, the "
+                   "branch's activations in int8 too (the fastest branch; ~1% relative error in the branch's output).")
+@click.option("--block-size", type=int, default=None, help="Quantization block size (16-256, power of two); default 16 for int8, 32 for int4.")
+@click.option("--zero", type=_choice(ZeroPoint), default=None,
               help="Block zero points: int (uint8), none (symmetric) or float (fp16 offsets, run as a small correction). "
                    "Default: float for int4, int for int8.")
-@click.option("--quant-algo", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True,
-              help="gptq: error-compensating, calibrated on a text; search: per-block clipping search; rtn: round-to-nearest.")
+@click.option("--quant-algo", type=_choice(QuantAlgo), default=None,
+              help="gptq (default): error-compensating, calibrated on a text; search: per-block clipping search; rtn: round-to-nearest.")
 @click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Calibration text for GPTQ (default: a mixed-genre text shipped with lora-edge).")
-@click.option("--embeddings", type=click.Choice([w.value for w in WeightType]), default=None,
+@click.option("--embeddings", type=_choice(WeightType), default=None,
               help="Embedding (and tied lm_head) precision; default int8 when --quant is int8/int4.")
 @click.option("--int8-modules", multiple=True, metavar="PATTERN", help="With --quant int4: modules kept at 8 bits (e.g. down_proj).")
 @click.option("--float-modules", multiple=True, metavar="PATTERN", help="Modules left in float32.")
-@click.option("--attention", type=click.Choice(["fused", "reference"]), default="fused", show_default=True,
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits compute: 4 = int8 activations (default; fastest on CPU), 0 = float32.")
+@click.option("--attention", type=_choice(Attention), default=Attention.FUSED.value, show_default=True,
               help="fused: ONNX Runtime's fused operators (fast; unpadded batches). reference: standard ONNX ops only.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
-              help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float32.")
-@click.option("--target", type=click.Choice(["cpu", "mobile", "cuda"]), default="cpu", show_default=True,
-              help="cpu: model.onnx, float32 compute. mobile: model.ort (ORT format) + the operator config for a reduced "
-                   "ORT build. cuda: float16 compute and LoRA tensors (weights as --quant says).")
-@click.option("--lora-kernel", type=click.Choice(["onnx", "native"]), default="onnx", show_default=True,
-              help="onnx: LoRA branches as standard MatMuls (fp32 A/B, any onnxruntime). native: one lora-edge LoraDelta "
-                   "operator per branch (fp16 A/B, threaded; faster decode with an adapter, --target cpu); at int4 the kernel "
-                   "also runs the projections themselves (MatMulQ4, one node with the branch; merged int4 exports too); "
-                   "the machine that runs the package needs "
-                   "`lora-edge build-kernel`.")
-@click.option("--lora-dtype", type=click.Choice(["float16", "int8", "w8a8"]), default="float16", show_default=True,
-              help="With --lora-kernel native: how A/B are stored. int8: one scale per rank, half the bytes of float16 "
-                   "(~0.7% relative error in the branch's output). w8a8: the same int8 A/B laid out for integer dot "
-                   "products, with the branch's activations quantized to int8 too (the fastest branch on decode; ~1% "
-                   "relative error in the branch's output).")
-def export(base: Path, adapters: tuple[str, ...], output: Path, mode: str, force: bool, null_rank: int, quant: str,
-           block_size: int, zero: str | None, quant_algo: str, calibration: Path | None, embeddings: str | None,
-           int8_modules, float_modules, attention: str, accuracy_level: int, target: str, lora_kernel: str,
-           lora_dtype: str) -> None:
+@click.option("--null-rank", type=click.IntRange(0, 1), default=None,
+              help="Rank of the 'no adapter' defaults: 0 (empty: no branch work; default for cpu/mobile) or 1 (zeros, "
+                   "works on every provider; default for cuda).")
+def export(base: Path, adapters: tuple[str, ...], output: Path, recipe: str, mode: str, force: bool, **flags) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
     Examples:
       lora-edge export ./SmolLM2-135M-Instruct -a pirate=adapters/pirate -a shout=adapters/shout -o pkg/
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-merged/ --mode merge
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int4/ --quant int4 --block-size 32
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-mobile/ --quant int4 --target mobile
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-gpu/ --quant int4 --target cuda
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast/ --quant int4 --lora-kernel native
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast8/ -q int4 --lora-kernel native --lora-dtype int8
-      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-w8a8/ -q int4 --lora-kernel native --lora-dtype w8a8
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-fast/ --recipe fastest
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-phone/ --recipe mobile
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-merged/ --mode merge --recipe portable
+      lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int8/ --recipe portable --quant int8
     """
-    from .config import AdapterSpec, ExportConfig, Mode, QuantConfig
-    from .export import export as do_export
+    from .compile.pipeline import export as do_export
 
     start = time.perf_counter()
-    qcfg = QuantConfig(weights=WeightType(quant), block_size=block_size, zero=zero, algo=quant_algo, calibration=calibration,
-                       embeddings=WeightType(embeddings) if embeddings else None, int8_modules=int8_modules,
-                       float_modules=float_modules, accuracy_level=accuracy_level)  # fmt: skip
-    cfg = ExportConfig(base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
-                       mode=Mode(mode), force=force, null_rank=null_rank, quant=qcfg, fused=attention == "fused",
-                       target=target, lora_kernel=lora_kernel, lora_dtype=lora_dtype)  # fmt: skip
+    cfg = _export_config(base, adapters, output, recipe, mode, force, flags)
     result = do_export(cfg, progress=_progress(start))
-    size = sum(f["bytes"] for f in result.manifest["files"].values())
-    click.echo(f"wrote {result.path} ({size / 2**20:.1f} MiB, {len(result.manifest['adapters'])} adapter(s)) "
+    m = result.manifest
+    click.echo(f"wrote {result.path} ({m.size() / 2**20:.1f} MiB, {len(m.adapters)} adapter(s), recipe {m.recipe}) "
                f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
+
+
+_QUANT_FLAGS = {"quant": "weights", "block_size": "block_size", "zero": "zero", "quant_algo": "algo", "calibration": "calibration",
+                "embeddings": "embeddings", "accuracy_level": "accuracy_level"}  # fmt: skip
+
+
+def _export_config(base, adapters, output, recipe, mode, force, flags):
+    """The recipe's options with every flag the user gave in their place."""
+    quant = {field: flags[flag] for flag, field in _QUANT_FLAGS.items() if flags[flag] is not None}
+    quant.update({k: tuple(flags[k]) for k in ("int8_modules", "float_modules") if flags[k]})
+    options = {k: flags[k] for k in ("target", "lora_kernel", "lora_dtype", "null_rank") if flags[k] is not None}
+    return export_config(recipe, quant=quant, base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
+                         mode=Mode(mode), force=force, attention=Attention(flags["attention"]), **options)  # fmt: skip
 
 
 @cli.command("build-kernel")
@@ -147,7 +151,7 @@ def build_kernel(ort_include: Path | None, cxx: str | None, march: str, no_fetch
       lora-edge build-kernel
       lora-edge build-kernel --ort-include ~/onnxruntime-linux-x64-1.22.0/include
     """
-    from .native import build
+    from .native.build import build
 
     start = time.perf_counter()
     path = build(ort_include=ort_include, cxx=cxx, march=march, force=force, fetch=not no_fetch, progress=_progress(start))
@@ -158,16 +162,16 @@ def build_kernel(ort_include: Path | None, cxx: str | None, march: str, no_fetch
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(package: Path, as_json: bool) -> None:
-    """Show what a package holds: base, graph I/O, LoRA slots, adapters.
+    """Show what a package holds: recipe, base, quantization, kernel features, graph I/O, LoRA slots, adapters.
 
     \b
     Example:
       lora-edge inspect pkg/
     """
-    from .inspect import describe, render
+    from .package.inspect import describe, describe_json, render
 
     info = describe(package)
-    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info))
+    click.echo(json.dumps(describe_json(info), indent=2, sort_keys=True) if as_json else render(info))
 
 
 @cli.command()
@@ -190,9 +194,7 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], max_new_tokens: i
       lora-edge run pkg/ --prompt "What is snow?"                       # no adapter: the base model
       lora-edge run pkg/ -a none -a pirate -a shout --prompt "What is snow?"   # side by side
     """
-    from .runtime import load
-
-    from .runtime import EncoderModel
+    from .runtime import EncoderModel, load
 
     model = load(package, threads=threads, providers=list(providers) or None)
     choices = [None if a.lower() == "none" else a for a in adapters] or [None]
@@ -245,8 +247,8 @@ def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt
       lora-edge verify pkg-int4/ --adapter pirate --text my_corpus.txt --json
       lora-edge verify pkg-int8/ --max-ppl-increase 1 --min-top1 98      # exit 1 if not met
     """
-    from .verify import VerifyConfig, render
-    from .verify import verify as do_verify
+    from .compile.verify import VerifyConfig, render
+    from .compile.verify import verify as do_verify
 
     names, paths = [], {}
     for a in adapters:

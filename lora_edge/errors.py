@@ -34,3 +34,7 @@ class PackageError(LoraEdgeError, ValueError):
 
 class RuntimeInputError(LoraEdgeError, ValueError):
     """A request to a loaded model is invalid (unknown adapter, prompt too long, ...)."""
+
+
+class KernelError(LoraEdgeError, RuntimeError):
+    """The native kernel cannot be found, built or loaded."""

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-BASE=$(python -c "from lora_edge.realmodel import smollm2_gguf; print(smollm2_gguf())")
+BASE=$(python -c "from lora_edge.compile.realmodel import smollm2_gguf; print(smollm2_gguf())")
 mkdir -p demo
 lora-edge export "$BASE" -a pirate=examples/adapters/pirate -a shout=examples/adapters/shout -o demo/pkg --force
 lora-edge inspect demo/pkg

@@ -141,7 +141,7 @@ def tiny_adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_package(tiny_base, tiny_adapters, tmp_path_factory) -> Path:
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     out = tmp_path_factory.mktemp("pkg") / "pkg"
     export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items())))
@@ -172,7 +172,7 @@ class Oracle:
         if key not in self._cache:
             from peft import PeftModel
 
-            from lora_edge.models.loader import load_hf_model
+            from lora_edge.compile.models.loader import load_hf_model
 
             m = load_hf_model(self.base)
             if adapter is not None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_edge.adapters import pattern_value, read_adapter, target_matches
+from lora_edge.compile.peft import pattern_value, read_adapter, target_matches
 from lora_edge.errors import AdapterError, InputError, UnsupportedFeatureError
 from conftest import make_adapter
 
@@ -62,7 +62,7 @@ def test_rank_pattern_is_peft_s(patterns):
 
 @pytest.fixture(scope="module")
 def base_model(tiny_base):
-    from lora_edge.models.loader import load_base
+    from lora_edge.compile.models.loader import load_base
 
     return load_base(tiny_base)[0]
 

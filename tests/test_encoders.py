@@ -11,7 +11,7 @@ import pytest
 import lora_edge
 from conftest import make_tokenizer
 from lora_edge.config import AdapterSpec, ExportConfig, Mode
-from lora_edge.export import export
+from lora_edge.compile.pipeline import export
 
 TOL = 1e-4
 KINDS = {
@@ -92,7 +92,7 @@ def encoder(request, tmp_path_factory):
     pkgs = {}
     for fused in (True, False):
         out = root / ("fused" if fused else "reference")
-        export(ExportConfig(base=base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in ads.items()), fused=fused))
+        export(ExportConfig(base=base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in ads.items()), attention="fused" if fused else "reference"))
         pkgs[fused] = lora_edge.load(out)
     return kind, base, ads, pkgs, EncoderOracle(base, kind, ads)
 

@@ -15,7 +15,7 @@ import pytest
 import lora_edge
 from conftest import Oracle, make_adapter, make_tiny_base
 from lora_edge.config import AdapterSpec, ExportConfig, Mode
-from lora_edge.export import export
+from lora_edge.compile.pipeline import export
 
 TOL = 1e-4
 FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gpt2"]
@@ -63,7 +63,7 @@ def family(request, tmp_path_factory):
     packages = {}
     for fused in (True, False):
         out = root / ("fused" if fused else "reference")
-        export(ExportConfig(base=base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in adapters.items()), fused=fused))
+        export(ExportConfig(base=base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in adapters.items()), attention="fused" if fused else "reference"))
         packages[fused] = lora_edge.load(out, threads=1)
     return request.param, base, adapters, packages, Oracle(base, adapters)
 
@@ -73,7 +73,7 @@ def family(request, tmp_path_factory):
 def test_family_branch_matches_peft(family, fused, adapter):
     name, _, _, packages, oracle = family
     m = packages[fused]
-    assert m.manifest["base"]["spec"]["architecture"].lower().startswith(name)
+    assert m.manifest.spec.architecture.lower().startswith(name)
     ids = np.random.RandomState(1).randint(0, 300, (1, 13))
     assert np.abs(m.forward(ids, adapter) - oracle.logits(ids, adapter)).max() <= TOL
     prompt = [5, 17, 42, 99, 7]
@@ -95,14 +95,14 @@ def test_family_merge_matches_peft(family, adapter, tmp_path):
 
 def test_family_specifics_are_in_the_graph(family):
     name, _, _, packages, _ = family
-    spec = packages[True].manifest["base"]["spec"]
+    spec = packages[True].manifest.spec
     if name == "qwen3":
         assert spec["qk_norm"] and spec["head_dim"] == 24
     if name == "gemma2":  # soft-capping on, sliding window caps the context
         assert (spec["attn_softcap"], spec["final_softcap"], spec["max_position_embeddings"]) == (5.0, 3.0, 200)
         assert spec["sandwich_norms"] and spec["norm_offset"] == 1.0 and spec["activation"] == "gelu_tanh"
     if name == "phi3":
-        assert any(s["name"].endswith("qkv_proj") and len(s["parts"]) == 1 for s in packages[True].manifest["slots"])
+        assert any(s.name.endswith("qkv_proj") and len(s.parts) == 1 for s in packages[True].manifest.slots)
     if name == "qwen2":  # the q/k/v biases are one constant beside the fused qkv matmul
         import onnx
 
@@ -135,7 +135,7 @@ def test_dora_branch_and_merge_match_peft(tmp_path, kind):
     out = tmp_path / "pkg"
     export(ExportConfig(base=base, output=out, adapters=(AdapterSpec("dora", dora), AdapterSpec("plain", plain))))
     m, oracle = lora_edge.load(out), Oracle(base, {"dora": dora, "plain": plain})
-    assert m.manifest["adapters"]["dora"]["use_dora"] and any(s.get("lora_M") for s in m.manifest["slots"])
+    assert m.manifest.adapters["dora"].use_dora and any(s.lora_M for s in m.manifest.slots)
     ids = np.random.RandomState(5).randint(0, 300, (1, 10))
     for a in ("dora", None, "plain", "dora"):
         assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
@@ -156,7 +156,7 @@ def test_embedding_lora_branch_and_merge_match_peft(tmp_path, kind):
     out = tmp_path / "pkg"
     export(ExportConfig(base=base, output=out, adapters=(AdapterSpec("emb", ad),)))
     m, oracle = lora_edge.load(out), Oracle(base, {"emb": ad})
-    assert any(s["name"] == "model.embed_tokens" for s in m.manifest["slots"])
+    assert any(s.name == "model.embed_tokens" for s in m.manifest.slots)
     ids = np.random.RandomState(6).randint(0, 300, (1, 12))
     for a in (None, "emb"):
         assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
@@ -188,7 +188,7 @@ def test_trained_biases_match_peft(tmp_path, bias):
     out = tmp_path / "pkg"
     export(ExportConfig(base=base, output=out, adapters=(AdapterSpec("b", tmp_path / "ad"), AdapterSpec("plain", plain))))
     m, oracle = lora_edge.load(out), Oracle(base, {"b": tmp_path / "ad", "plain": plain})
-    assert any(s.get("lora_bias") for s in m.manifest["slots"])
+    assert any(s.lora_bias for s in m.manifest.slots)
     ids = np.random.RandomState(7).randint(0, 300, (1, 9))
     for a in ("b", None, "plain", "b"):
         assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a
@@ -208,7 +208,7 @@ def test_modules_to_save_lm_head_branch_and_merge_match_peft(tmp_path, kind):
     plain = make_adapter(base, tmp_path / "plain", seed=3, r=2, **kw)
     export(ExportConfig(base=base, output=tmp_path / "pkg", adapters=(AdapterSpec("head", head), AdapterSpec("plain", plain))))
     m, oracle = lora_edge.load(tmp_path / "pkg"), Oracle(base, {"head": head, "plain": plain})
-    assert m.manifest["adapters"]["head"]["modules_to_save"] == ["lm_head"]
+    assert m.manifest.adapters["head"].modules_to_save == ("lm_head",)
     ids = np.random.RandomState(8).randint(0, 300, (1, 9))
     for a in ("head", None, "plain", "head"):
         assert np.abs(m.forward(ids, a) - oracle.logits(ids, a)).max() <= TOL, a

@@ -18,7 +18,7 @@ EXPORT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-from lora_edge.export import export
+from lora_edge.compile.pipeline import export
 export(ExportConfig(base=sys.argv[2], output=sys.argv[3], force=True, adapters=(AdapterSpec("x", sys.argv[4]),),
                     quant=QuantConfig(weights=WeightType(sys.argv[5]))))
 print("done", flush=True)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_edge
-from lora_edge.adapters import read_adapter
+from lora_edge.compile.peft import read_adapter
 from lora_edge.errors import AdapterError, LoraEdgeError
 from lora_edge.st_io import read_safetensors
 
@@ -27,7 +27,7 @@ CONFIG_KEYS = ["r", "lora_alpha", "use_rslora", "target_modules", "exclude_modul
 
 @pytest.fixture(scope="module")
 def base_model(tiny_base):
-    from lora_edge.models.loader import load_base
+    from lora_edge.compile.models.loader import load_base
 
     return load_base(tiny_base)[0]
 

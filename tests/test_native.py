@@ -25,6 +25,7 @@ import pytest
 import lora_edge
 from conftest import ADAPTER_KINDS, Oracle, assert_kv_path_matches
 from lora_edge.errors import InputError, PackageError
+from lora_edge.package.store import read_manifest
 
 TOL = 1e-4
 ALL = [None, *ADAPTER_KINDS]
@@ -34,7 +35,7 @@ ALL = [None, *ADAPTER_KINDS]
 def kernel():
     """The kernel, built for this machine (ONNX Runtime's headers fetched from Debian when missing), or
     the one $LORA_EDGE_KERNEL_LIB names (e.g. a build for another -march)."""
-    from lora_edge.native import build, find_library
+    from lora_edge.native.build import build, find_library
 
     if os.environ.get("LORA_EDGE_KERNEL_LIB"):
         assert find_library() is not None, "LORA_EDGE_KERNEL_LIB names no file"
@@ -51,7 +52,7 @@ def lora_dtype(request):
 @pytest.fixture(scope="module")
 def native_package(kernel, tiny_base, tiny_adapters, tmp_path_factory, lora_dtype):
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     out = tmp_path_factory.mktemp(f"native-{lora_dtype}") / "pkg"
     export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items()),
@@ -68,7 +69,7 @@ def stored(lm, lora_dtype: str, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A module's (balanced) A and B as a native package stores them, back in float32: float16-rounded,
     or int8 with a scale per column of A and per row of B (per chunk of ``width`` columns: the slot's
     chunk width, its whole output when B is not chunked)."""
-    from lora_edge.native import quantize_int8
+    from lora_edge.native.encode import quantize_int8
 
     if lora_dtype == "float16":
         return lm.a.astype(np.float16).astype(np.float32), lm.b.astype(np.float16).astype(np.float32)
@@ -84,10 +85,10 @@ def set_stored_weights(model, base_dir, adapter_dir, lora_dtype: str) -> None:
     """Set a PEFT model's LoRA weights to the values a native package stores for ``adapter_dir``."""
     import torch
 
-    from lora_edge.adapters import read_adapter
-    from lora_edge.export import balanced, plan_slots
-    from lora_edge.models import family_for
-    from lora_edge.models.loader import load_base
+    from lora_edge.compile.peft import read_adapter
+    from lora_edge.compile.slots import balanced, plan_slots
+    from lora_edge.compile.models import family_for
+    from lora_edge.compile.models.loader import load_base
 
     base, _ = load_base(base_dir)
     lora = balanced(read_adapter("x", adapter_dir, base))
@@ -163,7 +164,7 @@ def _delta_session(kernel, k: int, b_ndim: int, chunk_modules=None, threads: int
 def _q8_feed(x, a, b) -> dict:
     """LoraDeltaQ8's inputs for float A and B (int8 codes, A scaled per column, B per row) and the
     float64 A and B they stand for."""
-    from lora_edge.native import quantize_int8
+    from lora_edge.native.encode import quantize_int8
 
     qa, sa = quantize_int8(a, axis=0)
     qb, sb = quantize_int8(b, axis=-1)
@@ -354,8 +355,9 @@ def test_operator_refuses_mismatched_shapes(kernel):
 def test_package_records_the_kernel_and_its_storage(native_package, tiny_package, lora_dtype):
     import onnxruntime as ort
 
-    manifest = json.loads((native_package / "manifest.json").read_text())
-    assert manifest["graph"]["lora_kernel"] == {"name": "native", "version": 2, "dtype": lora_dtype}
+    kernel = read_manifest(native_package).kernel
+    assert (kernel.name, kernel.version, kernel.dtype) == ("native", 2, lora_dtype)
+    assert kernel.features == (("lora_delta",) if lora_dtype == "float16" else ("lora_delta_q8",))
     assert not (native_package / "genai_config.json").exists()  # ONNX Runtime GenAI cannot load the custom operator
     params = ort.AdapterFormat.read_adapter(str(native_package / "adapters" / "all_r8_rslora.onnx_adapter")).get_parameters()
     ab = {n: v for n, v in params.items() if n.endswith((".lora_A", ".lora_B"))}
@@ -392,7 +394,7 @@ def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny
     from test_quant import QUANTS, _reference
 
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     qcfg, ad = QUANTS[quant], tiny_adapters["all_r8_rslora"]
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", ad),), quant=qcfg,
@@ -422,7 +424,7 @@ def test_merged_int4_runs_its_offsets_in_the_kernel(tiny_base, tiny_adapters, tm
     from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
     pkgs = {}
@@ -432,7 +434,7 @@ def test_merged_int4_runs_its_offsets_in_the_kernel(tiny_base, tiny_adapters, tm
                             lora_kernel=kernel_kind))  # fmt: skip
     nodes = _lora_edge_nodes(pkgs["native"])
     assert nodes and {n.op_type for n in nodes} == {"BlockOffset"}
-    assert json.loads((pkgs["native"] / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 3
+    assert read_manifest(pkgs["native"]).kernel.version == 3
     onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
     ids = np.random.RandomState(2).randint(0, 300, (2, 11))
     assert np.abs(native_m.forward(ids) - onnx_m.forward(ids)).max() <= 1e-4
@@ -446,17 +448,17 @@ def test_int4_branches_take_the_offsets_in_their_node(tiny_base, tiny_adapters, 
     from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
     export(ExportConfig(base=tiny_base, output=tmp_path / "int4", adapters=ad, quant=QUANTS["int4"], lora_kernel="native",
                         lora_dtype=lora_dtype))  # fmt: skip
     deltas = [n for n in _lora_edge_nodes(tmp_path / "int4") if n.op_type.startswith("LoraDelta")]
     assert deltas and all(any(a.name == "offset_block" for a in n.attribute) for n in deltas)
-    assert json.loads((tmp_path / "int4" / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 3
+    assert read_manifest(tmp_path / "int4").kernel.version == 3
     export(ExportConfig(base=tiny_base, output=tmp_path / "int8", adapters=ad, quant=QUANTS["int8"], lora_kernel="native",
                         lora_dtype=lora_dtype))  # fmt: skip
-    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 2
+    assert read_manifest(tmp_path / "int8").kernel.version == 2
 
 
 def test_native_no_adapter_is_the_onnx_package_exactly(native, tiny_package):
@@ -479,7 +481,7 @@ def test_two_threads_give_the_same_tokens(native_package, native):
 
 # -- MatMulQ4: the int4 base projection (kernel v4) ---------------------------------------------------
 def _q4_weight(n: int, k: int, seed: int):
-    from lora_edge.quant import quantize
+    from lora_edge.compile.quant.blocks import quantize
 
     return quantize(np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05, 4, 32, zero="float", algo="rtn")
 
@@ -489,7 +491,7 @@ def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
     the codes rounded half to even from x * (127 / max|x|) in float32, as the kernel forms them), the
     integer dot products with the codes, the implied zero point 8 taken off through the int8 sums, and the
     offsets times x's exact block sums."""
-    from lora_edge.quant import unpack
+    from lora_edge.compile.quant.blocks import unpack
 
     m, k = x.reshape(-1, x.shape[-1]).shape
     nb = qt.n_blocks
@@ -511,7 +513,7 @@ def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
 def _q4_session(kernel, qt, threads: int = 1):
     from onnx import TensorProto, helper
 
-    from lora_edge.quant import pack_q4
+    from lora_edge.compile.quant.blocks import pack_q4
 
     node = helper.make_node("MatMulQ4", ["x", "w"], ["y"], domain="lora_edge", K=qt.k, N=qt.n)
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
@@ -525,7 +527,7 @@ def _check_q4(kernel, k: int, n: int, rows: tuple) -> None:
     """MatMulQ4 against its arithmetic in float64 (float32 sums over blocks: 1e-6 of the largest output,
     observed ~1e-7), and against ONNX Runtime's own MatMulNBits at accuracy level 4 plus the offsets'
     correction, which quantizes x the same way (observed ~4e-7 of the largest output; bound 1e-5)."""
-    from lora_edge.quant import dequantize
+    from lora_edge.compile.quant.blocks import dequantize
 
     qt = _q4_weight(n, k, k + n)
     x = np.random.RandomState(k * n).randn(*rows, k).astype(np.float32)
@@ -564,7 +566,7 @@ def test_matmul_q4_matches_its_arithmetic_and_matmulnbits(kernel, k, n, rows):
 def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
     """The kernel built without AVX-512 (its AVX2 path) and without AVX2 (the portable C++): the same
     results. (The default build takes this machine's best path.)"""
-    from lora_edge.native import SOURCE, find_ort_include
+    from lora_edge.native.build import SOURCE, find_ort_include
 
     lib = tmp_path / f"k-{march}.so"
     subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", f"-march={march}",
@@ -584,7 +586,7 @@ def test_branch_node_runs_its_int4_projection(kernel, k, c, modules, int8, rows,
     MatMulQ4's (1e-6 of the largest output) plus the delta's float32 sums (as for the other delta tests)."""
     from onnx import TensorProto, helper
 
-    from lora_edge.quant import pack_q4
+    from lora_edge.compile.quant.blocks import pack_q4
 
     rng = np.random.RandomState(k + c + int8 + rank)
     n = len(modules) * c
@@ -608,7 +610,7 @@ def test_branch_node_runs_its_int4_projection(kernel, k, c, modules, int8, rows,
 def test_branch_node_takes_offsets_or_packed_not_both(kernel):
     from onnx import TensorProto, helper
 
-    from lora_edge.quant import pack_q4
+    from lora_edge.compile.quant.blocks import pack_q4
 
     qt = _q4_weight(32, 64, 3)
     node = helper.make_node("LoraDelta", ["x", "A", "B", "", "", "offsets", "w"], ["y"], domain="lora_edge", offset_block=32)
@@ -624,7 +626,7 @@ def _q8x_emulated(x, a, b, modules, rank):
     """LoraDeltaQ8's q8x arithmetic in numpy: x quantized per block of 32 as for MatMulQ4, integer dot products
     with A's codes, the ranks times A's and B's scales, each chunk's ranks quantized to int8 (one scale), integer
     dot products with B's codes. Also the exact float64 product of the stored (dequantized) A and B."""
-    from lora_edge.native import quantize_int8
+    from lora_edge.native.encode import quantize_int8
 
     r4 = -(-rank // 4) * 4
     n_mod = max(modules) + 1
@@ -656,7 +658,7 @@ def _q8x_emulated(x, a, b, modules, rank):
 
 
 def _q8x_case(k, c, modules, rows, rank, seed):
-    from lora_edge.native import quantize_q8x
+    from lora_edge.native.encode import quantize_q8x
 
     rng = np.random.RandomState(seed)
     x = rng.randn(*rows, k).astype(np.float32)
@@ -672,7 +674,7 @@ Q8X_CASES = [(576, 192, [0, 0, 0, 1, 2], 16), (576, 1536, [0, 1], 16), (1536, 57
 def _q8x_check(kernel, k, c, modules, rows, rank, packed: bool):
     from onnx import TensorProto, helper
 
-    from lora_edge.quant import pack_q4
+    from lora_edge.compile.quant.blocks import pack_q4
 
     x, a, b, feed = _q8x_case(k, c, modules, rows, rank, k + c + rank)
     emulated, exact = _q8x_emulated(x, a, b, modules, rank)
@@ -709,7 +711,7 @@ def test_q8x_branch_node_computes_its_integer_arithmetic(kernel, k, c, modules, 
 def test_q8x_avx2_and_portable_paths(tmp_path):
     """The q8x products built without AVX-512 VNNI (AVX2's maddubs with the sign trick) and without AVX2 (plain
     C++): the same integer arithmetic."""
-    from lora_edge.native import SOURCE, find_ort_include
+    from lora_edge.native.build import SOURCE, find_ort_include
 
     for march in ("haswell", "x86-64"):
         lib = tmp_path / f"k-{march}.so"
@@ -742,7 +744,7 @@ def test_w8a8_package_stores_q8x_and_computes_the_int8_package(tiny_base, tiny_a
     from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     ad = tiny_adapters["all_r8_rslora"]
     pkgs = {}
@@ -750,13 +752,14 @@ def test_w8a8_package_stores_q8x_and_computes_the_int8_package(tiny_base, tiny_a
         pkgs[dtype] = tmp_path / dtype
         export(ExportConfig(base=tiny_base, output=pkgs[dtype], adapters=(AdapterSpec("x", ad),), lora_kernel="native",
                             quant=QUANTS[quant] if quant else QuantConfig(), lora_dtype=dtype))  # fmt: skip
-    from lora_edge.native import W8A8_BLOB
+    from lora_edge.native.contract import W8A8_BLOB
 
-    kernel = json.loads((pkgs["w8a8"] / "manifest.json").read_text())["graph"]["lora_kernel"]
-    slots = json.loads((pkgs["w8a8"] / "manifest.json").read_text())["slots"]
-    assert {k: kernel[k] for k in ("name", "version", "dtype")} == {"name": "native", "version": 5, "dtype": "w8a8"}
-    assert kernel["blob"]["name"] == W8A8_BLOB and len(kernel["blob"]["slots"]) == len(slots) == 4 * 3  # 4 branches a layer
-    assert [s["lora_blob"] for s in slots] == list(range(len(slots)))
+    manifest = read_manifest(pkgs["w8a8"])
+    kernel, slots = manifest.kernel, manifest.slots
+    assert (kernel.name, kernel.version, kernel.dtype) == ("native", 5, "w8a8") and "w8a8" in kernel.features
+    assert manifest.recipe == "custom"
+    assert kernel.blob.name == W8A8_BLOB and len(kernel.blob.slots) == len(slots) == 4 * 3  # 4 branches a layer
+    assert [s.lora_blob for s in slots] == list(range(len(slots)))
     params = ort.AdapterFormat.read_adapter(str(pkgs["w8a8"] / "adapters" / "x.onnx_adapter")).get_parameters()
     assert list(params) == [W8A8_BLOB] and params[W8A8_BLOB].data_type() == "tensor(int8)"  # one input for every branch
     blob = params[W8A8_BLOB].numpy()
@@ -777,7 +780,7 @@ def test_matmul_q4_rejects_a_mismatched_weight(kernel):
     qt = _q4_weight(40, 64, 1)
     from onnx import TensorProto, helper
 
-    from lora_edge.quant import pack_q4
+    from lora_edge.compile.quant.blocks import pack_q4
 
     node = helper.make_node("MatMulQ4", ["x", "w"], ["y"], domain="lora_edge", K=96, N=40)
     sess = _one_node_session(kernel, node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], 1, {"w": pack_q4(qt)})
@@ -797,7 +800,7 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
     moves them by whole units). Greedy tokens are the same. With the adapter, the native package's
     float16 or int8 A/B differ from the onnx package's float32 ones, so that case is the base's check."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     qcfg = QuantConfig(weights=WeightType.INT4)
     ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
@@ -816,7 +819,7 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
     assert nodes.count("MatMulNBits") == int(tied)
     if mode == "branch":  # every adapted projection is one node: the branch's, taking the packed weight
         assert len(fused) == sum(n.startswith("LoraDelta") for n in nodes) == n_linear
-    assert json.loads((pkgs["native"] / "manifest.json").read_text())["graph"]["lora_kernel"]["version"] == 4
+    assert read_manifest(pkgs["native"]).kernel.version == 4
     onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
     ids = np.random.RandomState(6).randint(0, 300, (2, 11))
     diff = np.abs(native_m.forward(ids) - onnx_m.forward(ids))
@@ -841,8 +844,9 @@ def test_an_older_kernel_build_is_one_clear_line(tiny_base, tiny_adapters, tmp_p
     from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
-    from lora_edge.export import export
-    from lora_edge.native import KERNEL_VERSION, SOURCE, find_ort_include
+    from lora_edge.compile.pipeline import export
+    from lora_edge.native.contract import KERNEL_VERSION
+    from lora_edge.native.build import SOURCE, find_ort_include
 
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["qv_r4"]),),
                         quant=QUANTS["int4"], mode=Mode.MERGE, lora_kernel="native"))  # fmt: skip
@@ -863,7 +867,7 @@ def test_an_older_onnxruntime_is_one_clear_line(native_package, monkeypatch):
     """The kernel asks for C API 21: on an older onnxruntime it would register nothing."""
     import onnxruntime as ort
 
-    from lora_edge.native import KernelError
+    from lora_edge.errors import KernelError
 
     monkeypatch.setattr(ort, "__version__", "1.20.1")
     with pytest.raises(KernelError, match="needs onnxruntime >= 1.21 \\(this is 1.20.1\\)"):
@@ -919,7 +923,7 @@ def test_build_without_headers_is_one_clear_line(tmp_path):
 # -- the real model --------------------------------------------------------------------------------------
 def _real_base_and_adapters() -> tuple:
     """SmolLM2-135M-Instruct's GGUF and the trained example adapters (pirate, shout), or a skip."""
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     try:
         gguf = smollm2_gguf()
@@ -941,7 +945,7 @@ def test_real_native_package_matches_peft(kernel, tmp_path, dtype):
     (median 9e-3), against the float32 adapter 0.14; bound 0.3 for both. Greedy decoding is the same 30 tokens
     as PyTorch + PEFT with the float32 adapter, for all three."""
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     gguf, adapters = _real_base_and_adapters()
     export(ExportConfig(base=gguf, output=tmp_path / "pkg", adapters=tuple(AdapterSpec(n, p) for n, p in adapters.items()),
@@ -974,7 +978,7 @@ def test_real_int4_on_matmul_q4_is_as_accurate_as_matmulnbits(kernel, tmp_path):
     from test_real_model import _traits
 
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     gguf, adapters = _real_base_and_adapters()
     qcfg = QuantConfig(weights=WeightType.INT4, algo="rtn")
@@ -1002,7 +1006,7 @@ def test_native_package_with_embedding_lora(kernel, tiny_base, tmp_path, dtype):
     """Embedding LoRA is gathered by token id in the graph, in float32; the native kernel runs the rest."""
     from conftest import make_adapter
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     adapter = make_adapter(tiny_base, tmp_path / "emb", seed=5, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("emb", adapter),), lora_kernel="native",
@@ -1017,7 +1021,7 @@ def test_profile_says_a_fused_branch_is_in_the_base(kernel, tiny_base, tiny_adap
     `lora-edge profile` reports the LoRA share as "in base", not the node's whole time as LoRA."""
     from lora_edge import profile as P
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["all_r8_rslora"]),),
                         quant=QuantConfig(weights=WeightType.INT4, algo="rtn"), lora_kernel="native"))  # fmt: skip

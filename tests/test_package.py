@@ -13,6 +13,8 @@ import pytest
 
 import lora_edge
 from lora_edge.errors import PackageError
+from lora_edge.package.manifest import SCHEMA_VERSION, Chunks
+from lora_edge.package.store import read_manifest
 
 
 def _copy(pkg, tmp_path):
@@ -20,20 +22,20 @@ def _copy(pkg, tmp_path):
 
 
 def test_manifest_records_slots_and_adapters(tiny_package):
-    m = json.loads((tiny_package / "manifest.json").read_text())
-    assert m["format"] == "lora-edge-package" and m["schema_version"] == 1
-    slot = next(s for s in m["slots"] if s["name"] == "model.layers.0.self_attn.qkv_proj")
-    assert slot["lora_A"] == "model.layers.0.self_attn.qkv_proj.lora_A" and slot["in_features"] == 64
-    assert [p["module"] for p in slot["parts"]] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
-    assert slot["out_features"] == 64 + 32 + 32
-    assert "qv_r4" in slot["adapters"] and "regex_layers" in slot["adapters"]  # regex_layers targets k_proj
-    down2 = next(s for s in m["slots"] if s["name"] == "model.layers.2.mlp.down_proj")
-    assert "regex_layers" not in down2["adapters"] and "patterns" in down2["adapters"]
-    assert m["adapters"]["qv_r4"]["scalings"] == [2.0]
-    assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "adapters/qv_r4.onnx_adapter", "tokenizer.json", "config.json"}
-    names = [i["name"] for i in m["graph"]["inputs"]]
+    m = read_manifest(tiny_package)
+    assert m.format == "lora-edge-package" and m.schema_version == SCHEMA_VERSION and m.recipe == "exact"
+    slot = next(s for s in m.slots if s.name == "model.layers.0.self_attn.qkv_proj")
+    assert slot.lora_A == "model.layers.0.self_attn.qkv_proj.lora_A" and slot.in_features == 64
+    assert [p.module for p in slot.parts] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+    assert slot.out_features == 64 + 32 + 32
+    assert "qv_r4" in slot.adapters and "regex_layers" in slot.adapters  # regex_layers targets k_proj
+    down2 = next(s for s in m.slots if s.name == "model.layers.2.mlp.down_proj")
+    assert "regex_layers" not in down2.adapters and "patterns" in down2.adapters
+    assert m.adapters["qv_r4"].scalings == (2.0,)
+    assert set(m.files) >= {"model.onnx", "model.onnx.data", "adapters/qv_r4.onnx_adapter", "tokenizer.json", "config.json"}
+    names = [i.name for i in m.graph.inputs]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
-    assert [o["name"] for o in m["graph"]["outputs"]][:2] == ["logits", "present.0.key"]
+    assert [o.name for o in m.graph.outputs][:2] == ["logits", "present.0.key"]
 
 
 def test_grouped_b_is_stored_in_chunks_without_block_diagonal_zeros(tiny_package):
@@ -43,11 +45,10 @@ def test_grouped_b_is_stored_in_chunks_without_block_diagonal_zeros(tiny_package
     import numpy as np
     import onnxruntime as ort
 
-    m = json.loads((tiny_package / "manifest.json").read_text())
-    by = {s["name"]: s for s in m["slots"]}
-    assert by["model.layers.0.self_attn.qkv_proj"]["lora_B_chunks"] == {"width": 32, "modules": [0, 0, 1, 2]}
-    assert by["model.layers.0.mlp.gate_up_proj"]["lora_B_chunks"] == {"width": 128, "modules": [0, 1]}
-    assert "lora_B_chunks" not in by["model.layers.0.self_attn.o_proj"]  # one module: B is (r, out)
+    by = {s.name: s for s in read_manifest(tiny_package).slots}
+    assert by["model.layers.0.self_attn.qkv_proj"].lora_B_chunks == Chunks(width=32, modules=(0, 0, 1, 2))
+    assert by["model.layers.0.mlp.gate_up_proj"].lora_B_chunks == Chunks(width=128, modules=(0, 1))
+    assert by["model.layers.0.self_attn.o_proj"].lora_B_chunks is None  # one module: B is (r, out)
 
     def params(name):
         t = ort.AdapterFormat.read_adapter(str(tiny_package / "adapters" / f"{name}.onnx_adapter")).get_parameters()
@@ -86,16 +87,15 @@ def test_adapter_from_another_base_is_refused(tiny_package, tmp_path):
     from conftest import make_adapter, make_tiny_base
 
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
-    from lora_edge.package import write_manifest
+    from lora_edge.compile.pipeline import export
+    from lora_edge.package.store import read_manifest, write_manifest
 
     other = make_tiny_base(tmp_path / "ob", "gqa_tied", seed=42)  # same shapes, other weights
     ad = make_adapter(other, tmp_path / "oa")
     export(ExportConfig(base=other, output=tmp_path / "opkg", adapters=(AdapterSpec("qv_r4", ad),)))
     pkg = _copy(tiny_package, tmp_path)
     shutil.copy(tmp_path / "opkg" / "adapters" / "qv_r4.onnx_adapter", pkg / "adapters" / "qv_r4.onnx_adapter")
-    manifest = json.loads((pkg / "manifest.json").read_text())
-    write_manifest(pkg, {k: v for k, v in manifest.items() if k != "files"})
+    write_manifest(pkg, read_manifest(pkg, verify=False))
     with pytest.raises(PackageError, match="compiled for another base model"):
         lora_edge.load(pkg)
 
@@ -116,12 +116,12 @@ def test_not_a_package(tmp_path):
 
 def test_export_is_deterministic(tiny_base, tiny_adapters, tmp_path):
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     specs = (AdapterSpec("a", tiny_adapters["patterns"]), AdapterSpec("b", tiny_adapters["qv_r4"]))
     m1 = export(ExportConfig(base=tiny_base, output=tmp_path / "one", adapters=specs)).manifest
     m2 = export(ExportConfig(base=tiny_base, output=tmp_path / "two", adapters=specs)).manifest
-    assert m1["files"] == m2["files"]
+    assert m1.files == m2.files
     assert (tmp_path / "one" / "manifest.json").read_bytes() == (tmp_path / "two" / "manifest.json").read_bytes()
 
 

@@ -44,10 +44,10 @@ def test_kv_cache_path_matches_oracle(model, tiny_oracle, adapter):
 def reference_model(tiny_base, tiny_adapters, tmp_path_factory):
     """The same adapters through standard ONNX ops only (no fused operators): padded batches work there."""
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     out = tmp_path_factory.mktemp("ref") / "pkg"
-    export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items()), fused=False))
+    export(ExportConfig(base=tiny_base, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in tiny_adapters.items()), attention="reference"))
     return lora_edge.load(out)
 
 
@@ -109,7 +109,7 @@ def test_switching_returns_identical_outputs(model):
 def test_no_adapter_is_the_base_exactly(tiny_base, tiny_package, tmp_path):
     """A package without branches and the branch package with no adapter bound give the same bits."""
     from lora_edge.config import ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     plain = tmp_path / "plain"
     export(ExportConfig(base=tiny_base, output=plain))
@@ -121,7 +121,7 @@ def test_no_adapter_is_the_base_exactly(tiny_base, tiny_package, tmp_path):
 def test_untied_mha_and_null_ranks(tmp_path, null_rank):
     """Second architecture shape (MHA, untied head, other rope_theta) and both 'no adapter' defaults."""
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     base = make_tiny_base(tmp_path / "base", "mha_untied", seed=5)
     ad = make_adapter(base, tmp_path / "ad", seed=9, r=3, lora_alpha=6, target_modules=["k_proj", "up_proj", "lm_head"])
@@ -136,12 +136,12 @@ def test_untied_mha_and_null_ranks(tmp_path, null_rank):
 @pytest.mark.parametrize("adapter", ["qv_r4", "patterns", "lm_head"])
 def test_merge_mode_matches_peft_merge(tiny_base, tiny_adapters, tiny_oracle, tmp_path, adapter):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     out = tmp_path / "merged"
     export(ExportConfig(base=tiny_base, output=out, adapters=(AdapterSpec(adapter, tiny_adapters[adapter]),), mode=Mode.MERGE))
     m = lora_edge.load(out)
-    assert m.adapters == [] and m.manifest["slots"] == []
+    assert m.adapters == [] and m.manifest.slots == ()
     ids = np.random.RandomState(4).randint(0, 300, (2, 9))
     got = m.forward(ids)
     assert np.abs(got - tiny_oracle.logits(ids, adapter)).max() <= TOL  # merged == PEFT's branch forward

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lora_edge
 from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
-from lora_edge.export import export
-from lora_edge.quant import dequantize, pack, quantize, unpack
+from lora_edge.compile.pipeline import export
+from lora_edge.compile.quant.blocks import dequantize, pack, quantize, unpack
 
 RNG = np.random.RandomState(0)
 
@@ -92,23 +92,23 @@ def _reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge=False):
     import torch
     from peft import PeftModel
 
-    from lora_edge.models.loader import load_base, load_hf_model
-    from lora_edge.quant import QTensor, quantize_weights
+    from lora_edge.compile.models.loader import load_base, load_hf_model
+    from lora_edge.compile.quant.blocks import QTensor, quantize_weights
 
     base, _ = load_base(base_dir)
     model = load_hf_model(base_dir)
     weights = dict(base.weights)
     if merge:
-        from lora_edge.adapters import read_adapter
-        from lora_edge.export import merged_weights
+        from lora_edge.compile.peft import read_adapter
+        from lora_edge.compile.merge import merged_weights
 
         weights = merged_weights(base, read_adapter("x", adapter_dir, base))
     hessians = None
     if qcfg.algo == "gptq" and qcfg.weights is WeightType.INT4:
-        from lora_edge.export import calibrate
+        from lora_edge.compile.pipeline import calibrate
 
         hessians = calibrate(base, model, qcfg, lambda m: None)
-    qw, _ = quantize_weights(weights, base.linear_modules, qcfg, hessians=hessians)
+    qw, _, _ = quantize_weights(weights, base.linear_modules, qcfg, hessians=hessians)
     sd = {k: torch.tensor(dequantize(v) if isinstance(v, QTensor) else np.asarray(v, np.float32)) for k, v in qw.items()}
     if "lm_head.weight" in sd and base.spec.tie_word_embeddings:  # merged head unties it
         model.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
@@ -120,7 +120,7 @@ def _reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge=False):
 
 def test_gptq_beats_rtn_on_its_objective():
     """GPTQ minimises ||X W^T - X W_hat^T||; on correlated inputs it must beat per-block search clearly."""
-    from lora_edge.quant import gptq
+    from lora_edge.compile.quant.blocks import gptq
 
     rng = np.random.RandomState(1)
     x = rng.randn(400, 64) @ rng.randn(64, 64) * 0.3  # correlated features, like real activations
@@ -195,8 +195,8 @@ def test_adapter_files_do_not_depend_on_the_base_quantization(tiny_base, tiny_ad
     specs = (AdapterSpec("x", tiny_adapters["patterns"]),)
     f32 = export(ExportConfig(base=tiny_base, output=tmp_path / "a", adapters=specs)).manifest
     i4 = export(ExportConfig(base=tiny_base, output=tmp_path / "b", adapters=specs, quant=QuantConfig(weights=WeightType.INT4))).manifest
-    assert f32["files"]["adapters/x.onnx_adapter"] == i4["files"]["adapters/x.onnx_adapter"]
-    assert i4["files"]["model.onnx.data"]["bytes"] < 0.35 * f32["files"]["model.onnx.data"]["bytes"]
+    assert f32.files["adapters/x.onnx_adapter"] == i4.files["adapters/x.onnx_adapter"]
+    assert i4.files["model.onnx.data"].bytes < 0.35 * f32.files["model.onnx.data"].bytes
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -9,7 +9,7 @@ import pytest
 
 import lora_edge
 from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-from lora_edge.export import export
+from lora_edge.compile.pipeline import export
 
 pytestmark = pytest.mark.real
 
@@ -31,7 +31,7 @@ def minilm(tmp_path_factory):
     from tokenizers import Tokenizer
     from transformers import AutoModel
 
-    from lora_edge.realmodel import minilm_dir
+    from lora_edge.compile.realmodel import minilm_dir
 
     root = tmp_path_factory.mktemp("minilm")
     try:
@@ -83,7 +83,7 @@ def test_real_minilm_fp32_matches_peft_and_int8_keeps_embeddings(minilm):
     export(ExportConfig(base=base, output=root / "fp32", adapters=(AdapterSpec("para", adapter),)))
     export(ExportConfig(base=base, output=root / "int8", adapters=(AdapterSpec("para", adapter),), quant=QuantConfig(weights=WeightType.INT8)))
     m32, m8 = lora_edge.load(root / "fp32"), lora_edge.load(root / "int8")
-    assert m32.manifest["base"]["spec"]["architecture"] == "BertModel"
+    assert m32.manifest.spec.architecture == "BertModel"
     ids, mask = m32._batch(TEXTS)
     for a in (None, "para"):
         ref = _reference(base, adapter if a else None, TEXTS)

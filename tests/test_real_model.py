@@ -25,8 +25,8 @@ TOL = 1e-3
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig
-    from lora_edge.export import export
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.pipeline import export
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     try:
         gguf = smollm2_gguf()
@@ -98,8 +98,8 @@ def _traits(text: str, adapter: str | None) -> bool:
 @pytest.fixture(scope="module", params=["int8", "int4", "merge-pirate-int4", "merge-shout-int8"])
 def quantized(request, tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
-    from lora_edge.export import export
-    from lora_edge.realmodel import smollm2_gguf
+    from lora_edge.compile.pipeline import export
+    from lora_edge.compile.realmodel import smollm2_gguf
 
     try:
         gguf = smollm2_gguf()

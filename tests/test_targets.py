@@ -6,6 +6,7 @@ and switches its .onnx_adapter files."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ from click.testing import CliRunner
 
 import lora_edge
 from lora_edge.cli import cli
+from lora_edge.package.store import read_manifest
 from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
 from lora_edge.errors import RuntimeInputError
-from lora_edge.export import export
+from lora_edge.compile.pipeline import export
 
 ADAPTERS = ("qv_r4", "all_r8_rslora")
 IDS = np.arange(3, 40)[None]
@@ -48,7 +50,7 @@ def test_mobile_package_is_ort_format_and_matches_onnx(packages, q):
         assert op in config
     assert ("MatMulNBits" in config) == (q == "int4")
     m_ort, m_onnx = lora_edge.load(mob, threads=1), lora_edge.load(cpu, threads=1)
-    assert m_ort.manifest["graph"]["file"] == "model.ort" and m_ort.manifest["graph"]["target"] == "mobile"
+    assert m_ort.manifest.graph.file == "model.ort" and m_ort.manifest.graph.target == "mobile"
     for a in (None, *ADAPTERS):  # same kernels, same order: bit-identical
         np.testing.assert_array_equal(m_ort.forward(IDS, a), m_onnx.forward(IDS, a))
         assert m_ort.generate_ids(PROMPT, a, 8, 8) == m_onnx.generate_ids(PROMPT, a, 8, 8)
@@ -73,7 +75,7 @@ def test_cuda_package_float16_matches_pytorch(packages, tiny_oracle):
     rsLoRA adapter on every projection). Ours must stay within twice PyTorch's own float16 error (+5e-3),
     and greedy tokens must not change."""
     m = lora_edge.load(packages["cuda", "fp32"], threads=1)
-    assert m.manifest["graph"]["compute_dtype"] == "float16" and m.dtype == np.float16
+    assert m.manifest.graph.compute_dtype == "float16" and m.dtype == np.float16
     assert m.providers[0] == "CPUExecutionProvider"  # no CUDA here: it falls back, and says so on stderr
     for a in (None, *ADAPTERS):
         got, want = m.forward(IDS, a), tiny_oracle.logits(IDS, a)
@@ -109,7 +111,7 @@ def test_missing_provider_is_a_clear_error(packages):
 
 def test_genai_config_written(packages, tiny_base):
     cfg = json.loads((packages["cpu", "fp32"] / "genai_config.json").read_text())
-    spec = json.loads((packages["cpu", "fp32"] / "manifest.json").read_text())["base"]["spec"]
+    spec = asdict(read_manifest(packages["cpu", "fp32"]).spec)
     dec = cfg["model"]["decoder"]
     assert cfg["model"]["type"] == "llama" and dec["filename"] == "model.onnx"
     assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (spec["num_layers"], spec["num_kv_heads"], spec["head_dim"])

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_edge.cli import cli
-from lora_edge.verify import compare_logits, effect_retained
+from lora_edge.compile.verify import compare_logits, effect_retained
 
 FIELDS = {"adapter", "tokens", "max_abs_diff", "mean_abs_diff", "kl", "top1", "top1_clear", "clear_positions", "ppl_reference",
           "ppl_package", "ppl_increase", "effect_cosine", "effect_norm_ratio", "greedy_tokens", "greedy_prefix",
@@ -33,7 +33,7 @@ def test_compare_logits_against_hand_computed_values():
 @pytest.fixture(scope="module")
 def small_pkg(tiny_base, tiny_adapters, tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     out = tmp_path_factory.mktemp("v") / "pkg"
     specs = (AdapterSpec("qv", tiny_adapters["qv_r4"]), AdapterSpec("pat", tiny_adapters["patterns"]))

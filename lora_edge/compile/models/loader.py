@@ -1,0 +1,124 @@
+"""Load a base model (Hugging Face directory or single .gguf file) for export and for the oracle.
+
+Compile side: imports torch and transformers (lazily, so `import lora_edge` stays light).
+Never fetches anything: local_files_only everywhere, and the base must be on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InputError, ModelError
+from . import family_for
+from .spec import BaseModel
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_base(path: Path) -> tuple[str, list[Path]]:
+    """Classify ``path`` as 'gguf' or 'hf' and list its weight files; raise InputError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"base model {path} does not exist; give a Hugging Face model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InputError(f"base model {path} is a file but not a .gguf; give a .gguf file or a model directory")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path} does not start with the GGUF magic bytes; the file is corrupt or not GGUF")
+        return "gguf", [path]
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a model directory (no config.json); give a Hugging Face model directory or a .gguf file")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+        raise InputError(f"{path} has no *.safetensors weights{hint}")
+    return "hf", weights
+
+
+def load_hf_model(path: Path):
+    """The PyTorch model, float32, eval mode: the exporter's source and the verifier's oracle."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, _ = describe_base(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # lora-edge reports its own progress; no bars or warnings from below
+    hf_logging.disable_progress_bar()
+    try:
+        if kind == "gguf":
+            with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantizer draws its own tqdm bar
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+                )
+        else:
+            cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            arch = (cfg.architectures or ["?"])[0]
+            family = family_for(arch)
+            auto = getattr(transformers, family.auto_class(arch)) if hasattr(family, "auto_class") else AutoModelForCausalLM
+            model = auto.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load base model {path}: {first}") from None
+    return model.eval()
+
+
+def load_base(path: Path) -> tuple[BaseModel, object]:
+    """Read the base into a torch-free BaseModel; also return the torch model for callers that need it."""
+    path = Path(path)
+    kind, weight_files = describe_base(path)
+    model = load_hf_model(path)
+    family = family_for(type(model).__name__)
+    spec, inv_freq = family.spec_from_hf(model)
+    weights = family.internal_weights({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
+    if spec.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    if kind == "gguf":
+        from .gguf_tokenizer import tokenizer_files_from_gguf
+
+        tokenizer_files = tokenizer_files_from_gguf(path)
+    else:
+        tokenizer_files = {n: (path / n).read_bytes() for n in _TOKENIZER_FILES if (path / n).is_file()}
+    hf_config = json.loads(model.config.to_json_string(use_diff=False))
+    hf_config.pop("quantization_config", None)  # the GGUF's own quantization; the weights are float now
+    base = BaseModel(
+        spec=spec,
+        weights={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()},
+        rope_inv_freq=inv_freq,
+        hf_config=hf_config,
+        tokenizer_files=tokenizer_files,
+        source=path.resolve(),
+        sha256=_sha256_files(weight_files),
+        linear_modules=family.linear_modules(spec),
+        other_modules=family.other_modules(spec),
+        replaceable=family.replaceable(spec) if hasattr(family, "replaceable") else frozenset(),
+    )
+    return base, model

@@ -1,0 +1,318 @@
+"""Block-wise weight-only quantization in ONNX Runtime's MatMulNBits layout (compile side, numpy).
+
+A weight W of shape (N, K) (HF layout: out_features x in_features) is cut along K into blocks of
+``block`` values; each block stores ``bits``-bit codes q and per-block parameters:
+
+    W_hat[n, k] = (q[n, k] - zp[n, b]) * scale[n, b] + offset[n, b],     b = k // block
+
+Three block formats ("zero"):
+
+| zero     | zp                  | offset        | bits/weight at 4 bits, block 32 | kernel |
+|----------|---------------------|---------------|---------------------------------|--------|
+| int      | uint8 per block     | 0             | 4 + 1 (fp32 scale) + 0.125      | MatMulNBits |
+| none     | 2^(bits-1), implied | 0             | 4 + 1                            | MatMulNBits (symmetric) |
+| float    | 2^(bits-1), implied | fp16 per block| 4 + 0.5 (fp16 scale) + 0.5       | MatMulNBits + a small correction |
+
+``int`` must represent 0 exactly, so a block's range always contains 0; ``float`` places its 2^bits
+levels anywhere (min-max, like llama.cpp's Q4_1 and HQQ). MatMulNBits only has a fast integer
+kernel, so lora-edge runs the float offsets as a separate correction: y += blocksum(x) @ offset.T,
+where blocksum(x) has K/block columns — 1/block of the main product's work. A base that was
+itself a Q4_1 GGUF is represented exactly this way (same blocks, same grid).
+
+Layout (what MatMulNBits reads): codes (N, n_blocks, block*bits/8) uint8, two codes per byte at 4
+bits, low nibble first; scales (N, n_blocks); zero points (N, ceil(n_blocks*bits/8)) uint8, padded
+with the mid-point like ONNX Runtime's quantizer. K is zero-padded up to a whole block.
+
+Algorithms: ``rtn`` (round to nearest over the block's range; for ``int`` this is byte-identical to
+ONNX Runtime's own quantizer), ``search`` (the range of each block is shrunk by the factor, among a
+grid, that minimises the block's squared error, as llama.cpp's k-quants do), ``gptq`` (see :func:`gptq`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import InputError
+
+SHRINK_GRID = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
+ZERO_KINDS = ("int", "none", "float")
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized (N, K) weight in MatMulNBits layout."""
+
+    codes: np.ndarray  # (N, n_blocks, block*bits/8) uint8
+    scales: np.ndarray  # (N, n_blocks) float32, or float16 with zero="float"
+    zero_points: np.ndarray | None  # (N, ceil(n_blocks*bits/8)) uint8 with zero="int"
+    bits: int
+    block: int
+    k: int  # the true K (before padding)
+    offsets: np.ndarray | None = None  # (N, n_blocks) float16 with zero="float"
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.codes, self.scales, self.zero_points, self.offsets) if a is not None)
+
+
+def check_params(bits: int, block: int) -> None:
+    if bits not in (4, 8):
+        raise InputError(f"bits must be 4 or 8, got {bits}")
+    if block < 16 or block > 256 or block & (block - 1):
+        raise InputError(f"block size must be a power of two from 16 to 256, got {block}")
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """(N, K) -> (N, n_blocks, block), zero-padded along K."""
+    n, k = w.shape
+    nb = -(-k // block)
+    if nb * block != k:
+        w = np.pad(w, ((0, 0), (0, nb * block - k)))
+    return w.reshape(n, nb, block)
+
+
+def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
+    """(scale, zp, offset) for blocks ``v`` (..., block), the range shrunk by ``shrink``; float64."""
+    qmax, half = 2**bits - 1, 2 ** (bits - 1)
+    lo, hi = v.min(-1), v.max(-1)
+    if zero == "int":
+        lo, hi = np.minimum(lo, 0.0) * shrink, np.maximum(hi, 0.0) * shrink
+        scale = (hi - lo) / qmax
+        zp = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, qmax)
+        return scale, zp, np.zeros_like(scale)
+    if zero == "none":  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
+        # (as llama.cpp's Q4_0/Q8_0 do), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other
+        peak = np.where(-lo > hi, lo, hi)
+        scale = -peak * shrink / half
+        return scale, np.full(scale.shape, float(half)), np.zeros_like(scale)
+    mid = (lo + hi) / 2
+    lo, hi = mid - (mid - lo) * shrink, mid + (hi - mid) * shrink
+    scale = (hi - lo) / qmax
+    # stored in float16 (as GGUF's Q4_1 does): round here so the codes are chosen against the stored values
+    scale = scale.astype(np.float16).astype(np.float64)
+    offset = (lo + half * scale).astype(np.float16).astype(np.float64)
+    return scale, np.full(scale.shape, float(half)), offset
+
+
+def block_codes(v: np.ndarray, scale, zp, offset, bits: int) -> np.ndarray:
+    safe = np.where(scale == 0, 1.0, scale)
+    return np.clip(np.rint((v - offset[..., None]) / safe[..., None]) + zp[..., None], 0, 2**bits - 1)
+
+
+def _assemble(q, scale, zp, offset, bits, block, k, zero) -> QTensor:
+    n, nb = scale.shape
+    return QTensor(
+        codes=pack(q.reshape(n, nb, block).astype(np.uint8), bits),
+        scales=scale.astype(np.float16 if zero == "float" else np.float32),
+        zero_points=pack(zp.astype(np.uint8), bits, pad=2 ** (bits - 1)) if zero == "int" else None,  # ORT pads with the mid-point
+        bits=bits,
+        block=block,
+        k=k,
+        offsets=offset.astype(np.float16) if zero == "float" else None,
+    )
+
+
+def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", algo: str = "search") -> QTensor:
+    """Quantize ``w`` (N, K) float, block by block (``rtn`` or ``search``); codes in MatMulNBits layout."""
+    check_params(bits, block)
+    if zero not in ZERO_KINDS:
+        raise InputError(f"zero point kind must be one of {', '.join(ZERO_KINDS)}, got {zero!r}")
+    if algo not in ("search", "rtn"):
+        raise InputError(f"unknown block quantization algorithm {algo!r}; use 'search' or 'rtn'")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    v = _blocks(np.asarray(w, dtype=np.float64), block)  # (N, nb, block)
+    best = None
+    for r in SHRINK_GRID if algo == "search" else (1.0,):
+        scale, zp, offset = block_params(v, bits, zero, r)
+        q = block_codes(v, scale, zp, offset, bits)
+        err = ((((q - zp[..., None]) * scale[..., None] + offset[..., None]) - v) ** 2).sum(-1)  # (N, nb)
+        if best is None:
+            best = [q, scale, zp, offset, err]
+            continue
+        better = err < best[4]
+        for i, new in enumerate((q, scale, zp, offset, err)):
+            best[i] = np.where(better[..., None] if new.ndim == 3 else better, new, best[i])
+    q, scale, zp, offset, _ = best
+    return _assemble(q, scale, zp, offset, bits, block, w.shape[1], zero)
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", damp: float = 0.01) -> QTensor:
+    """GPTQ (Frantar et al. 2022): quantize K-columns in order, pushing each column's error onto the
+    columns not yet quantized through the inverse Hessian of the layer's inputs, H = X^T X.
+
+    Each block's parameters are chosen (by ``search``) when the walk reaches the block, from the
+    already error-compensated weights, so the result is an ordinary block-quantized tensor.
+    """
+    check_params(bits, block)
+    n, k = w.shape
+    nb = -(-k // block)
+    kp = nb * block
+    W = np.zeros((n, kp), np.float64)
+    W[:, :k] = w
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = hessian
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    except np.linalg.LinAlgError:
+        raise InputError("GPTQ: the calibration Hessian is not positive definite; give a longer calibration text") from None
+    q = np.zeros((n, kp))
+    scale, zp, offset = (np.zeros((n, nb)) for _ in range(3))
+    step = max(128, block)
+    for i1 in range(0, kp, step):
+        i2 = min(i1 + step, kp)
+        W1 = W[:, i1:i2].copy()
+        err1 = np.zeros_like(W1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            b = (i1 + i) // block
+            if (i1 + i) % block == 0:
+                qt = quantize(W1[:, i : i + block], bits, block, zero, "search")
+                scale[:, b], zp[:, b], offset[:, b] = _params_of(qt)
+            col = block_codes(W1[:, i : i + 1], scale[:, b], zp[:, b], offset[:, b], bits)[:, 0]
+            q[:, i1 + i] = col
+            e = (W1[:, i] - ((col - zp[:, b]) * scale[:, b] + offset[:, b])) / h1[i, i]
+            W1[:, i:] -= np.outer(e, h1[i, i:])
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _assemble(q, scale, zp, offset, bits, block, k, zero)
+
+
+def _params_of(qt: QTensor):
+    """(scale, zp, offset) of a single-block QTensor, as float64 vectors."""
+    scale = qt.scales[:, 0].astype(np.float64)
+    if qt.zero_points is not None:
+        zp = unpack(qt.zero_points, qt.bits, 1)[:, 0].astype(np.float64)
+    else:
+        zp = np.full(scale.shape, float(2 ** (qt.bits - 1)))
+    offset = qt.offsets[:, 0].astype(np.float64) if qt.offsets is not None else np.zeros_like(scale)
+    return scale, zp, offset
+
+
+def pack(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
+    """Pack codes along the last axis: at 4 bits two per byte, low nibble first (odd length padded with ``pad``)."""
+    if bits == 8:
+        return np.ascontiguousarray(q, dtype=np.uint8)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.full(q.shape[:-1] + (1,), pad, np.uint8)], axis=-1)
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4), dtype=np.uint8)
+
+
+def unpack(p: np.ndarray, bits: int, length: int) -> np.ndarray:
+    if bits == 8:
+        return p[..., :length].astype(np.int32)
+    out = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * 2,))
+    return out[..., :length].astype(np.int32)
+
+
+def dequantize(qt: QTensor) -> np.ndarray:
+    """The numpy reference: W_hat (N, K) float32, computed as the graph computes it."""
+    nb = qt.n_blocks
+    q = unpack(qt.codes, qt.bits, qt.block)  # (N, nb, block)
+    zp = np.full((qt.n, nb), 2 ** (qt.bits - 1)) if qt.zero_points is None else unpack(qt.zero_points, qt.bits, nb)
+    w = (q - zp[..., None]).astype(np.float32) * qt.scales.astype(np.float32)[..., None]
+    if qt.offsets is not None:
+        w = w + qt.offsets.astype(np.float32)[..., None]
+    return w.reshape(qt.n, nb * qt.block)[:, : qt.k]
+
+
+Q4_GROUP, Q4_BLOCK = 16, 32  # pack_q4's layout: output columns per group, K per block
+
+
+def packs_q4(qt: QTensor) -> bool:
+    """Whether the native kernel's MatMulQ4 runs ``qt``: 4 bits, blocks of 32, float offsets (the int4 recipe)."""
+    return qt.bits == 4 and qt.block == Q4_BLOCK and qt.offsets is not None
+
+
+def pack_q4(qt: QTensor) -> np.ndarray:
+    """``qt`` in the layout of the native kernel's MatMulQ4 (lora_delta.cc): (G, nb, 320) uint8, G = ceil(N / 16).
+
+    Per group of 16 output columns and block of 32 along K, one contiguous record: 256 bytes of codes, then the
+    16 columns' float16 scales and float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte
+    4 j + i holds column j's code at k = 8 v + i (low nibble) and k = 8 v + 4 + i (high nibble), so that a
+    32-bit lane of a vector register holds 4 consecutive codes of one column. Padding columns are zero."""
+    if not packs_q4(qt):
+        raise ValueError("pack_q4 takes 4-bit blocks of 32 with float offsets")
+    n, nb = qt.n, qt.n_blocks
+    groups = -(-n // Q4_GROUP)
+    pad = groups * Q4_GROUP - n
+    q = unpack(qt.codes, 4, Q4_BLOCK).astype(np.uint8)  # (N, nb, 32)
+    scales, offsets = qt.scales.astype(np.float16), qt.offsets.astype(np.float16)
+    if pad:
+        q = np.pad(q, ((0, pad), (0, 0), (0, 0)))
+        scales, offsets = np.pad(scales, ((0, pad), (0, 0))), np.pad(offsets, ((0, pad), (0, 0)))
+    q = q.reshape(groups, Q4_GROUP, nb, 4, 2, 4)  # (g, j, b, v, nibble, i): k = 8 v + 4 nibble + i
+    q = q.transpose(0, 2, 3, 1, 5, 4)  # (g, b, v, j, i, nibble)
+    codes = (q[..., 0] | (q[..., 1] << 4)).reshape(groups, nb, 256)
+
+    def per_block(a: np.ndarray) -> np.ndarray:  # (N, nb) float16 -> (g, nb, 32) bytes
+        return a.reshape(groups, Q4_GROUP, nb).transpose(0, 2, 1).copy().view(np.uint8)
+
+    return np.ascontiguousarray(np.concatenate([codes, per_block(scales), per_block(offsets)], axis=-1))
+
+
+# -- applying a recipe to a model's weights --------------------------------------------------
+def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None) -> tuple[dict, dict, dict]:
+    """Return (weights with QTensor / float16 values per the recipe, tensors per weight type, bytes per part).
+
+    Only base weights are touched: the linear layers and the token embedding (a tied lm_head uses
+    the embedding's codes). Norm weights stay float32; LoRA A/B never pass through here.
+    """
+    from ...config import WeightType, module_matches
+
+    out = dict(weights)
+    counts: dict[str, int] = {}
+    sizes = {"embeddings": 0, "linear": 0, "other": 0}
+
+    def store(key: str, wtype: WeightType, part: str) -> None:
+        w = weights[key]
+        if wtype.bits:
+            module = key[: -len(".weight")]
+            zero = qcfg.zero_for(wtype)
+            if qcfg.algo == "gptq" and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
+                qt = gptq(w, hessians[module], wtype.bits, qcfg.block, zero)
+            else:
+                qt = quantize(w, wtype.bits, qcfg.block, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)
+            out[key] = qt
+            sizes[part] += qt.nbytes
+        elif wtype is WeightType.FP16:
+            out[key] = w.astype(np.float16)
+            sizes[part] += w.size * 2
+        else:
+            sizes[part] += w.size * 4
+        counts[wtype.value] = counts.get(wtype.value, 0) + 1
+
+    emb = "model.embed_tokens.weight"
+    if emb in weights:  # (encoders keep their embeddings in float32)
+        progress(f"quantizing the embedding to {qcfg.embedding_type.value}")
+        store(emb, qcfg.embedding_type, "embeddings")
+    mods = [m for m in linear_modules if f"{m}.weight" in weights]
+    progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block}, {qcfg.algo})")
+    for m in mods:
+        if module_matches(qcfg.float_modules, m):
+            wtype = WeightType.FP32
+        elif m == "lm_head" and qcfg.embeddings is None and qcfg.weights.bits:
+            wtype = WeightType.INT8  # the output head is as sensitive as the embedding it often shares
+        elif qcfg.weights is WeightType.INT4 and module_matches(qcfg.int8_modules, m):
+            wtype = WeightType.INT8
+        else:
+            wtype = qcfg.weights
+        store(f"{m}.weight", wtype, "linear")
+    for key, w in weights.items():
+        if key != emb and not any(key == f"{m}.weight" for m in mods):
+            sizes["other"] += w.size * 4
+    return out, counts, sizes

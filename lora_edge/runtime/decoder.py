@@ -1,0 +1,296 @@
+"""A decoder package on the device: one graph call (``forward``), step functions over an in-place KV cache, and
+one greedy generation loop, in which a single prompt is a batch of one. No torch, no transformers."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import RuntimeInputError
+from .session import PackageModel
+
+Step = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "length"
+
+
+class Rows(Protocol):
+    """The graph calls of a decoding loop over rows of different lengths."""
+
+    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """``ids`` (batch, width) right-padded, ``lens`` (batch,) -> each row's last logits (batch, vocab)."""
+
+    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """``tokens`` (batch, 1) placed after each row's ``lens`` tokens -> their logits (batch, vocab)."""
+
+
+class DecoderModel(PackageModel):
+    """A loaded decoder package: ``generate``/``stream`` text, ``generate_ids`` token ids, ``forward`` logits."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        inputs = {i.name for i in self.session.get_inputs()}
+        self._past_names = [n for i in range(self.num_layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+                            if n in inputs]  # layer order, key then value: the order of ``past`` lists  # fmt: skip
+        self._empty_past = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.dtype), self.device, 0)
+
+    def _reset(self, io: ort.IOBinding) -> None:
+        """A pooled binding keeps no cache alive: the KV cache inputs point at an empty tensor. Every call rebinds
+        all its inputs, so nothing stale is ever read."""
+        super()._reset(io)
+        for name in self._past_names:
+            io.bind_ortvalue_input(name, self._empty_past)
+
+    def _default_eos(self) -> frozenset[int]:
+        return self.tokenizer.eos_ids if (self.root / "tokenizer.json").is_file() else frozenset()
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
+        return [z] * (2 * self.num_layers)
+
+    # -- one graph call -------------------------------------------------------------------
+    def forward(self, input_ids, adapter: str | None = None, attention_mask=None, position_ids=None,
+                past: list[np.ndarray] | None = None, return_past: bool = False):  # fmt: skip
+        """Logits (batch, seq, vocab) for ``input_ids`` (batch, seq); optionally the new KV cache."""
+        ids = self._as_ids(input_ids)
+        b, s = ids.shape
+        past = past if past is not None else self.empty_past(b)
+        p = past[0].shape[2]
+        if p + s > self.max_length:
+            raise RuntimeInputError(f"{p + s} tokens exceed the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
+        mask = np.ones((b, p + s), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if self.fused_attention and attention_mask is not None and not mask.all():
+            raise RuntimeInputError(
+                "this package's fused attention (GroupQueryAttention) takes unpadded sequences; run prompts of different "
+                "lengths one by one, or export with --attention reference for padded batches"
+            )
+        if position_ids is None:
+            position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
+        with self.bound(adapter) as io:
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", mask)
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+            for name, value in zip(self._past_names, past):  # as OrtValues: the reset then drops them
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, self.dtype)))
+            outs = self._run(io)
+        return (outs[0], outs[1:]) if return_past else outs[0]
+
+    # -- step functions -------------------------------------------------------------------
+    def steps(self, adapter: str | None, capacity: int, batch: int = 1) -> Step:
+        """A decoding loop's step function: ``step(ids (batch, s), total) -> last logits (batch, vocab)``,
+        where ``total`` counts the tokens so far including ``ids`` (rows of equal length, no padding)."""
+        if not self.fused_attention:
+            return self._plain_steps(adapter, batch)
+        rows = _FusedRows(self, self.binding(adapter), batch, capacity)
+
+        def step(ids: np.ndarray, total: int) -> np.ndarray:
+            positions = np.repeat(rows.columns[None, total - ids.shape[1] : total], batch, axis=0)
+            return rows.call(ids, positions, np.full(batch, total, np.int64))[:, -1]
+
+        return step
+
+    def _plain_steps(self, adapter: str | None, batch: int = 1) -> Step:
+        """Reference graphs: the KV cache comes back as new arrays each step."""
+        state = {"past": self.empty_past(batch)}
+
+        def step(ids: np.ndarray, total: int) -> np.ndarray:
+            positions = np.repeat(np.arange(total - ids.shape[1], total, dtype=np.int64)[None], batch, axis=0)
+            logits, state["past"] = self.forward(ids, adapter, attention_mask=np.ones((batch, total), np.int64),
+                                                 position_ids=positions, past=state["past"], return_past=True)  # fmt: skip
+            return logits[:, -1]
+
+        return step
+
+    # -- generation -----------------------------------------------------------------------
+    def generate_ids(self, prompt_ids: Sequence[int], adapter: str | None = None, max_new_tokens: int = 64,
+                     min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None,
+                     eos_ids: frozenset[int] | None = None) -> tuple[list[int], str]:  # fmt: skip
+        """Greedy decoding from token ids: prefill in one call, then one call per new token. Returns (tokens,
+        "eos" | "length")."""
+        each = None if on_token is None else (lambda row, t: on_token(t))
+        return self._generate([prompt_ids], adapter, max_new_tokens, min_new_tokens, eos_ids, each)[0]
+
+    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: str | None = None, max_new_tokens: int = 64,
+                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
+        """Greedy decoding of several prompts of any lengths. On fused graphs they are one batch: right-padded and
+        prefilled in one call, then each step feeds every row its next token; the attention mask carries each
+        row's length (GroupQueryAttention reads it as seqlens), so every row attends to its own tokens only and
+        writes its keys/values at its own position of the shared cache. Each row gives exactly what
+        :meth:`generate_ids` gives for it alone."""
+        return self._generate(prompts, adapter, max_new_tokens, min_new_tokens, eos_ids, None)
+
+    def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token) -> list[tuple[list[int], str]]:
+        prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
+        eos_ids = self._default_eos() if eos_ids is None else frozenset(eos_ids)
+        if max_new_tokens == 0:
+            return [([], "length") for _ in prompts]
+        if self.fused_attention:
+            with self.bound(adapter) as io:
+                capacity = max(len(p) for p in prompts) + max_new_tokens
+                return greedy(_FusedRows(self, io, len(prompts), capacity), prompts, max_new_tokens, min_new_tokens, eos_ids, on_token)
+        # reference graphs: one row at a time (their cache grows by copies; batching buys nothing there)
+        return [greedy(_PlainRows(self._plain_steps(adapter)), [p], max_new_tokens, min_new_tokens, eos_ids,
+                       None if on_token is None else (lambda _, t, i=i: on_token(i, t)))[0]
+                for i, p in enumerate(prompts)]  # fmt: skip
+
+    def _check_prompts(self, prompts, max_new_tokens: int, min_new_tokens: int) -> list[list[int]]:
+        if max_new_tokens < 0 or min_new_tokens < 0:
+            raise RuntimeInputError("max_new_tokens and min_new_tokens must be >= 0")
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise RuntimeInputError("the prompt is empty" if len(prompts) <= 1 else "every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_length:
+            what = "prompt" if len(prompts) == 1 else "the longest prompt"
+            raise RuntimeInputError(f"{what} ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context of "
+                                    f"{self.max_length} tokens; shorten the prompt or lower max_new_tokens")  # fmt: skip
+        if min(min(p) for p in prompts) < 0 or max(max(p) for p in prompts) >= self.vocab_size:
+            raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
+        return prompts
+
+    def stream(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
+        """Yield text pieces as they are generated (runs the loop in a worker thread)."""
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        tok = self.tokenizer
+        ids = tok.encode(prompt, chat)
+        generated: list[int] = []
+        state = {"text": ""}
+
+        def on_token(t: int) -> None:
+            generated.append(t)
+            text = tok.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                q.put(text[len(state["text"]) :])
+                state["text"] = text
+
+        def work() -> None:
+            try:
+                self.generate_ids(ids, adapter, max_new_tokens, on_token=on_token, **kw)
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer
+                q.put(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
+        chat: bool = True,
+        return_result: bool = False,
+    ):
+        """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``.
+
+        A list of prompts gives a list of answers, decoded together as one batch on the fused graph
+        (:meth:`generate_ids_batch`), one after another on a reference graph."""
+        tok = self.tokenizer
+        if not isinstance(prompt, str):
+            prompts = [tok.encode(p, chat) for p in prompt]
+            results = self.generate_ids_batch(prompts, adapter, max_new_tokens, min_new_tokens)
+            return [GenerationResult(tok.decode(out), out, len(ids), reason) if return_result else tok.decode(out)
+                    for ids, (out, reason) in zip(prompts, results)]  # fmt: skip
+        ids = tok.encode(prompt, chat)
+        out, reason = self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens)
+        text = tok.decode(out)
+        if return_result:
+            return GenerationResult(text=text, token_ids=out, prompt_tokens=len(ids), finish_reason=reason)
+        return text
+
+
+def greedy(rows: Rows, prompts: list[list[int]], max_new_tokens: int, min_new_tokens: int, eos_ids: frozenset[int],
+           on_token: Callable[[int, int], None] | None) -> list[tuple[list[int], str]]:  # fmt: skip
+    """The generation loop: argmax per row until its eos or ``max_new_tokens``; eos is masked out for the first
+    ``min_new_tokens``. Rows that finished keep computing until all have (their outputs are not used)."""
+    lens = np.array([len(p) for p in prompts], np.int64)
+    ids = np.zeros((len(prompts), int(lens.max())), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = p
+    last = rows.prefill(ids, lens)
+    outs: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    active = np.ones(len(prompts), bool)
+    eos = sorted(eos_ids)
+    for produced in range(max_new_tokens):
+        if produced < min_new_tokens and eos:
+            last = last.copy()
+            last[:, eos] = -np.inf
+        nxt = np.argmax(last, axis=-1)
+        for r in np.flatnonzero(active):
+            token = int(nxt[r])
+            if token in eos_ids:
+                active[r], reasons[r] = False, "eos"
+                continue
+            outs[r].append(token)
+            if on_token is not None:
+                on_token(int(r), token)
+            if len(outs[r]) >= max_new_tokens:
+                active[r] = False
+        if not active.any():
+            break
+        last = rows.next(nxt[:, None].astype(np.int64), lens)
+        lens = lens + 1
+    return list(zip(outs, reasons))
+
+
+class _FusedRows:
+    """Fused graphs: a KV cache preallocated for ``capacity`` tokens, bound as both past and present of every
+    layer, so GroupQueryAttention writes each step's keys and values in place; nothing is copied per token."""
+
+    def __init__(self, model: DecoderModel, io: ort.IOBinding, batch: int, capacity: int) -> None:
+        self.model, self.io = model, io
+        self.columns = np.arange(capacity, dtype=np.int64)
+        io.bind_output("logits")
+        shape = (batch, model.num_kv_heads, capacity, model.head_dim)
+        for name in model._past_names:
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, model.dtype), model.device, 0)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+
+    def call(self, ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
+        io = self.io
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", (self.columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_output("logits")
+        self.model.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        b, width = ids.shape
+        logits = self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
+        return logits[np.arange(b), lens - 1]  # each row's last real token
+
+    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        return self.call(tokens, lens[:, None].copy(), lens + 1)[:, -1]
+
+
+class _PlainRows:
+    """Reference graphs, one row: the step function's cache grows by copies."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+
+    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        return self.step(ids, int(lens[0]))
+
+    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        return self.step(tokens, int(lens[0]) + 1)
