@@ -1,0 +1,1 @@
+"""Base-weight quantization: block formats, GPTQ and its calibration."""
