@@ -1,15 +1,9 @@
-"""lora-edge's native LoRA kernel: the ``lora_edge.LoraDelta`` ONNX Runtime operator (``lora_delta.cc``).
+"""lora-edge's native ONNX Runtime operators (domain ``lora_edge``): LoRA branches (float16, int8, w8a8), int4
+projections and int4's float-offset correction, for CPU packages exported with ``--lora-kernel native``.
 
-A package exported with ``--lora-kernel native`` runs each LoRA branch as one LoraDelta node with
-float16 A and B, split over the session's threads; with ``--lora-dtype int8``, one LoraDeltaQ8 node
-with int8 A and B and a float32 scale per rank (half the bytes again; see :func:`encode`); with
-``--lora-dtype w8a8`` the same codes in the order of integer dot products, the branch's activations in
-int8 too, every branch's part in one adapter input (:func:`w8a8_blob`). The
-operators are compiled on the machine that runs packages (``lora-edge build-kernel``, or
-:func:`build`) for its own CPU, from the C++ source shipped here and ONNX Runtime's C API headers
-(any release from 1.21: the C API is ABI-stable, so a kernel built against 1.21's headers loads
-into later runtimes). The runtime registers it when a package asks for it. Each node also adds its
-delta onto the base projection's output, which it takes as an input.
-
-Device-side: no torch, no onnx; the build needs a C++17 compiler.
+- :mod:`.contract`: operator names, features and versions, input names, the w8a8 blob layout (both sides).
+- :mod:`.encode`: adapter tensors as the operators read them (numpy only).
+- :mod:`.build`: compile ``src/`` for this machine's CPU against ONNX Runtime's C API headers (any release from
+  1.21: the C API is ABI-stable, so the library loads into later runtimes).
+- :mod:`.register`: device side, register the built library with a session.
 """

@@ -23,7 +23,7 @@ def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (lora_delta.cc, kernel v5).
+    """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (native/src).
 
     ``a`` (K, R); ``b`` (R, N) (one chunk) or (chunks, r, c) with R = n_modules * r. Each module's ranks are
     zero-padded to a multiple of 4, then quantized as :func:`encode` does (A per column, B per row); the codes
@@ -53,7 +53,7 @@ def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def w8a8_blob(parts: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]]) -> np.ndarray:
-    """The w8a8 blob (lora_delta.cc): one int8 tensor holding every q8x branch's A, B and scales, so that a run binds
+    """The w8a8 blob: one int8 tensor holding every q8x branch's A, B and scales, so that a run binds
     one input for all of them. ``parts``: per branch of the package, in its order, ((chunks, c), the float (A, B) as
     :func:`quantize_q8x` takes them, or None where the adapter leaves the branch alone). Layout: int64 n, then per
     branch the int64 fields of :data:`~lora_edge.native.contract.BLOB_FIELDS`, then the arrays, each at a multiple of

@@ -91,7 +91,7 @@ class Quantization:
 
 @dataclass(frozen=True)
 class BlobLayout:
-    """The w8a8 blob: one adapter input holding every q8x branch (lora_edge.native.contract.BlobPart)."""
+    """The w8a8 blob: one adapter input holding every q8x branch (layout: lora_edge.native.contract.BLOB_FIELDS)."""
 
     name: str
     slots: tuple[tuple[str, str, int, int], ...]  # (lora_A, lora_B, chunks, chunk width) per branch, in blob order
