@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from lora_edge import profile as P
 from lora_edge.cli import cli
+from lora_edge.errors import InputError
+from lora_edge.profile import sandbox
 
 GOLDEN = Path(__file__).parent / "golden" / "profile_schema.json"
 
@@ -130,7 +132,7 @@ def too_small(tiny_package):
 @pytest.fixture(scope="module")
 def compared(tiny_package, tiny_base, tiny_adapters, tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
-    from lora_edge.export import export
+    from lora_edge.compile.pipeline import export
 
     merged = tmp_path_factory.mktemp("cmp") / "merged"
     export(ExportConfig(base=tiny_base, output=merged, adapters=(AdapterSpec("qv_r4", tiny_adapters["qv_r4"]),), mode=Mode.MERGE))
@@ -141,7 +143,7 @@ def compared(tiny_package, tiny_base, tiny_adapters, tmp_path_factory):
 @pytest.mark.parametrize("method", ["system", "rss-watchdog"])
 def test_memory_limit_fails_small_and_passes_large(tiny_package, monkeypatch, method):
     if method == "rss-watchdog":
-        monkeypatch.setattr(P, "_cgroup_dir", lambda: None)
+        monkeypatch.setattr(sandbox, "cgroup_dir", lambda: None)
     w = P.Workload(prompt_tokens=(8,), new_tokens=4, warmup=0, runs=1)
     seen = []
     small = P.profile(P.ProfileConfig(packages=(tiny_package,), adapters=("qv_r4",), workload=w, op_profile=False,
@@ -150,7 +152,7 @@ def test_memory_limit_fails_small_and_passes_large(tiny_package, monkeypatch, me
     assert not small.fits and not small.runs
     (d,) = small.does_not_fit
     assert d.needs_mib > 20 and "needs at least" in d.message and "does not fit in 20 MiB" in d.message
-    assert d.limit_method == (method if method == "rss-watchdog" else P._limit_method())
+    assert d.limit_method == (method if method == "rss-watchdog" else sandbox.limit_method())
     need = int(d.needs_mib) + 200
     big = P.profile(P.ProfileConfig(packages=(tiny_package,), adapters=("qv_r4",), workload=w, op_profile=False,
                                     limits=P.Limits(memory_mib=need)))  # fmt: skip
@@ -183,7 +185,7 @@ def test_presets(tmp_path):
     assert P.limits_from_preset("raspberry-pi-4", presets).memory_mib == 900  # the user's file wins
     assert P.limits_from_preset("watch", presets).threads == (1, 2)
     (tmp_path / "bad.toml").write_text("[presets.x]\ncores = 2\n")
-    with pytest.raises(P.InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown keys"):
         P.load_presets(tmp_path / "bad.toml")
 
 
