@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import __version__
-from ..config import ExportConfig, LoraDtype, Mode, QuantConfig, WeightType
+from ..config import ExportConfig, LoraDtype, Mode, QuantAlgo, QuantConfig, WeightType
 from ..native.contract import W8A8_BLOB, version_for
 from ..package.manifest import (EMBEDDING, AdapterInfo, BaseInfo, BlobLayout, Chunks, GraphInfo, KernelInfo, Manifest,
                                 Quantization, SlotInfo, SlotPart, TensorIO)  # fmt: skip
@@ -20,7 +20,7 @@ def quantization_record(q: QuantConfig, tensors: dict[str, int], sizes: dict[str
         block_size=q.block,
         zero=q.zero_for(q.weights).value if q.weights.bits else None,
         algo=q.algo.value,
-        calibration=None if q.algo != "gptq" else (str(q.calibration) if q.calibration else "built-in"),
+        calibration=None if q.algo is not QuantAlgo.GPTQ else (str(q.calibration) if q.calibration else "built-in"),
         embeddings=q.embedding_type if quantized_embeddings else WeightType.FP32,
         int8_modules=q.int8_modules,
         float_modules=q.float_modules,

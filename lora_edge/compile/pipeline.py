@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ExportConfig, Mode, Target, WeightType
+from ..config import ExportConfig, Mode, QuantAlgo, Target, WeightType
 from ..errors import InputError
 from ..package.manifest import Manifest
 from ..package.store import check_output, staged_output, write_manifest
@@ -102,7 +102,7 @@ def quantize(cfg: ExportConfig, base: BaseModel, hf_model, weights: dict, slots:
     q = cfg.quant
     if q.weights is WeightType.FP32 and q.embedding_type is WeightType.FP32:
         return weights, quantization_record(q, {"fp32": len(base.linear_modules) + 1}, None, True)
-    hessians = calibrate(base, hf_model, q, progress) if q.algo == "gptq" and q.weights is WeightType.INT4 else None
+    hessians = calibrate(base, hf_model, q, progress) if q.algo is QuantAlgo.GPTQ and q.weights is WeightType.INT4 else None
     weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians)
     weights.update(replaced_weights(base, slots))  # a module adapters may replace stays float: its weight is an input
     return weights, quantization_record(q, counts, sizes, "model.embed_tokens.weight" in base.weights)

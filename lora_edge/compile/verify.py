@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Mode
 from ..errors import InputError
 from ..package.manifest import json_of
 from ..package.store import read_manifest
@@ -207,7 +208,7 @@ def verify(cfg: VerifyConfig, progress=lambda m: None) -> VerifyReport:
         return logits, greedy
 
     def pkg_run(adapter):
-        use = None if mode == "merge" else adapter
+        use = None if mode == Mode.MERGE else adapter
         logits = model.forward(arr, adapter=use)[0]
         greedy = model.generate_ids(prompt_ids, use, cfg.greedy_tokens, cfg.greedy_tokens)[0] if cfg.greedy_tokens else []
         return logits, greedy

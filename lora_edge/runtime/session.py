@@ -19,7 +19,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ..config import Target
+from ..config import Mode, Target
 from ..errors import PackageError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
@@ -77,7 +77,7 @@ class PackageModel:
         tensors = self._adapters.get(adapter)
         if tensors is None:
             avail = ", ".join(self.adapters) or "none"
-            if self.manifest.mode.value == "merge" and adapter in self.manifest.adapters:
+            if self.manifest.mode is Mode.MERGE and adapter in self.manifest.adapters:
                 raise RuntimeInputError(f"adapter {adapter!r} is merged into this package's weights; run without --adapter")
             raise RuntimeInputError(f"unknown adapter {adapter!r}; this package has: {avail}")
         return tensors

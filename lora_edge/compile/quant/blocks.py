@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...config import QuantAlgo, WeightType, ZeroPoint, check_block_size, module_matches
 from ...errors import InputError
 
 SHRINK_GRID = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
-ZERO_KINDS = ("int", "none", "float")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ class QTensor:
 def check_params(bits: int, block: int) -> None:
     if bits not in (4, 8):
         raise InputError(f"bits must be 4 or 8, got {bits}")
-    if block < 16 or block > 256 or block & (block - 1):
-        raise InputError(f"block size must be a power of two from 16 to 256, got {block}")
+    check_block_size(block)
 
 
 def _blocks(w: np.ndarray, block: int) -> np.ndarray:
@@ -85,12 +84,12 @@ def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
     """(scale, zp, offset) for blocks ``v`` (..., block), the range shrunk by ``shrink``; float64."""
     qmax, half = 2**bits - 1, 2 ** (bits - 1)
     lo, hi = v.min(-1), v.max(-1)
-    if zero == "int":
+    if zero == ZeroPoint.INT:
         lo, hi = np.minimum(lo, 0.0) * shrink, np.maximum(hi, 0.0) * shrink
         scale = (hi - lo) / qmax
         zp = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, qmax)
         return scale, zp, np.zeros_like(scale)
-    if zero == "none":  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
+    if zero == ZeroPoint.NONE:  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
         # (as llama.cpp's Q4_0/Q8_0 do), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other
         peak = np.where(-lo > hi, lo, hi)
         scale = -peak * shrink / half
@@ -113,27 +112,26 @@ def _assemble(q, scale, zp, offset, bits, block, k, zero) -> QTensor:
     n, nb = scale.shape
     return QTensor(
         codes=pack(q.reshape(n, nb, block).astype(np.uint8), bits),
-        scales=scale.astype(np.float16 if zero == "float" else np.float32),
-        zero_points=pack(zp.astype(np.uint8), bits, pad=2 ** (bits - 1)) if zero == "int" else None,  # ORT pads with the mid-point
+        scales=scale.astype(np.float16 if zero == ZeroPoint.FLOAT else np.float32),
+        zero_points=pack(zp.astype(np.uint8), bits, pad=2 ** (bits - 1)) if zero == ZeroPoint.INT else None,  # ORT pads with the mid-point
         bits=bits,
         block=block,
         k=k,
-        offsets=offset.astype(np.float16) if zero == "float" else None,
+        offsets=offset.astype(np.float16) if zero == ZeroPoint.FLOAT else None,
     )
 
 
-def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", algo: str = "search") -> QTensor:
+def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, algo: QuantAlgo = QuantAlgo.SEARCH) -> QTensor:
     """Quantize ``w`` (N, K) float, block by block (``rtn`` or ``search``); codes in MatMulNBits layout."""
     check_params(bits, block)
-    if zero not in ZERO_KINDS:
-        raise InputError(f"zero point kind must be one of {', '.join(ZERO_KINDS)}, got {zero!r}")
-    if algo not in ("search", "rtn"):
+    zero, algo = ZeroPoint.parse(zero, "zero point kind"), QuantAlgo.parse(algo, "block quantization algorithm")
+    if algo is QuantAlgo.GPTQ:
         raise InputError(f"unknown block quantization algorithm {algo!r}; use 'search' or 'rtn'")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     v = _blocks(np.asarray(w, dtype=np.float64), block)  # (N, nb, block)
     best = None
-    for r in SHRINK_GRID if algo == "search" else (1.0,):
+    for r in SHRINK_GRID if algo is QuantAlgo.SEARCH else (1.0,):
         scale, zp, offset = block_params(v, bits, zero, r)
         q = block_codes(v, scale, zp, offset, bits)
         err = ((((q - zp[..., None]) * scale[..., None] + offset[..., None]) - v) ** 2).sum(-1)  # (N, nb)
@@ -147,7 +145,7 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", a
     return _assemble(q, scale, zp, offset, bits, block, w.shape[1], zero)
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: str = "int", damp: float = 0.01) -> QTensor:
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, damp: float = 0.01) -> QTensor:
     """GPTQ (Frantar et al. 2022): quantize K-columns in order, pushing each column's error onto the
     columns not yet quantized through the inverse Hessian of the layer's inputs, H = X^T X.
 
@@ -272,7 +270,6 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     Only base weights are touched: the linear layers and the token embedding (a tied lm_head uses
     the embedding's codes). Norm weights stay float32; LoRA A/B never pass through here.
     """
-    from ...config import WeightType, module_matches
 
     out = dict(weights)
     counts: dict[str, int] = {}
@@ -283,10 +280,10 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         if wtype.bits:
             module = key[: -len(".weight")]
             zero = qcfg.zero_for(wtype)
-            if qcfg.algo == "gptq" and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
+            if qcfg.algo is QuantAlgo.GPTQ and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
                 qt = gptq(w, hessians[module], wtype.bits, qcfg.block, zero)
             else:
-                qt = quantize(w, wtype.bits, qcfg.block, zero, "search" if qcfg.algo == "gptq" else qcfg.algo)
+                qt = quantize(w, wtype.bits, qcfg.block, zero, QuantAlgo.SEARCH if qcfg.algo is QuantAlgo.GPTQ else qcfg.algo)
             out[key] = qt
             sizes[part] += qt.nbytes
         elif wtype is WeightType.FP16:
