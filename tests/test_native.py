@@ -566,11 +566,9 @@ def test_matmul_q4_matches_its_arithmetic_and_matmulnbits(kernel, k, n, rows):
 def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
     """The kernel built without AVX-512 (its AVX2 path) and without AVX2 (the portable C++): the same
     results. (The default build takes this machine's best path.)"""
-    from lora_edge.native.build import SOURCE, find_ort_include
+    from lora_edge.native.build import compile_library, find_ort_include
 
-    lib = tmp_path / f"k-{march}.so"
-    subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", f"-march={march}",
-                    f"-I{find_ort_include()}", str(SOURCE), "-o", str(lib)], check=True)  # fmt: skip
+    lib = compile_library(tmp_path / f"k-{march}.so", find_ort_include(), march)
     for k, n, rows in Q4_CASES[2:]:
         _check_q4(lib, k, n, rows)
 
@@ -711,12 +709,10 @@ def test_q8x_branch_node_computes_its_integer_arithmetic(kernel, k, c, modules, 
 def test_q8x_avx2_and_portable_paths(tmp_path):
     """The q8x products built without AVX-512 VNNI (AVX2's maddubs with the sign trick) and without AVX2 (plain
     C++): the same integer arithmetic."""
-    from lora_edge.native.build import SOURCE, find_ort_include
+    from lora_edge.native.build import compile_library, find_ort_include
 
     for march in ("haswell", "x86-64"):
-        lib = tmp_path / f"k-{march}.so"
-        subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", f"-march={march}",
-                        f"-I{find_ort_include()}", str(SOURCE), "-o", str(lib)], check=True)  # fmt: skip
+        lib = compile_library(tmp_path / f"k-{march}.so", find_ort_include(), march)
         for k, c, modules, rank in Q8X_CASES[::2]:
             _q8x_check(lib, k, c, modules, (2, 3), rank, True)
 
@@ -846,17 +842,15 @@ def test_an_older_kernel_build_is_one_clear_line(tiny_base, tiny_adapters, tmp_p
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.compile.pipeline import export
     from lora_edge.native.contract import KERNEL_VERSION
-    from lora_edge.native.build import SOURCE, find_ort_include
+    from lora_edge.native.build import SOURCE, compile_library, find_ort_include
 
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", tiny_adapters["qv_r4"]),),
                         quant=QUANTS["int4"], mode=Mode.MERGE, lora_kernel="native"))  # fmt: skip
-    src = SOURCE.read_text().replace(f"int lora_edge_kernel_version() {{ return {KERNEL_VERSION}; }}",
-                                                            "int lora_edge_kernel_version() { return 2; }")  # fmt: skip
-    assert "return 2; }" in src
-    (tmp_path / "old.cc").write_text(src)
-    old = tmp_path / "old.so"
-    subprocess.run([os.environ.get("CXX", "c++"), "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{find_ort_include()}",
-                    str(tmp_path / "old.cc"), "-o", str(old)], check=True)  # fmt: skip
+    src = shutil.copytree(SOURCE, tmp_path / "src")
+    contract = (src / "contract.h").read_text()
+    assert f"kKernelVersion = {KERNEL_VERSION};" in contract
+    (src / "contract.h").write_text(contract.replace(f"kKernelVersion = {KERNEL_VERSION};", "kKernelVersion = 2;"))
+    old = compile_library(tmp_path / "old.so", find_ort_include(), src=src)
     run = subprocess.run([sys.executable, "-m", "lora_edge.cli", "run", str(tmp_path / "pkg"), "--prompt", "hi"],
                          capture_output=True, text=True, env={**os.environ, "LORA_EDGE_KERNEL_LIB": str(old)}, check=False)  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
@@ -1041,3 +1035,21 @@ def test_profile_rank_sweep_feeds_the_package_dtype(native_package, lora_dtype):
                           limits=P.Limits(threads=(1,)), ranks=(2, 8), op_profile=False)  # fmt: skip
     points = [s for s in P.profile(cfg).sweeps if s.kind == "rank"]
     assert [p.value for p in points] == [2, 8] and all(p.decode_tps > 0 for p in points)
+
+
+def test_the_cpp_contract_mirrors_the_python_one():
+    """src/contract.h and lora_edge/native/contract.py are one contract written twice: the same domain, version,
+    operator names, q8x geometry and blob fields in the same order."""
+    import re
+
+    from lora_edge.native import contract
+    from lora_edge.native.build import SOURCE
+
+    h = (SOURCE / "contract.h").read_text()
+    consts = dict(re.findall(r"constexpr [\w:* ]+? k(\w+) = \"?([\w.]+)\"?;", h))
+    assert consts["Domain"] == contract.DOMAIN and int(consts["KernelVersion"]) == contract.KERNEL_VERSION
+    assert all(consts[op.value] == op.value for op in contract.Op)  # kLoraDelta = "LoraDelta", ...
+    assert (int(consts["Q8xWidth"]), int(consts["Q8xKBlock"]), int(consts["BlobAlign"])) == (
+        contract.Q8X_WIDTH, contract.Q8X_K_BLOCK, contract.BLOB_ALIGN)
+    fields = re.findall(r"^\s+k\w+,\s+// (\w+)", h.split("enum BlobField")[1], flags=re.M)
+    assert tuple(fields) == contract.BLOB_FIELDS

@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import KernelError
 from .contract import KERNEL_VERSION
 
-SOURCE = Path(__file__).with_name("lora_delta.cc")
+SOURCE = Path(__file__).with_name("src")  # the kernel's C++: every *.cc compiled into one library, headers beside them
 _HEADER = "onnxruntime_cxx_api.h"
 # ONNX Runtime's C/C++ API headers as Debian packages them (the pip wheel ships none).
 _DEBIAN_SUITE, _DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
@@ -30,9 +30,19 @@ def _flags(march: str) -> list[str]:
     return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-march={march}"]
 
 
+def sources() -> list[Path]:
+    """The translation units :func:`build` compiles (``src/*.cc``), in a stable order."""
+    return sorted(SOURCE.glob("*.cc"))
+
+
 def library_file(march: str = "native") -> Path:
-    """The kernel's path in the cache, named by version and a hash of the source, flags and machine."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags(march) + [platform.machine()]).encode()).hexdigest()[:12]
+    """The kernel's path in the cache, named by version and a hash of every file in src/ (headers included: an edited
+    header is a new build), the flags and the machine."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in SOURCE.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(" ".join(_flags(march) + [platform.machine()]).encode())
+    digest = h.hexdigest()[:12]
     suffix = ".dll" if os.name == "nt" else ".dylib" if platform.system() == "Darwin" else ".so"
     return cache_dir() / "kernels" / f"liblora_edge_kernels-v{KERNEL_VERSION}-{digest}{suffix}"
 
@@ -111,13 +121,18 @@ def build(ort_include: Path | None = None, cxx: str | None = None, march: str = 
         if not fetch:
             raise KernelError(f"no ONNX Runtime C API headers found ({_HEADER}); pass --ort-include DIR or allow fetching them")
         include = fetch_ort_headers(progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"compiling {len(sources())} files of native/src for -march={march}")
+    return compile_library(out, include, march, cxx)
+
+
+def compile_library(out: Path, include: Path, march: str = "native", cxx: str | None = None, src: Path = SOURCE) -> Path:
+    """Compile every ``src/*.cc`` into the shared library ``out`` (written whole, or not at all)."""
     compiler = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise KernelError("no C++ compiler found (c++, g++ or clang++); install one or set CXX")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    cmd = [compiler, *_flags(march), f"-I{include}", str(SOURCE), "-o", str(tmp)]
-    progress(f"compiling {SOURCE.name} with {Path(compiler).name} for -march={march}")
+    cmd = [compiler, *_flags(march), f"-I{include}", *map(str, sorted(src.glob("*.cc"))), "-o", str(tmp)]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if run.returncode != 0:

@@ -237,7 +237,7 @@ def packs_q4(qt: QTensor) -> bool:
 
 
 def pack_q4(qt: QTensor) -> np.ndarray:
-    """``qt`` in the layout of the native kernel's MatMulQ4 (lora_delta.cc): (G, nb, 320) uint8, G = ceil(N / 16).
+    """``qt`` in the layout of the native kernel's MatMulQ4 (native/src/matmul_q4.h): (G, nb, 320) uint8, G = ceil(N / 16).
 
     Per group of 16 output columns and block of 32 along K, one contiguous record: 256 bytes of codes, then the
     16 columns' float16 scales and float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte
