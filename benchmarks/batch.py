@@ -9,11 +9,9 @@ tokens; the figure is generated tokens per second over the whole set, best of 3,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS = ["What is the capital of Italy?", "What is snow?", "Why is the sea salty? Answer in one sentence.",
            "Name three animals that live in the ocean and say one thing about each.", "Hi!",

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import NATIVE_MERGED, QUANTS, RECIPES, ROOT, build
 
 

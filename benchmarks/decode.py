@@ -48,7 +48,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 ADAPTERS = {"pirate": ROOT / "examples/adapters/pirate", "shout": ROOT / "examples/adapters/shout"}
 QUANTS = ("fp32", "int8", "int4")  # the default recipes
 # int8b32: int8 in llama.cpp Q8_0's own format (blocks of 32, one scale, no zero point; the activations
@@ -135,7 +134,6 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
 CHILD_LORA_EDGE = r"""
 import json, resource, sys, time
 import numpy as np
-sys.path.insert(0, sys.argv[1])
 import lora_edge
 pkg, adapter, threads, n_prompt, n_new = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 t0 = time.perf_counter()
@@ -160,7 +158,6 @@ CHILD_TORCH = r"""
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-sys.path.insert(0, sys.argv[1])
 from peft import PeftModel
 from lora_edge.compile.models.loader import load_hf_model
 from lora_edge.compile.models.gguf_tokenizer import tokenizer_files_from_gguf

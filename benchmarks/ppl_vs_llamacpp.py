@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import QUANTS, RECIPES, ROOT, build
 
 CHILD = r"""

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType  # noqa: E402
 

@@ -11,14 +11,12 @@ rounding of accuracy level 4 (measured separately by `lora-edge verify`).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_edge.config import QuantConfig, WeightType  # noqa: E402
 
