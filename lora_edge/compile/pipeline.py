@@ -18,7 +18,8 @@ from ..errors import InputError
 from ..package.manifest import Manifest
 from ..package.store import check_output, staged_output, write_manifest
 from .adapter_file import write_adapter_file
-from .graph.ops import blob_geometry, blob_slots
+from .graph.blob import blob_geometry, blob_slots
+from .graph.options import GraphOptions
 from .manifest_writer import build_manifest, quantization_record
 from .merge import merged_weights
 from .models import Slot, family_for
@@ -48,10 +49,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     weights = base_weights(cfg, base, adapters, slots)
     weights, quantization = quantize(cfg, base, hf_model, weights, slots, progress)
     progress(f"building graph: {base.spec.num_layers} layers, {len(slots)} LoRA branches")
-    model = family.build_graph(base, weights, slots, cfg.opset, cfg.null_rank,
-                               store_fp16=cfg.quant.weights is WeightType.FP16, accuracy_level=cfg.quant.accuracy_level,
-                               fused=cfg.fused, compute_dtype=cfg.compute_dtype, lora_kernel=cfg.lora_kernel,
-                               lora_dtype=cfg.lora_dtype)  # fmt: skip
+    model = family.build_graph(base, weights, slots, GraphOptions.from_config(cfg))
     with staged_output(cfg.output, cfg.force) as tmp:
         graph_file = write_graph(cfg, model, tmp, progress)
         blob = blob_layout(cfg, slots)

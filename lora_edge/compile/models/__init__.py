@@ -10,6 +10,7 @@ import importlib
 from typing import Protocol
 
 from ...errors import ModelError
+from ..graph.options import GraphOptions
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
 
 _FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "bert")
@@ -27,9 +28,7 @@ class Family(Protocol):
 
     def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]: ...
 
-    def build_graph(self, base: BaseModel, weights: dict, slots: dict, opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx", lora_dtype: str = "float16"): ...  # fmt: skip
+    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], options: GraphOptions): ...
 
 
 def family_for(architecture: str) -> Family:

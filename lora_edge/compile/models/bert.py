@@ -17,14 +17,19 @@ base's.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ...errors import ModelError, UnsupportedFeatureError
+from ..graph.activation import gelu_erf
+from ..graph.attention import merge_heads, split_heads
 from ..graph.builder import GraphBuilder
-from ..graph.ops import linear_ops
+from ..graph.emitters import Emitters
+from ..graph.options import GraphOptions
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
 
 _AUTO = {"BertModel": "AutoModel", "RobertaModel": "AutoModel", "BertForSequenceClassification": "AutoModelForSequenceClassification",
          "RobertaForSequenceClassification": "AutoModelForSequenceClassification"}  # fmt: skip
+B, S = "batch_size", "sequence_length"  # symbolic dimensions
 
 
 def _prefix(arch: str) -> str:
@@ -73,22 +78,22 @@ class BertFamily:
     def internal_weights(self, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v for k, v in state_dict.items() if not k.endswith("position_ids") and not k.endswith("token_type_ids")}
 
-    def _layer(self, spec: DecoderSpec, i: int) -> str:
+    def layer_name(self, spec: DecoderSpec, i: int) -> str:
         return f"{_prefix(spec.architecture)}encoder.layer.{i}"
 
     def linear_modules(self, spec: DecoderSpec) -> dict[str, LinearModule]:
         h, ff = spec.hidden_size, spec.intermediate_size
         out: dict[str, LinearModule] = {}
         for i in range(spec.num_layers):
-            p = self._layer(spec, i)
+            p = self.layer_name(spec, i)
             for name, dims in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)), ("attention.self.value", (h, h)),
                                ("attention.output.dense", (h, h)), ("intermediate.dense", (h, ff)), ("output.dense", (ff, h))):  # fmt: skip
                 out[f"{p}.{name}"] = LinearModule(f"{p}.{name}", *dims)
-        for name, dims in self._head(spec):
+        for name, dims in self.head_modules(spec):
             out[name] = LinearModule(name, *dims)
         return out
 
-    def _head(self, spec: DecoderSpec) -> list[tuple[str, tuple[int, int]]]:
+    def head_modules(self, spec: DecoderSpec) -> list[tuple[str, tuple[int, int]]]:
         h, n = spec.hidden_size, spec.num_labels
         if spec.head == "bert":
             return [("bert.pooler.dense", (h, h)), ("classifier", (h, n))]
@@ -102,14 +107,14 @@ class BertFamily:
         """Modules an adapter may replace outright (modules_to_save): the classification head."""
         if not spec.num_labels:
             return frozenset()
-        return frozenset(name for name, _ in self._head(spec)) | ({"classifier"} if spec.head == "roberta" else set())
+        return frozenset(name for name, _ in self.head_modules(spec)) | ({"classifier"} if spec.head == "roberta" else set())
 
     def other_modules(self, spec: DecoderSpec) -> frozenset[str]:
         pre = _prefix(spec.architecture)
         names = {f"{pre}embeddings", f"{pre}embeddings.word_embeddings", f"{pre}embeddings.position_embeddings",
                  f"{pre}embeddings.token_type_embeddings", f"{pre}embeddings.LayerNorm", f"{pre}encoder"}  # fmt: skip
         for i in range(spec.num_layers):
-            p = self._layer(spec, i)
+            p = self.layer_name(spec, i)
             names |= {p, f"{p}.attention", f"{p}.attention.self", f"{p}.attention.output", f"{p}.attention.output.LayerNorm",
                       f"{p}.intermediate", f"{p}.output", f"{p}.output.LayerNorm"}  # fmt: skip
         return frozenset(names)
@@ -117,82 +122,104 @@ class BertFamily:
     def groups(self, spec: DecoderSpec, fused: bool) -> list[tuple[str, tuple[str, ...]]]:
         out = []
         for i in range(spec.num_layers):
-            p = self._layer(spec, i)
+            p = self.layer_name(spec, i)
             qkv = tuple(f"{p}.attention.self.{n}" for n in ("query", "key", "value"))
             out += [(f"{p}.attention.self.qkv", qkv)] if fused else [(m, (m,)) for m in qkv]
             out += [(f"{p}.{n}", (f"{p}.{n}",)) for n in ("attention.output.dense", "intermediate.dense", "output.dense")]
-        return out + [(name, (name,)) for name, _ in self._head(spec)]
+        return out + [(name, (name,)) for name, _ in self.head_modules(spec)]
 
     # -- writing the graph -------------------------------------------------------------------
-    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx", lora_dtype: str = "float16"):  # fmt: skip
-        spec = base.spec
-        if compute_dtype != "float32":
+    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], options: GraphOptions) -> onnx.ModelProto:
+        if options.compute_dtype != "float32":
             raise UnsupportedFeatureError("encoders compute in float32 only (no --target cuda yet)")
-        g = GraphBuilder(f"lora-edge {spec.architecture}")
-        B, S = "batch_size", "sequence_length"
-        H, D, h = spec.num_heads, spec.head_dim, spec.hidden_size
-        f32 = np.float32
-        pre = _prefix(spec.architecture)
-        ops = linear_ops(g, spec, weights, slots, f32, store_fp16, accuracy_level, fused, lora_kernel, lora_dtype)
-        overridable = ops.adapter_inputs(null_rank)
+        return EncoderGraph(self, base, weights, slots, options).build()
 
-        input_ids = g.input("input_ids", np.int64, [B, S])
-        attn_mask = g.input("attention_mask", np.int64, [B, S])
-        position_ids = g.input("position_ids", np.int64, [B, S])
-        token_types = g.input("token_type_ids", np.int64, [B, S]) if spec.type_vocab_size else None
 
-        g.scope = "embed"
-        e = f"{pre}embeddings"
-        x = g.op("Gather", [ops.float_weight(f"{e}.word_embeddings.weight", weights[f"{e}.word_embeddings.weight"]), input_ids], axis=0)
-        x = g.op("Add", [x, g.op("Gather", [g.weight(f"{e}.position_embeddings.weight", weights[f"{e}.position_embeddings.weight"]), position_ids], axis=0)])
-        if token_types is not None:
-            table = g.weight(f"{e}.token_type_embeddings.weight", weights[f"{e}.token_type_embeddings.weight"])
-            x = g.op("Add", [x, g.op("Gather", [table, token_types], axis=0)])
-        x = ops.norm(x, f"{e}.LayerNorm.weight")  # LayerNorm: spec.norm == "layer"
+class EncoderGraph:
+    """One encoder graph being written, step by step."""
 
-        g.scope = "mask"  # (B, 1, 1, S): 0 where a key may be attended to, the float minimum where it is padding
-        keep = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])
-        bias = g.op("Where", [keep, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
+    def __init__(self, family: BertFamily, base: BaseModel, weights: dict, slots: dict[str, Slot], options: GraphOptions) -> None:
+        self.family, self.spec, self.weights, self.slots, self.options = family, base.spec, weights, slots, options
+        self.g = GraphBuilder(f"lora-edge {self.spec.architecture}")
+        self.parts = Emitters.build(self.g, self.spec, weights, slots, options)
+        self.linear, self.norm = self.parts.linear, self.parts.norm
 
-        def heads(t: str) -> str:  # (B, S, h) -> (B, H, S, D)
-            return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, H, D])])], perm=[0, 2, 1, 3])
-
+    def build(self) -> onnx.ModelProto:
+        g, spec = self.g, self.spec
+        ids, mask, positions, token_types = self.inputs()
+        x = self.embedding(ids, positions, token_types)
+        bias = self.mask(mask)
         for i in range(spec.num_layers):
-            p = self._layer(spec, i)
-            g.scope = p
-            names = tuple(f"{p}.attention.self.{n}" for n in ("query", "key", "value"))
-            if fused:
-                q, k, v = ops.group_linear(x, f"{p}.attention.self.qkv", names)
-            else:
-                (q,), (k,), (v,) = (ops.group_linear(x, m, (m,)) for m in names)
-            scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [heads(q), g.op("Transpose", [heads(k)], perm=[0, 1, 3, 2])]),
-                                                g.const(D**-0.5, f32)]), bias])  # fmt: skip
-            ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), heads(v)])
-            ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, h])])
-            (o,) = ops.group_linear(ctx, f"{p}.attention.output.dense", (f"{p}.attention.output.dense",))
-            x, _ = ops.add_norm(x, o, f"{p}.attention.output.LayerNorm.weight")
-            (up,) = ops.group_linear(x, f"{p}.intermediate.dense", (f"{p}.intermediate.dense",))
-            act = g.op("Mul", [g.op("Mul", [up, g.const(0.5, f32)]),
-                               g.op("Add", [g.op("Erf", [g.op("Div", [up, g.const(np.sqrt(2.0), f32)])]), g.const(1.0, f32)])])  # fmt: skip
-            (down,) = ops.group_linear(act, f"{p}.output.dense", (f"{p}.output.dense",))
-            x, _ = ops.add_norm(x, down, f"{p}.output.LayerNorm.weight")
-
-        g.scope = ""
-        g.output(x, "last_hidden_state", f32, [B, S, h])
+            x = self.layer(i, x, bias)
+        g.output(x, "last_hidden_state", np.float32, [B, S, spec.hidden_size])
         if spec.head != "none":
-            g.scope = "head"
-            first = g.op("Squeeze", [g.op("Slice", [x, g.const([0]), g.const([1]), g.const([1])]), g.const([1])])  # (B, h)
-            dense, *out = (name for name, _ in self._head(spec))
-            (hid,) = ops.group_linear(first, dense, (dense,))
-            g.scope = ""
-            if not out:
-                g.output(g.op("Tanh", [hid]), "pooler_output", f32, [B, h])
+            self.head(x)
+        return g.model(self.options.opset, self.parts.adapter_inputs(self.slots, self.weights, self.options))
+
+    def inputs(self) -> tuple[str, str, str, str | None]:
+        """input_ids, attention_mask, position_ids (computed by the runtime), token_type_ids if the model has them."""
+        g = self.g
+        ids, mask, positions = (g.input(name, np.int64, [B, S]) for name in ("input_ids", "attention_mask", "position_ids"))
+        return ids, mask, positions, g.input("token_type_ids", np.int64, [B, S]) if self.spec.type_vocab_size else None
+
+    def embedding(self, ids: str, positions: str, token_types: str | None) -> str:
+        """Word + position (+ token type) embeddings, then LayerNorm."""
+        g, e = self.g, f"{_prefix(self.spec.architecture)}embeddings"
+        with g.scoped("embed"):
+            words = self.parts.store.float(f"{e}.word_embeddings.weight", self.weights[f"{e}.word_embeddings.weight"])
+            x = g.op("Gather", [words, ids], axis=0)
+            table = g.weight(f"{e}.position_embeddings.weight", self.weights[f"{e}.position_embeddings.weight"])
+            x = g.op("Add", [x, g.op("Gather", [table, positions], axis=0)])
+            if token_types is not None:
+                table = g.weight(f"{e}.token_type_embeddings.weight", self.weights[f"{e}.token_type_embeddings.weight"])
+                x = g.op("Add", [x, g.op("Gather", [table, token_types], axis=0)])
+            return self.norm(x, f"{e}.LayerNorm.weight")
+
+    def mask(self, mask: str) -> str:
+        """(B, 1, 1, S): 0 where a key may be attended to, the float minimum where it is padding."""
+        g, f32 = self.g, np.float32
+        with g.scoped("mask"):
+            keep = g.op("Unsqueeze", [g.op("Cast", [mask], to=9), g.const([1, 2])])
+            return g.op("Where", [keep, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
+
+    def layer(self, i: int, x: str, bias: str) -> str:
+        """Post-norm residuals around bidirectional attention and the GELU (erf) MLP."""
+        g, p = self.g, self.family.layer_name(self.spec, i)
+        with g.scoped(p):
+            names = tuple(f"{p}.attention.self.{n}" for n in ("query", "key", "value"))
+            if self.options.fused:
+                q, k, v = self.linear.group(x, f"{p}.attention.self.qkv", names)
             else:
-                (logits,) = ops.group_linear(g.op("Tanh", [hid]), out[0], (out[0],))
-                g.output(logits, "logits", f32, [B, spec.num_labels])
-        return g.model(opset, overridable)
+                (q,), (k,), (v,) = (self.linear.group(x, m, (m,)) for m in names)
+            ctx = self.attention(q, k, v, bias)
+            (o,) = self.linear.group(ctx, f"{p}.attention.output.dense", (f"{p}.attention.output.dense",))
+            x, _ = self.norm.add(x, o, f"{p}.attention.output.LayerNorm.weight")
+            (up,) = self.linear.group(x, f"{p}.intermediate.dense", (f"{p}.intermediate.dense",))
+            (down,) = self.linear.group(gelu_erf(g, up), f"{p}.output.dense", (f"{p}.output.dense",))
+            x, _ = self.norm.add(x, down, f"{p}.output.LayerNorm.weight")
+            return x
+
+    def attention(self, q: str, k: str, v: str, bias: str) -> str:
+        """softmax(q k^T / sqrt(D) + mask) v over all heads: (B, S, h) each -> (B, S, h)."""
+        g, H, D = self.g, self.spec.num_heads, self.spec.head_dim
+        q = split_heads(g, q, H, D)  # (B, H, S, D)
+        scores = g.op("MatMul", [q, g.op("Transpose", [split_heads(g, k, H, D)], perm=[0, 1, 3, 2])])  # (B, H, S, S)
+        scores = g.op("Add", [g.op("Mul", [scores, g.const(D**-0.5, np.float32)]), bias])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), split_heads(g, v, H, D)])  # (B, H, S, D)
+        return merge_heads(g, ctx, self.spec.hidden_size)  # (B, S, h)
+
+    def head(self, x: str) -> None:
+        """On the first token: dense + tanh, then (a classifier) the output projection to the labels."""
+        g, spec = self.g, self.spec
+        dense, *out = (name for name, _ in self.family.head_modules(spec))
+        with g.scoped("head"):
+            first = g.op("Squeeze", [g.op("Slice", [x, g.const([0]), g.const([1]), g.const([1])]), g.const([1])])  # (B, h)
+            (hid,) = self.linear.group(first, dense, (dense,))
+        if not out:
+            g.output(g.op("Tanh", [hid]), "pooler_output", np.float32, [B, spec.hidden_size])
+        else:
+            (logits,) = self.linear.group(g.op("Tanh", [hid]), out[0], (out[0],))
+            g.output(logits, "logits", np.float32, [B, spec.num_labels])
 
 
 FAMILY = BertFamily()

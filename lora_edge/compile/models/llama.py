@@ -11,23 +11,30 @@ Graph I/O follows the ONNX Runtime GenAI / Optimum decoder convention:
 ``logits, present.{i}.key/value``, with the KV cache laid out (batch, kv_heads, seq, head_dim).
 
 Each linear layer ``y = x @ W.T`` is a MatMul (or MatMulNBits) against the weight; a group of layers
-targeted by an adapter (see :class:`~lora_edge.models.spec.Slot`) also gets ``y += (x @ A) @ B`` with
+targeted by an adapter (see :class:`~lora_edge.compile.models.spec.Slot`) also gets ``y += (x @ A) @ B`` with
 A, B overridable graph inputs (``<group>.lora_A``: (in, r), ``<group>.lora_B``: (r, out), or (chunks, r_m, c)
-without block-diagonal zeros, see :class:`~lora_edge.models.spec.Slot`; the LoRA scaling already folded into B).
+without block-diagonal zeros; the LoRA scaling already folded into B). The emitters of these pieces are in
+``lora_edge/compile/graph/``; :class:`DecoderGraph` below puts them in the decoder's order.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 
-from ...errors import UnsupportedFeatureError
+from ..graph.activation import activation, softcap
+from ..graph.attention import DecoderInputs, FusedAttention, ReferenceAttention
 from ..graph.builder import GraphBuilder
-from ..quant.blocks import QTensor
-from ..graph.ops import linear_ops
+from ..graph.embedding import token_embedding
+from ..graph.emitters import Emitters
+from ..graph.options import GraphOptions
+from ..graph.weights import EMBED_WEIGHT
 from .spec import BaseModel, DecoderSpec, LinearModule, Slot
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"  # symbolic dimensions
 
 
 class LlamaFamily:
@@ -121,224 +128,154 @@ class LlamaFamily:
         return out + [("lm_head", ("lm_head",))]
 
     # -- writing the graph -------------------------------------------------------------------
-    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], opset: int, null_rank: int,
-                    store_fp16: bool = False, accuracy_level: int = 4, fused: bool = True, compute_dtype: str = "float32",
-                    lora_kernel: str = "onnx", lora_dtype: str = "float16"):  # fmt: skip
-        """Return the ModelProto; the LoRA inputs are overridable initializers (rank-``null_rank`` zeros).
+    def build_graph(self, base: BaseModel, weights: dict, slots: dict[str, Slot], options: GraphOptions) -> onnx.ModelProto:
+        """The ModelProto; the LoRA inputs are overridable initializers (rank-``options.null_rank`` zeros).
 
-        ``weights`` maps HF names to float arrays or :class:`QTensor` (quantized: MatMulNBits / gathered
-        and dequantized rows for the embedding). LoRA branches compute in the compute dtype; with
-        ``lora_kernel`` "native" each is one LoraDelta node with float16 A and B (``lora_dtype`` "int8":
-        a LoraDeltaQ8 node, int8 A and B with their scales). ``fused`` writes
-        ONNX Runtime's fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayer-
-        Normalization, one matmul per q/k/v and gate/up group); otherwise standard ONNX ops only.
-        ``compute_dtype`` "float16" (fused graphs, for GPUs) computes, caches and takes LoRA tensors in
-        float16; the logits are still returned as float32."""
-        spec = base.spec
-        if compute_dtype not in ("float32", "float16"):
-            raise ValueError(f"compute_dtype must be float32 or float16, got {compute_dtype}")
-        if compute_dtype == "float16" and not fused:
-            raise UnsupportedFeatureError("float16 compute needs the fused graph (--attention fused)")
-        g = GraphBuilder(f"lora-edge {spec.architecture}")
-        B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-        H, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        f32 = np.float32
-        ct = np.dtype(compute_dtype).type  # activations, KV cache, LoRA tensors
-        CT = 10 if ct is np.float16 else 1  # its ONNX type, for Cast
+        ``weights`` maps HF names to float arrays or :class:`QTensor`. ``options.fused`` writes ONNX Runtime's
+        fused operators (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, one matmul per
+        q/k/v and gate/up group); otherwise standard ONNX ops only."""
+        return DecoderGraph(self, base, weights, slots, options).build()
 
-        input_ids = g.input("input_ids", np.int64, [B, S])
-        attn_mask = g.input("attention_mask", np.int64, [B, T])
-        position_ids = g.input("position_ids", np.int64, [B, S])
-        past = []
-        for i in range(spec.num_layers):
-            k = g.input(f"past_key_values.{i}.key", ct, [B, KV, P, D])
-            v = g.input(f"past_key_values.{i}.value", ct, [B, KV, P, D])
-            past.append((k, v))
 
-        ops = linear_ops(g, spec, weights, slots, ct, store_fp16, accuracy_level, fused, lora_kernel, lora_dtype)
-        overridable = ops.adapter_inputs(null_rank)
-        float_weight, matmul_nbits_terms, with_lora = ops.float_weight, ops.matmul_nbits_terms, ops.with_lora
-        group_linear, gather_dequant, norm, add_norm = ops.group_linear, ops.gather_dequant, ops.norm, ops.add_norm
+class DecoderGraph:
+    """One decoder graph being written, step by step; the family's differences come from its spec (read from
+    the model) and from the family object (its groups, and whether q/k/v and gate/up are single modules)."""
 
-        # -- shared per-call values ------------------------------------------------------------
-        rope = spec.positions == "rope"
-        g.scope = "rotary"
-        if rope and fused:  # one (max_pos, D/2) table of cos and sin for RotaryEmbedding
-            positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
-            angles = positions * base.rope_inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
-            cos_cache = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
-            sin_cache = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
-        elif rope:  # cos and sin of this call's positions, standard ops
-            pos = g.op("Unsqueeze", [g.op("Cast", [position_ids], to=1), g.const([-1])])  # (B, S, 1)
-            freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", base.rope_inv_freq.astype(f32))])  # (B, S, D/2)
-            emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, S, D)
-            cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
-            if spec.rope_attention_scaling != 1.0:
-                scale = g.const(spec.rope_attention_scaling, f32)
-                cos, sin = g.op("Mul", [cos, scale]), g.op("Mul", [sin, scale])
-            cos = g.op("Unsqueeze", [cos, g.const([1])])  # (B, 1, S, D)
-            sin = g.op("Unsqueeze", [sin, g.const([1])])
-        g.scope = "mask"
-        if fused:
-            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [attn_mask, g.const([1])], keepdims=0), g.const(1)])], to=6)  # (B,) int32
-            total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)], to=6)  # scalar int32
+    def __init__(self, family: LlamaFamily, base: BaseModel, weights: dict, slots: dict[str, Slot],
+                 options: GraphOptions) -> None:  # fmt: skip
+        self.family, self.spec, self.weights, self.slots, self.options = family, base.spec, weights, slots, options
+        self.g = GraphBuilder(f"lora-edge {self.spec.architecture}")
+        self.io = self.inputs()
+        self.parts = Emitters.build(self.g, self.spec, weights, slots, options)
+        self.linear, self.norm = self.parts.linear, self.parts.norm
+        if options.fused:
+            self.attention = FusedAttention(self.g, self.spec, base.rope_inv_freq, self.io, options.ct)
         else:
-            seq_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)  # S
-            total = g.op("Gather", [g.op("Shape", [attn_mask]), g.const(1)], axis=0)  # T
-            past_len = g.op("Sub", [total, seq_len])  # P
-            q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total, g.const(1)]), g.const([1])])  # (S, 1)
-            k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, g.const(1)]), g.const([0])])  # (1, T)
-            causal = g.op("Not", [g.op("Greater", [k_pos, q_pos])])  # (S, T): key j visible from query i if j <= P+i
-            padding = g.op("Unsqueeze", [g.op("Cast", [attn_mask], to=9), g.const([1, 2])])  # (B, 1, 1, T)
-            allowed = g.op("And", [causal, padding])  # (B, 1, S, T)
-            attn_bias = g.op("Where", [allowed, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)])
+            self.attention = ReferenceAttention(self.g, self.spec, base.rope_inv_freq, self.io)
+        self.groups = dict(family.groups(self.spec, options.fused))
 
-        def heads(x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
-            return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])
+    def build(self) -> onnx.ModelProto:
+        x, residual, table = self.embedding()
+        for i in range(self.spec.num_layers):
+            x, residual = self.layer(i, x, residual)
+        self.outputs(self.logits(x, table))
+        return self.g.model(self.options.opset, self.parts.adapter_inputs(self.slots, self.weights, self.options))
 
-        def rotate(x: str) -> str:  # x*cos + rotate_half(x)*sin, rotate_half = cat(-x2, x1)
-            x1, x2 = g.op("Split", [x], n_out=2, axis=-1)
-            rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-            return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+    def inputs(self) -> DecoderInputs:
+        """The ONNX Runtime GenAI / Optimum decoder inputs; the KV cache in the compute dtype."""
+        g, spec, ct = self.g, self.spec, self.options.ct
+        ids, mask, positions = (g.input(name, np.int64, shape) for name, shape in
+                                (("input_ids", [B, S]), ("attention_mask", [B, T]), ("position_ids", [B, S])))  # fmt: skip
+        cache = [B, spec.num_kv_heads, P, spec.head_dim]
+        past = [tuple(g.input(f"past_key_values.{i}.{kv}", ct, cache) for kv in ("key", "value")) for i in range(spec.num_layers)]
+        return DecoderInputs(input_ids=ids, attention_mask=mask, position_ids=positions, past=past)
 
-        def repeat_kv(x: str) -> str:  # (B, KV, T, D) -> (B, H, T, D)
-            if H == KV:
-                return x
-            x5 = g.op("Unsqueeze", [x, g.const([2])])  # (B, KV, 1, T, D)
-            shape = g.op("Shape", [x5])
-            target = g.op("Concat", [g.op("Slice", [shape, g.const([0]), g.const([2])]), g.const([H // KV]),
-                                     g.op("Slice", [shape, g.const([3]), g.const([5])])], axis=0)  # fmt: skip
-            return g.op("Reshape", [g.op("Expand", [x5, target]), g.const([0, H, -1, D])])
+    def embedding(self) -> tuple[str, str, str | None]:
+        """(the first layer's normed input, the residual stream, the float embedding table for a tied head)."""
+        g, spec, ct = self.g, self.spec, self.options.ct
+        with g.scoped("embed"):
+            residual, table = token_embedding(g, self.parts.store, self.options, self.weights, self.slots, self.io.input_ids)
+            if spec.embed_scale != 1.0:  # Gemma: after the lookup (and its LoRA), as the model does
+                residual = g.op("Mul", [residual, g.const(spec.embed_scale, ct)])
+            if spec.positions == "learned":  # GPT-2: a table of position embeddings, gathered by position id
+                positions = g.weight("model.embed_positions.weight", self.weights["model.embed_positions.weight"].astype(ct))
+                residual = g.op("Add", [residual, g.op("Gather", [positions, self.io.position_ids], axis=0)])
+            return self.norm(residual, "model.layers.0.input_layernorm.weight"), residual, table
 
-        scale = spec.attn_scale if spec.attn_scale is not None else D**-0.5
-
-        def softcap(x: str, cap: float) -> str:  # cap * tanh(x / cap)
-            return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, g.const(cap, ct)])]), g.const(cap, ct)])
-
-        def activation(gate: str) -> str:
-            if spec.activation == "silu":
-                return g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-            if fused:  # the tanh approximation of GELU (gelu_pytorch_tanh), one fused kernel
-                return g.op("FastGelu", [gate], domain="com.microsoft")
-            inner = g.op("Mul", [g.op("Add", [gate, g.op("Mul", [g.op("Mul", [g.op("Mul", [gate, gate]), gate]), g.const(0.044715, ct)])]),
-                                 g.const(float(np.sqrt(2 / np.pi)), ct)])  # fmt: skip
-            return g.op("Mul", [g.op("Mul", [gate, g.const(0.5, ct)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, ct)])])
-
-        def head_norm(x: str, n: int, weight_name: str) -> str:  # RMSNorm over head_dim of each of n heads
-            return g.op("Reshape", [norm(g.op("Reshape", [x, g.const([0, 0, n, D])]), weight_name), g.const([0, 0, n * D])])
-
-        def attention(i: int, q: str, k: str, v: str) -> str:
-            """Causal attention over past + new keys; writes present.{i}.key/value. Returns (B, S, H*D)."""
-            if spec.qk_norm:
-                q = head_norm(q, H, f"model.layers.{i}.self_attn.q_norm.weight")
-                k = head_norm(k, KV, f"model.layers.{i}.self_attn.k_norm.weight")
-            if fused:
-                if rope:
-                    q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=H, interleaved=0)
-                    k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], domain="com.microsoft", num_heads=KV, interleaved=0)
-                out, *_ = g.op("GroupQueryAttention", [q, k, v, past[i][0], past[i][1], seqlens_k, total_len], domain="com.microsoft",
-                                 outs=[None, f"present.{i}.key", f"present.{i}.value"], num_heads=H, kv_num_heads=KV, scale=scale,
-                                 **({"softcap": spec.attn_softcap} if spec.attn_softcap else {}))  # fmt: skip
-                return out
-            q, k, v = heads(q, H), heads(k, KV), heads(v, KV)  # (B, n, S, D)
-            if rope:
-                q, k = rotate(q), rotate(k)
-            k_all = g.op("Concat", [past[i][0], k], axis=2, out=f"present.{i}.key")  # (B, KV, T, D)
-            v_all = g.op("Concat", [past[i][1], v], axis=2, out=f"present.{i}.value")
-            scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])])  # (B, H, S, T)
-            scores = g.op("Mul", [scores, g.const(scale, f32)])
-            if spec.attn_softcap:
-                scores = softcap(scores, spec.attn_softcap)
-            scores = g.op("Add", [scores, attn_bias])
-            ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeat_kv(v_all)])  # (B, H, S, D)
-            return g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, H * D])])  # (B, S, H*D)
-
-        # -- the decoder -----------------------------------------------------------------------
-        g.scope = "embed"
-        table = weights["model.embed_tokens.weight"]
-        if isinstance(table, QTensor):
-            residual = gather_dequant("model.embed_tokens.weight", table, input_ids)
-        else:
-            embed_value = float_weight("model.embed_tokens.weight", table)  # one copy serves Gather and a tied head
-            residual = g.op("Gather", [embed_value, input_ids], axis=0)
-        emb_slot = slots.get("model.embed_tokens")
-        if emb_slot is not None:  # embedding LoRA: rows of A gathered by token id, then @ B
-            with g.scoped("lora/model.embed_tokens"):
-                delta = g.op("MatMul", [g.op("Gather", [emb_slot.a_name, input_ids], axis=0), emb_slot.b_name])
-                residual = g.op("Add", [residual, delta])
-        if spec.embed_scale != 1.0:  # Gemma: after the lookup (and its LoRA), as the model does
-            residual = g.op("Mul", [residual, g.const(spec.embed_scale, ct)])
-        if spec.positions == "learned":  # GPT-2: a table of position embeddings, gathered by position id
-            pos_table = g.weight("model.embed_positions.weight", weights["model.embed_positions.weight"].astype(ct))
-            residual = g.op("Add", [residual, g.op("Gather", [pos_table, position_ids], axis=0)])
-        groups = self.groups(spec, fused)
-        per_layer = (len(groups) - 1) // spec.num_layers
-        x = norm(residual, "model.layers.0.input_layernorm.weight")
-        for i in range(spec.num_layers):
-            p = f"model.layers.{i}"
-            g.scope = p
-            layer = dict(groups[i * per_layer : (i + 1) * per_layer])
-            if self.hf_fused:  # one module in the model: its LoRA is one branch, its output is split here
-                (qkv,) = group_linear(x, f"{p}.self_attn.qkv_proj", (f"{p}.self_attn.qkv_proj",))
-                q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], n_out=3, axis=-1)
-            elif fused:
-                q, k, v = group_linear(x, f"{p}.self_attn.qkv_proj", layer[f"{p}.self_attn.qkv_proj"])
-            else:
-                (q,), (k,), (v,) = (group_linear(x, f"{p}.self_attn.{n}", (f"{p}.self_attn.{n}",)) for n in ("q_proj", "k_proj", "v_proj"))
-            ctx = attention(i, q, k, v)
-            (o,) = group_linear(ctx, f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj",))
+    def layer(self, i: int, x: str, residual: str) -> tuple[str, str]:
+        """One decoder layer: attention and MLP around the residual stream; returns the next layer's (normed
+        input, residual) (the last layer's: the final norm's)."""
+        g, spec, p = self.g, self.spec, f"model.layers.{i}"
+        with g.scoped(p):
+            q, k, v = self.qkv(p, x)
+            (o,) = self.linear.group(self.attend(i, q, k, v), f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj",))
             if spec.sandwich_norms:  # Gemma 2: norm the attention output, then the MLP input
-                o = norm(o, f"{p}.post_attention_layernorm.weight")
-                x, residual = add_norm(residual, o, f"{p}.pre_feedforward_layernorm.weight")
+                o = self.norm(o, f"{p}.post_attention_layernorm.weight")
+                x, residual = self.norm.add(residual, o, f"{p}.pre_feedforward_layernorm.weight")
             else:
-                x, residual = add_norm(residual, o, f"{p}.post_attention_layernorm.weight")
-            if not spec.mlp_gated:  # GPT-2: act(up(x))
-                (up,) = group_linear(x, f"{p}.mlp.up_proj", (f"{p}.mlp.up_proj",))
-                act = activation(up)
-            else:
-                if self.hf_fused:
-                    (gate_up,) = group_linear(x, f"{p}.mlp.gate_up_proj", (f"{p}.mlp.gate_up_proj",))
-                    gate, up = g.op("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
-                elif fused:
-                    gate, up = group_linear(x, f"{p}.mlp.gate_up_proj", layer[f"{p}.mlp.gate_up_proj"])
-                else:
-                    (gate,), (up,) = (group_linear(x, f"{p}.mlp.{n}", (f"{p}.mlp.{n}",)) for n in ("gate_proj", "up_proj"))
-                act = g.op("Mul", [activation(gate), up])  # act(gate) * up
-            (down,) = group_linear(act, f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj",))
+                x, residual = self.norm.add(residual, o, f"{p}.post_attention_layernorm.weight")
+            down = self.mlp(p, x)
             if spec.sandwich_norms:
-                down = norm(down, f"{p}.post_feedforward_layernorm.weight")
+                down = self.norm(down, f"{p}.post_feedforward_layernorm.weight")
             nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.num_layers else "model.norm.weight"
-            x, residual = add_norm(residual, down, nxt)
+            return self.norm.add(residual, down, nxt)
 
-        g.scope = "head"
-        if "lm_head.weight" in weights:  # untied, or tied but merged with an lm_head delta
-            (logits,) = group_linear(x, "lm_head", ("lm_head",))
-        else:  # tied: read the embedding's own weights, never a transposed copy
-            if isinstance(table, QTensor):
-                terms = matmul_nbits_terms(x, "model.embed_tokens.weight", table)
+    def qkv(self, p: str, x: str) -> tuple[str, str, str]:
+        """q (B, S, H*D), k and v (B, S, KV*D)."""
+        a, spec = f"{p}.self_attn", self.spec
+        if self.family.hf_fused:  # one module in the model: its LoRA is one branch, its output is split here
+            (qkv,) = self.linear.group(x, f"{a}.qkv_proj", (f"{a}.qkv_proj",))
+            sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
+            return tuple(self.g.op("Split", [qkv, self.g.const(sizes)], n_out=3, axis=-1))
+        if self.options.fused:
+            return tuple(self.linear.group(x, f"{a}.qkv_proj", self.groups[f"{a}.qkv_proj"]))
+        (q,), (k,), (v,) = (self.linear.group(x, f"{a}.{n}", (f"{a}.{n}",)) for n in ("q_proj", "k_proj", "v_proj"))
+        return q, k, v
+
+    def attend(self, i: int, q: str, k: str, v: str) -> str:
+        """Causal attention over past + new keys (Qwen3: per-head RMSNorm of q and k first); (B, S, H*D)."""
+        spec = self.spec
+        if spec.qk_norm:
+            q = self.head_norm(q, spec.num_heads, f"model.layers.{i}.self_attn.q_norm.weight")
+            k = self.head_norm(k, spec.num_kv_heads, f"model.layers.{i}.self_attn.k_norm.weight")
+        return self.attention(i, q, k, v)
+
+    def head_norm(self, x: str, n: int, weight_name: str) -> str:  # the norm over head_dim of each of n heads
+        g, D = self.g, self.spec.head_dim
+        heads = g.op("Reshape", [x, g.const([0, 0, n, D])])  # (B, S, n, D)
+        return g.op("Reshape", [self.norm(heads, weight_name), g.const([0, 0, n * D])])  # (B, S, n*D)
+
+    def mlp(self, p: str, x: str) -> str:
+        """down(act(gate(x)) * up(x)), or GPT-2's ungated down(act(up(x)))."""
+        g, spec, m = self.g, self.spec, f"{p}.mlp"
+
+        def act(t: str) -> str:
+            return activation(g, spec.activation, t, self.options.fused, self.options.ct)
+
+        if not spec.mlp_gated:
+            (up,) = self.linear.group(x, f"{m}.up_proj", (f"{m}.up_proj",))
+            hidden = act(up)
+        else:
+            if self.family.hf_fused:
+                (gate_up,) = self.linear.group(x, f"{m}.gate_up_proj", (f"{m}.gate_up_proj",))
+                gate, up = g.op("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
+            elif self.options.fused:
+                gate, up = self.linear.group(x, f"{m}.gate_up_proj", self.groups[f"{m}.gate_up_proj"])
+            else:
+                (gate,), (up,) = (self.linear.group(x, f"{m}.{n}", (f"{m}.{n}",)) for n in ("gate_proj", "up_proj"))
+            hidden = g.op("Mul", [act(gate), up])
+        (down,) = self.linear.group(hidden, f"{m}.down_proj", (f"{m}.down_proj",))
+        return down
+
+    def logits(self, x: str, table: str | None) -> str:
+        """(B, S, V) in the compute dtype; a tied head reads the embedding's own weights, never a transposed copy."""
+        g, spec = self.g, self.spec
+        with g.scoped("head"):
+            if "lm_head.weight" in self.weights:  # untied, or tied but merged with an lm_head delta
+                (logits,) = self.linear.group(x, "lm_head", ("lm_head",))
+            elif table is None:  # quantized: the embedding's MatMulNBits initializers
+                terms = self.parts.projections.quantized(x, EMBED_WEIGHT, self.weights[EMBED_WEIGHT])
+                logits = self.linear.with_lora(x, "lm_head", terms)
             else:
                 flat = g.op("Reshape", [x, g.const([-1, spec.hidden_size])])  # (B*S, h)
-                logits2d = g.op("Gemm", [flat, embed_value], transB=1)  # (B*S, V)
-                dims = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])]), g.const([spec.vocab_size])], axis=0)
-                terms = [g.op("Reshape", [logits2d, dims])]  # (B, S, V)
-            logits = with_lora(x, "lm_head", terms)
+                logits2d = g.op("Gemm", [flat, table], transB=1)  # (B*S, V)
+                batch_seq = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])  # [B, S]
+                dims = g.op("Concat", [batch_seq, g.const([spec.vocab_size])], axis=0)  # [B, S, V]
+                logits = self.linear.with_lora(x, "lm_head", [g.op("Reshape", [logits2d, dims])])  # (B, S, V)
+            if spec.final_softcap:
+                logits = softcap(g, logits, spec.final_softcap, self.options.ct)
+            return logits
 
-        if spec.final_softcap:
-            logits = softcap(logits, spec.final_softcap)
-        g.scope = ""
-        if ct is not f32:
-            logits = g.op("Cast", [logits], to=1)
-        g.output(logits, "logits", f32, [B, S, spec.vocab_size])
+    def outputs(self, logits: str) -> None:
+        """logits (float32 whatever the compute dtype), and the present KV cache the attention wrote."""
+        g, spec, opts = self.g, self.spec, self.options
+        if opts.ct is not np.float32:
+            logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        g.output(logits, "logits", np.float32, [B, S, spec.vocab_size])
+        cache = [B, spec.num_kv_heads, T, spec.head_dim]
         for i in range(spec.num_layers):
-            g.outputs.append(_vi(f"present.{i}.key", [B, KV, T, D], CT))
-            g.outputs.append(_vi(f"present.{i}.value", [B, KV, T, D], CT))
-        return g.model(opset, overridable)
-
-
-def _vi(name: str, shape: list, elem_type: int = 1):
-    from onnx import helper
-
-    return helper.make_tensor_value_info(name, elem_type, shape)
+            for kv in ("key", "value"):  # the attention's nodes already write them under these names
+                g.output(f"present.{i}.{kv}", f"present.{i}.{kv}", opts.ct, cache)
 
 
 FAMILY = LlamaFamily()
