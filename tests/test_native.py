@@ -85,8 +85,9 @@ def set_stored_weights(model, base_dir, adapter_dir, lora_dtype: str) -> None:
     """Set a PEFT model's LoRA weights to the values a native package stores for ``adapter_dir``."""
     import torch
 
-    from lora_edge.compile.peft import read_adapter
-    from lora_edge.compile.slots import balanced, plan_slots
+    from lora_edge.adapters.layout import balanced
+    from lora_edge.adapters.peft import read_adapter
+    from lora_edge.compile.slots import plan_slots
     from lora_edge.compile.models import family_for
     from lora_edge.compile.models.loader import load_base
 

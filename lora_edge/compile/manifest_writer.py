@@ -11,7 +11,7 @@ from ..recipes import recipe_of
 from .graph.builder import kernel_features
 from .models import Slot
 from .models.spec import BaseModel
-from .peft import Adapter
+from ..adapters.peft import Adapter
 
 
 def quantization_record(q: QuantConfig, tensors: dict[str, int], sizes: dict[str, int] | None, quantized_embeddings: bool) -> Quantization:
@@ -30,7 +30,7 @@ def quantization_record(q: QuantConfig, tensors: dict[str, int], sizes: dict[str
     )
 
 
-def build_manifest(cfg: ExportConfig, base: BaseModel, adapters: list[Adapter], slots: dict[str, Slot], model,
+def build_manifest(cfg: ExportConfig, base: BaseModel, adapters: list[Adapter], slots: tuple[SlotInfo, ...], model,
                    quantization: Quantization, graph_file: str, blob: tuple) -> Manifest:  # fmt: skip
     return Manifest(
         lora_edge_version=__version__,
@@ -39,9 +39,11 @@ def build_manifest(cfg: ExportConfig, base: BaseModel, adapters: list[Adapter], 
         mode=cfg.mode,
         quantization=quantization,
         graph=graph_info(cfg, model, graph_file, blob),
-        slots=tuple(slot_info(cfg, s, adapters, blob) for s in slots.values()),
+        slots=slots,
         adapters={a.name: adapter_info(cfg, a) for a in adapters},
         tokenizer={"files": tuple(sorted(base.tokenizer_files))},
+        modules=tuple(base.linear_modules.values()),
+        replaceable=tuple(sorted(base.replaceable)),
     )
 
 

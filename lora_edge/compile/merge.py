@@ -6,7 +6,7 @@ import numpy as np
 
 from ..package.manifest import EMBEDDING
 from .models.spec import BaseModel
-from .peft import Adapter
+from ..adapters.peft import Adapter
 
 
 def merged_weights(base: BaseModel, adapter: Adapter) -> dict[str, np.ndarray]:

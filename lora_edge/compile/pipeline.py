@@ -11,20 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from ..adapters.peft import Adapter, check_adapter_files, read_adapter
+from ..adapters.storage import Storage
 from ..config import ExportConfig, Mode, QuantAlgo, Target, WeightType
 from ..errors import InputError
 from ..package.manifest import Manifest
 from ..package.store import check_output, staged_output, write_manifest
-from .adapter_file import write_adapter_file
 from .graph.blob import blob_geometry, blob_slots
 from .graph.options import GraphOptions
-from .manifest_writer import build_manifest, quantization_record
+from .manifest_writer import build_manifest, quantization_record, slot_info
 from .merge import merged_weights
 from .models import Slot, family_for
 from .models.spec import BaseModel
-from .peft import Adapter, check_adapter_files, read_adapter
 from .quant.blocks import quantize_weights
 from .slots import plan_slots
 from .targets import to_ort_format, write_genai_config
@@ -53,10 +51,12 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     with staged_output(cfg.output, cfg.force) as tmp:
         graph_file = write_graph(cfg, model, tmp, progress)
         blob = blob_layout(cfg, slots)
-        write_adapters(cfg, base, adapters, slots, blob, tmp, progress)
+        slot_infos = tuple(slot_info(cfg, s, adapters, blob) for s in slots.values())
+        storage = Storage(base.identity, slot_infos, cfg.compute_dtype, cfg.lora_dtype if cfg.native else None, blob)
+        write_adapters(cfg, adapters, storage, tmp, progress)
         write_side_files(cfg, base, graph_file, tmp)
         progress("writing manifest.json")
-        manifest = build_manifest(cfg, base, adapters, slots, model, quantization, graph_file, blob)
+        manifest = build_manifest(cfg, base, adapters, slot_infos, model, quantization, graph_file, blob)
         manifest = write_manifest(tmp, manifest)
     return ExportResult(path=Path(cfg.output), manifest=manifest)
 
@@ -148,15 +148,13 @@ def blob_layout(cfg: ExportConfig, slots: dict[str, Slot]) -> tuple[tuple[str, s
     return tuple((s.a_name, s.b_name, *blob_geometry(s)) for s in blob_slots(slots, cfg.lora_kernel, cfg.lora_dtype))
 
 
-def write_adapters(cfg: ExportConfig, base: BaseModel, adapters: list[Adapter], slots: dict[str, Slot], blob: tuple,
-                   tmp: Path, progress: Progress) -> None:  # fmt: skip
+def write_adapters(cfg: ExportConfig, adapters: list[Adapter], storage: Storage, tmp: Path, progress: Progress) -> None:
     if cfg.mode is not Mode.BRANCH or not adapters:
         return
     (tmp / "adapters").mkdir()
     for a in adapters:
         progress(f"writing adapters/{a.name}.onnx_adapter")
-        write_adapter_file(tmp / "adapters" / f"{a.name}.onnx_adapter", a, slots, base.identity, np.dtype(cfg.compute_dtype),
-                           lora_dtype=cfg.lora_dtype if cfg.native else None, blob=blob)  # fmt: skip
+        storage.write(tmp / "adapters" / f"{a.name}.onnx_adapter", storage.tensors(a))
 
 
 def write_side_files(cfg: ExportConfig, base: BaseModel, graph_file: str, tmp: Path) -> None:

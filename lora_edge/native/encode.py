@@ -21,7 +21,6 @@ def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-
 def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (native/src).
 
@@ -51,12 +50,19 @@ def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 
+Q8xParts = tuple  # (qa, sa, qb, sb) of one branch, as quantize_q8x returns them
+
 
 def w8a8_blob(parts: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]]) -> np.ndarray:
-    """The w8a8 blob: one int8 tensor holding every q8x branch's A, B and scales, so that a run binds
-    one input for all of them. ``parts``: per branch of the package, in its order, ((chunks, c), the float (A, B) as
-    :func:`quantize_q8x` takes them, or None where the adapter leaves the branch alone). Layout: int64 n, then per
-    branch the int64 fields of :data:`~lora_edge.native.contract.BLOB_FIELDS`, then the arrays, each at a multiple of
+    """The w8a8 blob: one int8 tensor holding every q8x branch's A, B and scales, so that a run binds one input for all
+    of them. ``parts``: per branch of the package, in its order, ((chunks, c), the float (A, B) as :func:`quantize_q8x`
+    takes them, or None where the adapter leaves the branch alone)."""
+    return pack_blob([(geometry, quantize_q8x(*pair) if pair is not None else None) for geometry, pair in parts])
+
+
+def pack_blob(parts: Sequence[tuple[tuple[int, int], Q8xParts | None]]) -> np.ndarray:
+    """The blob of already quantized branches. Layout: int64 n, then per branch the int64 fields of
+    :data:`~lora_edge.native.contract.BLOB_FIELDS`, then the arrays, each at a multiple of
     :data:`~lora_edge.native.contract.BLOB_ALIGN` bytes."""
     n_fields = len(BLOB_FIELDS)
     header = np.zeros(1 + n_fields * len(parts), np.int64)
@@ -71,13 +77,33 @@ def w8a8_blob(parts: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarra
         start, at = at, at + arr.nbytes
         return start
 
-    for i, ((chunks, c), pair) in enumerate(parts):
+    for i, ((chunks, c), q) in enumerate(parts):
         fields = [0, 0, 0, 0, 0, chunks, 0, c]
-        if pair is not None:
-            qa, sa, qb, sb = quantize_q8x(*pair)
+        if q is not None:
+            qa, sa, qb, sb = q
             fields = [put(qa), put(sa), put(qb), put(sb), qa.shape[1], qb.shape[0], 4 * qb.shape[1], qb.shape[2]]
         header[1 + n_fields * i : 1 + n_fields * (i + 1)] = fields
     return np.concatenate(pieces)
+
+
+def unpack_blob(blob: np.ndarray, k_rows: Sequence[int]) -> list[tuple[tuple[int, int], Q8xParts | None]]:
+    """The branches of a blob (the inverse of :func:`pack_blob`); ``k_rows``: each branch's A rows in the q8x order
+    (ceil(K / 32) * 8), which the header does not record."""
+    raw = np.ascontiguousarray(blob).view(np.int8).reshape(-1)
+    n_fields = len(BLOB_FIELDS)
+    n = int(raw[:8].view(np.int64)[0])
+    header = raw[8 : 8 * (1 + n_fields * n)].view(np.int64).reshape(n, n_fields)
+    out = []
+    for (a_at, sa_at, b_at, sb_at, rank, chunks, r, c), rows in zip(header.tolist(), k_rows):
+        if rank == 0:
+            out.append(((chunks, c), None))
+            continue
+        qa = raw[a_at : a_at + rows * rank * 4].reshape(rows, rank, 4)
+        sa = raw[sa_at : sa_at + 4 * rank].view(np.float32)
+        qb = raw[b_at : b_at + chunks * r * c].reshape(chunks, r // 4, c, 4)
+        sb = raw[sb_at : sb_at + 4 * chunks * r].view(np.float32).reshape(chunks, r)
+        out.append(((chunks, c), (qa, sa, qb, sb)))
+    return out
 
 
 def encode(tensors: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], lora_dtype: LoraDtype,

@@ -53,7 +53,7 @@ def _io_lines(m: Manifest) -> list[str]:
     ]
 
 
-def _adapter_lines(m: Manifest) -> list[str]:
+def adapter_lines(m: Manifest) -> list[str]:
     if not m.adapters:
         return ["adapters    none"]
     lines = ["adapters", f"  {'name':<14}{'rank':>6}{'alpha':>8}{'kind':>8}{'modules':>9}{'params':>11}{'size':>12}  targets"]
@@ -84,5 +84,5 @@ def render(m: Manifest) -> str:
         f"kernel      {_kernel_line(m)}",
         *_io_lines(m),
         f"slots       {len(m.slots)} LoRA branches" + (": " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else ""),
-        *_adapter_lines(m),
+        *adapter_lines(m),
     ])  # fmt: skip

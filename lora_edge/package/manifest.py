@@ -67,6 +67,20 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
+class LinearModule:
+    """A linear layer an adapter may target: y = x @ W.T, W of shape (out_features, in_features)."""
+
+    path: str  # the name inside lora-edge (graph, slots, manifest), e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    peft_path: str = ""  # the module's name in the PyTorch model, which adapters use; "" = path
+
+    @property
+    def peft(self) -> str:
+        return self.peft_path or self.path
+
+
+@dataclass(frozen=True)
 class BaseInfo:
     source: str
     sha256: str  # of the weight file(s)
@@ -204,6 +218,10 @@ class Manifest:
     adapters: dict[str, AdapterInfo]
     tokenizer: dict[str, tuple[str, ...]]  # {"files": [...]}
     recipe: str = CUSTOM_RECIPE
+    # every linear layer of the base and the modules an adapter may replace (modules_to_save): what a device
+    # matches a PEFT adapter's target_modules against
+    modules: tuple[LinearModule, ...] = ()
+    replaceable: tuple[str, ...] = ()
     files: dict[str, FileEntry] = field(default_factory=dict)
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION

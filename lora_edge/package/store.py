@@ -81,6 +81,25 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def updated_package(root: Path, leave_out: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A staged copy of the package at ``root`` (its files hard-linked where the file system allows, so a large base
+    costs nothing) to change and write a new manifest into; it replaces ``root`` as :func:`staged_output` does, so a
+    kill at any point leaves the old package intact. ``leave_out``: files (relative paths) not carried over."""
+    root = Path(root)
+    with staged_output(root, force=True) as tmp:
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root).as_posix()
+            if not f.is_file() or f.name == MANIFEST or rel in leave_out:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, tmp / rel)
+            except OSError:  # another file system, or one without hard links
+                shutil.copy2(f, tmp / rel)
+        yield tmp
+
+
 def _remove_stale(out: Path) -> None:
     """Clean up after exports to ``out`` whose process is gone (killed mid-export).
 

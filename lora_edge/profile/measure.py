@@ -22,11 +22,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from ..adapters.layout import ranked_shapes
+from ..adapters.storage import Storage
 from ..errors import InputError
 from ..native.encode import encode
 from ..package.manifest import EMBEDDING
 from ..runtime import DecoderModel, load
-from ..runtime.adapters import load_adapter_file, ranked_shapes, slot_shapes
 from .child import Job
 from .config import DATA, Workload
 from .report import Percentiles, Spread
@@ -155,11 +156,11 @@ def count_sweep(job: Job, model: DecoderModel, tick: Tick) -> list[dict]:
     if not files:
         raise InputError(f"{job['package']} has no adapter files; the adapter-count sweep loads copies of one")
     path, name = max(files, key=lambda f: f[0].stat().st_size)
-    slot_inputs = slot_shapes(manifest.slots)
+    storage = Storage.of(manifest)
     held, points = [], []
     for c in sorted(job["counts"]):
         while len(held) < c:
-            held.append(load_adapter_file(path, name, manifest.base.identity, slot_inputs))
+            held.append(storage.read(path, name))
         points.append({"package": job["label"], "kind": "adapters", "value": c, "threads": job["threads"],
                        "rss_mib": rss_of() / MiB, "adapter_file_mib": path.stat().st_size / MiB})  # fmt: skip
         tick(f"{job['label']} {c} adapters")

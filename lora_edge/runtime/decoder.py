@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import RuntimeInputError
+from .adapter_set import AdapterChoice
 from .session import PackageModel
 
 Step = Callable[[np.ndarray, int], np.ndarray]
@@ -59,9 +60,11 @@ class DecoderModel(PackageModel):
         return [z] * (2 * self.num_layers)
 
     # -- one graph call -------------------------------------------------------------------
-    def forward(self, input_ids, adapter: str | None = None, attention_mask=None, position_ids=None,
-                past: list[np.ndarray] | None = None, return_past: bool = False):  # fmt: skip
-        """Logits (batch, seq, vocab) for ``input_ids`` (batch, seq); optionally the new KV cache."""
+    def forward(self, input_ids, adapter: AdapterChoice = None, attention_mask=None, position_ids=None,
+                past: list[np.ndarray] | None = None, return_past: bool = False, *, scale: float = 1.0):  # fmt: skip
+        """Logits (batch, seq, vocab) for ``input_ids`` (batch, seq); optionally the new KV cache. ``adapter``: a name,
+        a blend ``{name: weight}``, or None for the base; ``scale``: its strength."""
+        adapter = self._adapters.key(adapter, scale)
         ids = self._as_ids(input_ids)
         b, s = ids.shape
         past = past if past is not None else self.empty_past(b)
@@ -86,7 +89,7 @@ class DecoderModel(PackageModel):
         return (outs[0], outs[1:]) if return_past else outs[0]
 
     # -- step functions -------------------------------------------------------------------
-    def steps(self, adapter: str | None, capacity: int, batch: int = 1) -> Step:
+    def steps(self, adapter: AdapterChoice, capacity: int, batch: int = 1) -> Step:
         """A decoding loop's step function: ``step(ids (batch, s), total) -> last logits (batch, vocab)``,
         where ``total`` counts the tokens so far including ``ids`` (rows of equal length, no padding)."""
         if not self.fused_attention:
@@ -99,7 +102,7 @@ class DecoderModel(PackageModel):
 
         return step
 
-    def _plain_steps(self, adapter: str | None, batch: int = 1) -> Step:
+    def _plain_steps(self, adapter: AdapterChoice, batch: int = 1) -> Step:
         """Reference graphs: the KV cache comes back as new arrays each step."""
         state = {"past": self.empty_past(batch)}
 
@@ -112,22 +115,24 @@ class DecoderModel(PackageModel):
         return step
 
     # -- generation -----------------------------------------------------------------------
-    def generate_ids(self, prompt_ids: Sequence[int], adapter: str | None = None, max_new_tokens: int = 64,
+    def generate_ids(self, prompt_ids: Sequence[int], adapter: AdapterChoice = None, max_new_tokens: int = 64,
                      min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None,
-                     eos_ids: frozenset[int] | None = None) -> tuple[list[int], str]:  # fmt: skip
+                     eos_ids: frozenset[int] | None = None, *, scale: float = 1.0) -> tuple[list[int], str]:  # fmt: skip
         """Greedy decoding from token ids: prefill in one call, then one call per new token. Returns (tokens,
         "eos" | "length")."""
         each = None if on_token is None else (lambda row, t: on_token(t))
+        adapter = self._adapters.key(adapter, scale)
         return self._generate([prompt_ids], adapter, max_new_tokens, min_new_tokens, eos_ids, each)[0]
 
-    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: str | None = None, max_new_tokens: int = 64,
-                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
+    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: AdapterChoice = None, max_new_tokens: int = 64,
+                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None, *,
+                           scale: float = 1.0) -> list[tuple[list[int], str]]:  # fmt: skip
         """Greedy decoding of several prompts of any lengths. On fused graphs they are one batch: right-padded and
         prefilled in one call, then each step feeds every row its next token; the attention mask carries each
         row's length (GroupQueryAttention reads it as seqlens), so every row attends to its own tokens only and
         writes its keys/values at its own position of the shared cache. Each row gives exactly what
         :meth:`generate_ids` gives for it alone."""
-        return self._generate(prompts, adapter, max_new_tokens, min_new_tokens, eos_ids, None)
+        return self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, eos_ids, None)
 
     def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token) -> list[tuple[list[int], str]]:
         prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
@@ -158,7 +163,7 @@ class DecoderModel(PackageModel):
             raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
         return prompts
 
-    def stream(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
+    def stream(self, prompt: str, adapter: AdapterChoice = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
         """Yield text pieces as they are generated (runs the loop in a worker thread)."""
         import queue
 
@@ -192,17 +197,20 @@ class DecoderModel(PackageModel):
     def generate(
         self,
         prompt: str | Sequence[str],
-        adapter: str | None = None,
+        adapter: AdapterChoice = None,
         max_new_tokens: int = 64,
         min_new_tokens: int = 0,
         chat: bool = True,
         return_result: bool = False,
+        *,
+        scale: float = 1.0,
     ):
         """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``.
 
         A list of prompts gives a list of answers, decoded together as one batch on the fused graph
         (:meth:`generate_ids_batch`), one after another on a reference graph."""
         tok = self.tokenizer
+        adapter = self._adapters.key(adapter, scale)
         if not isinstance(prompt, str):
             prompts = [tok.encode(p, chat) for p in prompt]
             results = self.generate_ids_batch(prompts, adapter, max_new_tokens, min_new_tokens)

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RuntimeInputError
+from .adapter_set import AdapterChoice
 from .session import PackageModel
 
 
@@ -22,7 +23,8 @@ class EncoderModel(PackageModel):
         self.position_offset = spec.position_offset
         self.has_token_types = bool(spec.type_vocab_size)
 
-    def forward(self, input_ids, adapter: str | None = None, attention_mask=None, token_type_ids=None, **_ignored) -> dict[str, np.ndarray]:
+    def forward(self, input_ids, adapter: AdapterChoice = None, attention_mask=None, token_type_ids=None, *,
+                scale: float = 1.0) -> dict[str, np.ndarray]:  # fmt: skip
         """{"last_hidden_state": (batch, seq, hidden), "logits": (batch, num_labels) for a classifier}."""
         ids = self._as_ids(input_ids)
         if ids.shape[1] > self.max_length:
@@ -33,7 +35,7 @@ class EncoderModel(PackageModel):
             positions = np.cumsum(real, axis=1) * real + self.position_offset
         else:
             positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        with self.bound(adapter) as io:
+        with self.bound(adapter, scale) as io:
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
@@ -52,18 +54,18 @@ class EncoderModel(PackageModel):
             ids[i, : len(e)], mask[i, : len(e)] = e, 1
         return ids, mask
 
-    def embed(self, texts: Sequence[str], adapter: str | None = None, normalize: bool = True) -> np.ndarray:
+    def embed(self, texts: Sequence[str], adapter: AdapterChoice = None, normalize: bool = True, *, scale: float = 1.0) -> np.ndarray:
         """Mean-pooled sentence embeddings (batch, hidden), as sentence-transformers computes them."""
         ids, mask = self._batch([texts] if isinstance(texts, str) else list(texts))
-        hidden = self.forward(ids, adapter, attention_mask=mask)["last_hidden_state"]
+        hidden = self.forward(ids, adapter, attention_mask=mask, scale=scale)["last_hidden_state"]
         pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True) if normalize else pooled
 
-    def classify(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+    def classify(self, texts: Sequence[str], adapter: AdapterChoice = None, *, scale: float = 1.0) -> np.ndarray:
         """Label probabilities (batch, num_labels), softmax of the classifier's logits."""
         if not self.num_labels:
             raise RuntimeInputError(f"{self.root} is an encoder without a classification head; use embed()")
         ids, mask = self._batch([texts] if isinstance(texts, str) else list(texts))
-        logits = self.forward(ids, adapter, attention_mask=mask)["logits"]
+        logits = self.forward(ids, adapter, attention_mask=mask, scale=scale)["logits"]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)

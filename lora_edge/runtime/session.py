@@ -19,11 +19,12 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ..config import Mode, Target
+from ..config import Target
 from ..errors import PackageError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
-from .adapters import check_adapter_tensors, load_adapter_file, slot_shapes
+from ..adapters.storage import Storage
+from .adapter_set import AdapterChoice, AdapterSet
 from .tokenizer import Tokenizer
 
 AdapterTensors = Mapping[str, ort.OrtValue]
@@ -37,8 +38,6 @@ class PackageModel:
         self.root = root
         self.manifest = manifest
         self.session = session
-        self._adapters = dict(adapters)
-        self._adapters_lock = threading.Lock()
         spec = manifest.spec
         self.num_layers = spec.num_layers
         self.num_kv_heads = spec.num_kv_heads
@@ -53,12 +52,12 @@ class PackageModel:
         self._tokenizer: Tokenizer | None = None
         self._tok_lock = threading.Lock()
         self._pools = threading.local()
-        self._slot_inputs = slot_shapes(manifest.slots)
+        self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device, adapters)
 
     # -- facts ----------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return sorted(self._adapters)
+        return self._adapters.names
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -70,50 +69,49 @@ class PackageModel:
             return self._tokenizer
 
     # -- adapters -------------------------------------------------------------------------
-    def check_adapter(self, adapter: str | None) -> AdapterTensors:
-        """The tensors to bind for ``adapter`` (empty for the base); a clear error for an unknown name."""
-        if adapter is None:
-            return {}
-        tensors = self._adapters.get(adapter)
-        if tensors is None:
-            avail = ", ".join(self.adapters) or "none"
-            if self.manifest.mode is Mode.MERGE and adapter in self.manifest.adapters:
-                raise RuntimeInputError(f"adapter {adapter!r} is merged into this package's weights; run without --adapter")
-            raise RuntimeInputError(f"unknown adapter {adapter!r}; this package has: {avail}")
-        return tensors
+    def check_adapter(self, adapter: AdapterChoice, scale: float = 1.0) -> AdapterTensors:
+        """The tensors to bind for ``adapter`` (a name, a blend {name: weight}, or None for the base) at ``scale``;
+        one clear line for an unknown name or a bad weight."""
+        return self._adapters.tensors(self._adapters.key(adapter, scale))
+
+    def load_adapter(self, name: str, path: Path | str) -> None:
+        """Load an adapter at run time: an .onnx_adapter file compiled for this package, or a PEFT adapter directory
+        (adapter_config.json + adapter_model.safetensors, converted with numpy). Calls in flight are not disturbed."""
+        self._adapters.load(name, Path(path))
 
     def add_adapter(self, name: str, tensors: Mapping[str, np.ndarray | ort.OrtValue]) -> None:
-        """Make ``tensors`` (graph input name -> array, as an adapter file holds them) usable as ``adapter=name``.
-        They are checked against the graph's LoRA inputs; calls in flight keep the tensors they started with."""
-        shapes = {k: tuple(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for k, v in tensors.items()}
-        check_adapter_tensors("tensors", name, shapes, self._slot_inputs)
-        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
-                  for k, v in tensors.items()}  # fmt: skip
-        with self._adapters_lock:
-            self._adapters = {**self._adapters, name: values}  # a new dict: readers never see it change
-        self._pools = threading.local()  # bindings pooled under this name are stale
+        """Make ``tensors`` (graph input name -> array, as an adapter file holds them) usable as ``adapter=name``."""
+        self._adapters.add(name, tensors)
 
-    def remove_adapter(self, name: str) -> None:
-        self.check_adapter(name)
-        with self._adapters_lock:
-            self._adapters = {k: v for k, v in self._adapters.items() if k != name}
-        self._pools = threading.local()
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; its memory is returned once no call in flight uses it."""
+        self._adapters.remove(name)
+
+    remove_adapter = unload_adapter
 
     # -- bindings -------------------------------------------------------------------------
-    def binding(self, adapter: str | None) -> ort.IOBinding:
+    def binding(self, adapter: AdapterChoice, scale: float = 1.0) -> ort.IOBinding:
         """A new IOBinding with ``adapter``'s tensors bound (what the first call with an adapter on a thread costs)."""
+        return self._binding(self._adapters.key(adapter, scale))
+
+    def _binding(self, key) -> ort.IOBinding:
         io = self.session.io_binding()
-        for name, value in self.check_adapter(adapter).items():
+        for name, value in self._adapters.tensors(key).items():
             io.bind_ortvalue_input(name, value)
         return io
 
     @contextlib.contextmanager
-    def bound(self, adapter: str | None) -> Iterator[ort.IOBinding]:
+    def bound(self, adapter: AdapterChoice, scale: float = 1.0) -> Iterator[ort.IOBinding]:
         """An IOBinding with ``adapter`` bound, from this thread's pool: switching between adapters a thread has
         used costs a list pop, not a rebind (per thread, so concurrent calls never share one). On exit the
         call's buffers are let go: outputs unbound, KV cache inputs pointed at an empty tensor."""
-        pool = self._pools.__dict__.setdefault("by_adapter", {}).setdefault(adapter, [])
-        io = pool.pop() if pool else self.binding(adapter)
+        key = self._adapters.key(adapter, scale)
+        pools = self._pools.__dict__
+        if pools.get("generation") != self._adapters.generation:  # the adapter set changed: old bindings are stale
+            pools.clear()
+            pools["generation"] = self._adapters.generation
+        pool = pools.setdefault("by_adapter", {}).setdefault(key, [])
+        io = pool.pop() if pool else self._binding(key)
         try:
             yield io
         finally:
@@ -165,10 +163,8 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     session = open_session(root, manifest, session_options(root, manifest, threads, profile_prefix), providers)
-    adapters = {name: load_adapter_file(root / file, name, manifest.base.identity, slot_shapes(manifest.slots))
-                for name, file in manifest.adapter_files().items()}  # fmt: skip
-    if session.get_providers()[0] == "CUDAExecutionProvider":  # keep the adapters on the GPU: binding copies nothing
-        adapters = {n: {k: ort.OrtValue.ortvalue_from_numpy(v.numpy(), "cuda", 0) for k, v in t.items()} for n, t in adapters.items()}
+    storage = Storage.of(manifest)  # (the adapter set puts them on the first provider's device: binding copies nothing)
+    adapters = {name: storage.read(root / file, name) for name, file in manifest.adapter_files().items()}
     kind = EncoderModel if manifest.spec.is_encoder else DecoderModel
     return kind(root, manifest, session, adapters)
 

@@ -9,21 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ...native.contract import scale_names
-from ...package.manifest import DecoderSpec
-
-
-@dataclass(frozen=True)
-class LinearModule:
-    """A linear layer an adapter may target: y = x @ W.T, W of shape (out_features, in_features)."""
-
-    path: str  # the name inside lora-edge (graph, slots, manifest), e.g. "model.layers.0.self_attn.q_proj"
-    in_features: int
-    out_features: int
-    peft_path: str = ""  # the module's name in the PyTorch model, which adapters use; "" = path
-
-    @property
-    def peft(self) -> str:
-        return self.peft_path or self.path
+from ...package.manifest import DecoderSpec, LinearModule
 
 
 @dataclass
@@ -47,6 +33,9 @@ class BaseModel:
         if w is None and module == "lm_head" and self.spec.tie_word_embeddings:
             w = self.weights.get("model.embed_tokens.weight")
         return w
+
+    def bias_of(self, module: str) -> np.ndarray | None:
+        return self.weights.get(f"{module}.bias")
 
     @property
     def identity(self) -> int:

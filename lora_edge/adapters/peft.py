@@ -1,6 +1,8 @@
 """Read and validate PEFT LoRA adapters into typed objects, against a base model's modules.
 
-Torch-free: the safetensors file is parsed by :mod:`lora_edge.st_io` and pickle files are refused.
+Numpy only, so both sides use it: the exporter against the loaded base, a device against the modules a package's
+manifest lists (:class:`PackageModules`). The safetensors file is parsed by :mod:`lora_edge.st_io` and pickle
+files are refused.
 Matching follows PEFT (``peft.tuners.tuners_utils.check_target_module_exists`` and
 ``peft.utils.other.get_pattern_key``), and the tensors in the file are cross-checked against the
 config, so an adapter that does not match what the config says is refused instead of guessed at.
@@ -9,45 +11,18 @@ config, so an adapter that does not match what the config says is refused instea
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ..package.manifest import EMBEDDING
 from ..errors import AdapterError, InputError, UnsupportedFeatureError
-from .models.spec import BaseModel, LinearModule
+from ..package.manifest import EMBEDDING, DecoderSpec, LinearModule, Manifest
 from ..st_io import read_safetensors
-
-# Fields that never change the numbers at inference (bookkeeping or initialisation-only).
-_HARMLESS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "lora_dropout", "init_lora_weights", "megatron_config", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size",
-    "ensure_weight_tying", "target_modules_to_tie",
-}  # fmt: skip
-# Fields lora-edge computes with.
-_HANDLED = {
-    "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "modules_to_save",
-}  # fmt: skip
-# Fields that change the computation in ways a plain low-rank branch cannot express (yet).
-_UNSUPPORTED = {
-    "trainable_token_indices": "trainable tokens replace rows of the embedding",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "layer_replication": "layer replication changes the model's depth",
-    "lora_bias": "lora_bias adds a trained bias to lora_B",
-    "use_qalora": "QA-LoRA pools the input before lora_A",
-    "alora_invocation_tokens": "activated LoRA depends on invocation tokens at run time",
-    "use_bdlora": "block-diagonal LoRA",
-    "velora_config": "VeLoRA",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
-    "arrow_config": "Arrow routing between adapters",
-}
+from .peft_config import check_config, pattern_value, read_config, target_matches
 _PREFIX = "base_model.model."
 
 
@@ -131,120 +106,6 @@ class Adapter:
         }
 
 
-# -- PEFT's matching rules -----------------------------------------------------------------
-def _is_excluded(cfg: dict, key: str) -> bool:
-    ex = cfg.get("exclude_modules")
-    if not ex:
-        return False
-    if isinstance(ex, str):
-        return re.fullmatch(ex, key) is not None
-    return key in ex or any(key.endswith(f".{e}") for e in ex)
-
-
-def target_matches(cfg: dict, key: str, linear_names: set[str]) -> bool:
-    """Whether PEFT would put LoRA on module ``key`` under this adapter_config."""
-    if _is_excluded(cfg, key):
-        return False
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            return key in linear_names and key != "lm_head"
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    found = any(key.endswith(f".{t}") for t in targets)
-    indexes = cfg.get("layers_to_transform")
-    using = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
-    if found and using:
-        patterns = cfg.get("layers_pattern")
-        match = None
-        if not patterns:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        else:
-            for pat in [patterns] if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
-                if match:
-                    break
-        if match is None:
-            return False
-        idx = int(match.group("idx"))
-        return idx == indexes if isinstance(indexes, int) else idx in indexes
-    return found
-
-
-def pattern_value(patterns: dict, key: str, default):
-    """PEFT's get_pattern_key: the first pattern (in insertion order) that matches the end of ``key``."""
-    for pat in patterns:
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return patterns[pat]
-    return default
-
-
-# -- reading -----------------------------------------------------------------------------
-def _read_config(path: Path) -> dict:
-    cfg_path = path / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"cannot read {cfg_path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{cfg_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path} must hold a JSON object")
-    return cfg
-
-
-def _check_config(cfg: dict, where: Path) -> None:
-    f = where / "adapter_config.json"
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedFeatureError(f"{f}: peft_type is {peft_type!r}; lora-edge compiles LoRA adapters only")
-    for key, why in _UNSUPPORTED.items():
-        if cfg.get(key):
-            raise UnsupportedFeatureError(
-                f"{f}: field {key!r} is set ({why}), which lora-edge cannot compile exactly yet; "
-                f"retrain without it or merge the adapter in PyTorch first"
-            )
-    for key, value in cfg.items():
-        if key not in _HARMLESS | _HANDLED | set(_UNSUPPORTED) and value not in (None, False, [], {}, "", 0):
-            raise UnsupportedFeatureError(f"{f}: field {key!r} = {value!r} is not known to lora-edge, so it cannot promise exact results")
-
-    def need(key, kinds, ok=lambda v: True, what="") -> None:
-        v = cfg.get(key)
-        if v is None:
-            return
-        kinds_t = kinds if isinstance(kinds, tuple) else (kinds,)
-        if (isinstance(v, bool) and bool not in kinds_t) or not isinstance(v, kinds_t) or not ok(v):
-            raise AdapterError(f"{f}: field {key!r} = {v!r} is invalid{what}")
-
-    need("r", int, lambda v: v > 0, "; it must be a positive integer")
-    need("lora_alpha", (int, float), lambda v: math.isfinite(v), "; it must be a number")
-    need("use_rslora", bool)
-    need("fan_in_fan_out", bool)
-    need("target_modules", (str, list), lambda v: isinstance(v, str) or all(isinstance(t, str) for t in v), "; list of names or a regex")
-    need("exclude_modules", (str, list), lambda v: isinstance(v, str) or all(isinstance(t, str) for t in v))
-    need("layers_to_transform", (int, list), lambda v: isinstance(v, int) or all(isinstance(t, int) for t in v))
-    need("layers_pattern", (str, list))
-    need("rank_pattern", dict, lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()))
-    need("alpha_pattern", dict, lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()))
-    need("bias", str, lambda v: v in ("none", "all", "lora_only"), "; one of none, all, lora_only")
-    need("modules_to_save", list, lambda v: all(isinstance(t, str) for t in v), "; a list of module names")
-    if cfg.get("target_modules") is None:
-        raise AdapterError(f"{f}: field 'target_modules' is missing; the adapter does not say which modules it targets")
-    patterns = [(k, cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), str)]
-    patterns += [(k, p) for k in ("rank_pattern", "alpha_pattern") for p in (cfg.get(k) or {})]
-    patterns += [("layers_pattern", p) for p in ([cfg["layers_pattern"]] if isinstance(cfg.get("layers_pattern"), str) else cfg.get("layers_pattern") or [])]
-    for key, pat in patterns:
-        if not isinstance(pat, str):
-            raise AdapterError(f"{f}: field {key!r} holds {pat!r}, which is not a string")
-        try:
-            re.compile(pat)
-        except (re.error, RecursionError) as exc:
-            raise AdapterError(f"{f}: field {key!r} has {pat!r}, which is not a valid regular expression ({exc})") from None
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.X.lora_A.weight' -> ('X', 'lora_A'); other tensors -> (X, kind)."""
     body = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
@@ -261,13 +122,57 @@ def _split_key(key: str) -> tuple[str, str]:
     return body, "unknown"
 
 
-def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | None, base: BaseModel) -> LoraModule:
+class ModuleTable(Protocol):
+    """What reading an adapter needs of its base: the modules it may target, and their float weights where a
+    feature needs them (DoRA's norms, a trained bias's change, a replaced head's shape)."""
+
+    spec: DecoderSpec
+    linear_modules: dict[str, LinearModule]
+    other_modules: frozenset[str]
+    replaceable: frozenset[str]
+
+    def weight_of(self, module: str) -> np.ndarray | None: ...
+
+    def bias_of(self, module: str) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
+class PackageModules:
+    """A package's base as its manifest describes it: every module and shape, no weights."""
+
+    spec: DecoderSpec
+    linear_modules: dict[str, LinearModule]
+    replaceable: frozenset[str]
+    other_modules: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> PackageModules:
+        return cls(manifest.spec, {m.path: m for m in manifest.modules}, frozenset(manifest.replaceable))
+
+    def weight_of(self, module: str) -> None:
+        return None
+
+    def bias_of(self, module: str) -> None:
+        return None
+
+
+def _base_weight(name: str, base: ModuleTable, module: str, what: str, bias: bool = False) -> np.ndarray | None:
+    """The base's float weight (or bias) of ``module``; a package carries none, so a feature that needs it is refused."""
+    if isinstance(base, PackageModules):
+        raise UnsupportedFeatureError(
+            f"adapter {name!r}: {what} needs the base model's float weights, which a package does not carry; "
+            f"add it with `lora-edge adapters add PKG {name}=DIR --base BASE`, or export it with the package"
+        )
+    return base.bias_of(module) if bias else base.weight_of(module)
+
+
+def _with_dora(name: str, st: Path, lora: LoraModule, magnitude: np.ndarray | None, base: ModuleTable) -> LoraModule:
     """Attach DoRA's per-channel scale g = magnitude / ||W + s*B*A||_row, W the float base weight."""
     if lora.embedding:
         raise UnsupportedFeatureError(f"adapter {name!r}: DoRA on the embedding {lora.module!r} is not supported yet")
     if magnitude is None:
         raise AdapterError(f"adapter {name!r}: adapter_config.json sets use_dora but {st} has no lora_magnitude_vector for {lora.module!r}")
-    w = base.weight_of(lora.module)
+    w = _base_weight(name, base, lora.module, f"DoRA on {lora.module!r}")
     magnitude = np.asarray(magnitude, np.float32).reshape(-1)
     if w is None or magnitude.shape != (w.shape[0],) or not np.isfinite(magnitude).all():
         raise AdapterError(f"adapter {name!r}: the DoRA magnitude of {lora.module!r} has shape {magnitude.shape}, the layer has {w.shape[0] if w is not None else '?'} outputs")
@@ -291,13 +196,13 @@ def _saved_module(key: str, to_save: list[str]) -> tuple[str, str] | None:
     return (module, part) if hit else None
 
 
-def _check_replacement(name: str, st: Path, base: BaseModel, module: str, part: str, arr: np.ndarray) -> None:
+def _check_replacement(name: str, st: Path, base: ModuleTable, module: str, part: str, arr: np.ndarray) -> None:
     if module not in base.replaceable or module not in base.linear_modules:
         raise UnsupportedFeatureError(
             f"adapter {name!r}: {st} replaces {module!r} (modules_to_save); lora-edge replaces only output and classification heads "
             f"({', '.join(sorted(base.replaceable)) or 'none in this model'}); merge the adapter in PyTorch first"
         )
-    own = base.weight_of(module) if part == "weight" else base.weights.get(f"{module}.{part}")
+    own = _base_weight(name, base, module, f"replacing {module!r} (modules_to_save)", bias=part == "bias")
     if own is None or arr.shape != own.shape or not np.isfinite(arr).all():
         raise AdapterError(f"adapter {name!r}: the saved {module}.{part} has shape {tuple(arr.shape)}, the base's has "
                            f"{tuple(own.shape) if own is not None else 'none'}; the adapter belongs to another model")  # fmt: skip
@@ -324,12 +229,12 @@ def check_adapter_files(name: str, path: Path) -> Path:
     return st
 
 
-def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
+def read_adapter(name: str, path: Path, base: ModuleTable) -> Adapter:
     """Read ``path`` (a PEFT LoRA directory) as adapter ``name`` for ``base``; refuse anything inexact."""
     path = Path(path)
     st = check_adapter_files(name, path)
-    cfg = {k: v for k, v in _read_config(path).items() if v is not None}  # null means "the default", as in PEFT
-    _check_config(cfg, path)
+    cfg = {k: v for k, v in read_config(path).items() if v is not None}  # null means "the default", as in PEFT
+    check_config(cfg, path)
     tensors = read_safetensors(st, AdapterError)
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
@@ -359,7 +264,10 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
         elif kind == "modules_to_save":
             raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a module_to_save ({key}); modules_to_save is not supported yet")
         elif kind == "base_layer":
-            # PEFT saves a copy of a tied lm_head's base weight; accept it only if it is the base's own.
+            # PEFT saves a copy of a tied lm_head's base weight; accept it only if it is the base's own (a package
+            # carries no float weights to compare with: there the LoRA pairs' shapes are the check).
+            if isinstance(base, PackageModules):
+                continue
             own = base.weight_of(module)
             if own is None or own.shape != arr.shape or not np.array_equal(own, arr):
                 raise UnsupportedFeatureError(
@@ -370,8 +278,10 @@ def read_adapter(name: str, path: Path, base: BaseModel) -> Adapter:
             if cfg.get("bias", "none") == "none":
                 raise AdapterError(f"adapter {name!r}: {st} holds a bias ({key}) but adapter_config.json has bias='none'; the config and the weights disagree")
             module = linear[module].path if module in linear else module
-            own = base.weights.get(f"{module}.bias")
-            if module not in base.linear_modules or own is None:
+            if module not in base.linear_modules:
+                raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a trained bias for {module!r}, which is not a linear layer with a bias in this base")
+            own = _base_weight(name, base, module, f"a trained bias on {module!r}", bias=True)
+            if own is None:
                 raise UnsupportedFeatureError(f"adapter {name!r}: {st} holds a trained bias for {module!r}, which is not a linear layer with a bias in this base")
             if arr.shape != own.shape or not np.isfinite(arr).all():
                 raise AdapterError(f"adapter {name!r}: the trained bias of {module!r} has shape {tuple(arr.shape)}, the base's has {tuple(own.shape)}")

@@ -1,0 +1,121 @@
+"""The adapters a loaded package can use: those shipped in it, and those loaded on the device at run time (an
+.onnx_adapter file, or a PEFT directory converted with numpy), at any strength or blended, per call.
+
+Readers never lock: the set is replaced, not changed, so a call in flight keeps the tensors it started with. A
+combination (a strength, a blend) is prepared once and cached until the set changes."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Hashable, Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from ..adapters.blend import blend
+from ..adapters.peft import PackageModules, read_adapter
+from ..adapters.storage import Storage
+from ..config import Mode, check_adapter_name
+from ..errors import InputError, RuntimeInputError
+from ..package.manifest import Manifest
+
+AdapterChoice = str | Mapping[str, float] | None  # a name, {name: weight, ...} (a blend), or None (the base)
+Tensors = Mapping[str, ort.OrtValue]
+CACHED_COMBINATIONS = 16
+
+
+class AdapterSet:
+    def __init__(self, manifest: Manifest, storage: Storage, device: str, shipped: dict[str, dict[str, ort.OrtValue]]) -> None:
+        self.manifest, self.storage, self.device = manifest, storage, device
+        self._tensors = dict(shipped)
+        self._lock = threading.Lock()
+        self._combined: OrderedDict[Hashable, dict[str, ort.OrtValue]] = OrderedDict()
+        self.generation = 0  # changes whenever the set does: bindings made before are stale
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    # -- choosing ---------------------------------------------------------------------------
+    def key(self, adapter: AdapterChoice, scale: float = 1.0) -> Hashable:
+        """A hashable, checked form of a choice: None, a name (at strength 1), or ((name, weight), ...) sorted."""
+        if adapter is None:
+            if scale != 1.0:
+                raise RuntimeInputError("scale needs an adapter; the base model has no strength to set")
+            return None
+        weights = {adapter: 1.0} if isinstance(adapter, str) else dict(adapter)
+        if not weights:
+            raise RuntimeInputError("an adapter blend needs at least one adapter, e.g. {'pirate': 0.7, 'shout': 0.3}")
+        for name, w in weights.items():
+            self._known(name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise RuntimeInputError(f"the weight of adapter {name!r} must be a finite number, got {w!r}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise RuntimeInputError(f"scale must be a finite number, got {scale!r}")
+        items = tuple(sorted((n, float(w) * float(scale)) for n, w in weights.items()))
+        return items[0][0] if len(items) == 1 and items[0][1] == 1.0 else items
+
+    def tensors(self, key: Hashable) -> Tensors:
+        """The tensors to bind for a :meth:`key`."""
+        if key is None:
+            return {}
+        if isinstance(key, str):
+            return self._known(key)
+        with self._lock:
+            if key in self._combined:
+                self._combined.move_to_end(key)
+                return self._combined[key]
+        parts = [(n, {k: v.numpy() for k, v in self._known(n).items()}, w) for n, w in key]
+        combined = self._values(blend(parts, self.storage))
+        with self._lock:
+            self._combined[key] = combined
+            while len(self._combined) > CACHED_COMBINATIONS:
+                self._combined.popitem(last=False)
+        return combined
+
+    def _known(self, name: str) -> Tensors:
+        tensors = self._tensors.get(name)
+        if tensors is None:
+            if self.manifest.mode is Mode.MERGE and name in self.manifest.adapters:
+                raise RuntimeInputError(f"adapter {name!r} is merged into this package's weights; run without --adapter")
+            raise RuntimeInputError(f"unknown adapter {name!r}; this package has: {', '.join(self.names) or 'none'}")
+        return tensors
+
+    # -- changing ---------------------------------------------------------------------------
+    def add(self, name: str, tensors: Mapping[str, np.ndarray | ort.OrtValue]) -> None:
+        """Make ``tensors`` (graph input name -> array, as an adapter file holds them) usable as ``adapter=name``."""
+        check_adapter_name(name)
+        shapes = {k: tuple(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for k, v in tensors.items()}
+        self.storage.check("tensors", name, shapes)
+        self._replace({**self._tensors, name: self._values(tensors)})
+
+    def load(self, name: str, path: Path) -> None:
+        """Load an .onnx_adapter file compiled for this package, or a PEFT adapter directory (converted here)."""
+        path = Path(path)
+        check_adapter_name(name)
+        if path.is_dir():
+            adapter = read_adapter(name, path, PackageModules.of(self.manifest))
+            self.storage.fit(adapter)
+            self.add(name, self.storage.tensors(adapter))
+        elif path.is_file():
+            self._replace({**self._tensors, name: self._values(self.storage.read(path, name))})
+        else:
+            raise InputError(f"adapter {name!r}: {path} does not exist; give an .onnx_adapter file or a PEFT adapter directory")
+
+    def remove(self, name: str) -> None:
+        self._known(name)
+        self._replace({k: v for k, v in self._tensors.items() if k != name})
+
+    def _replace(self, tensors: dict) -> None:
+        with self._lock:
+            self._tensors = tensors  # a new dict: readers never see it change
+            self._combined.clear()
+            self.generation += 1
+
+    def _values(self, tensors: Mapping) -> dict[str, ort.OrtValue]:
+        return {k: v if isinstance(v, ort.OrtValue) and self.device == "cpu"
+                else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy() if isinstance(v, ort.OrtValue) else v), self.device, 0)
+                for k, v in tensors.items()}  # fmt: skip
