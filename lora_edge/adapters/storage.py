@@ -97,8 +97,8 @@ class Storage:
         fmt.export_adapter(str(path))
 
     # -- device -----------------------------------------------------------------------------
-    def read(self, path: Path, name: str) -> dict:
-        """An .onnx_adapter file's tensors (OrtValues), checked against this base and layout."""
+    def read(self, path: Path, name: str) -> dict[str, np.ndarray]:
+        """An .onnx_adapter file's tensors, checked against this base and layout."""
         import onnxruntime as ort
 
         try:
@@ -112,9 +112,11 @@ class Storage:
         if layout not in (self.fingerprint, UNFINGERPRINTED):
             raise PackageError(f"{path} (adapter {name!r}) was compiled for another slot layout ({layout:08x}, this package's is "
                                f"{self.fingerprint:08x}); add it from its PEFT directory: lora-edge adapters add PKG {name}=DIR")  # fmt: skip
-        params = fmt.get_parameters()
-        self.check(path, name, {k: tuple(v.shape()) for k, v in params.items()})
-        return dict(params)
+        # copied out while the file's reader lives: its parameters point into memory the reader owns
+        arrays = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+        del fmt
+        self.check(path, name, {k: a.shape for k, a in arrays.items()})
+        return arrays
 
     def check(self, where: Path | str, name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Every tensor is a LoRA input of the graph, of a shape that fits it, and each slot's ranks agree."""

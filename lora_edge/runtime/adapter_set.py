@@ -28,9 +28,9 @@ CACHED_COMBINATIONS = 16
 
 
 class AdapterSet:
-    def __init__(self, manifest: Manifest, storage: Storage, device: str, shipped: dict[str, dict[str, ort.OrtValue]]) -> None:
+    def __init__(self, manifest: Manifest, storage: Storage, device: str, shipped: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         self.manifest, self.storage, self.device = manifest, storage, device
-        self._tensors = dict(shipped)
+        self._tensors = {name: self._values(t) for name, t in shipped.items()}
         self._lock = threading.Lock()
         self._combined: OrderedDict[Hashable, dict[str, ort.OrtValue]] = OrderedDict()
         self.generation = 0  # changes whenever the set does: bindings made before are stale

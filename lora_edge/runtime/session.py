@@ -34,7 +34,7 @@ class PackageModel:
     """What decoders and encoders share: the session, the manifest, the adapters and their bindings.
     ``adapter=None`` everywhere means the base model exactly."""
 
-    def __init__(self, root: Path, manifest: Manifest, session: ort.InferenceSession, adapters: dict[str, AdapterTensors]) -> None:
+    def __init__(self, root: Path, manifest: Manifest, session: ort.InferenceSession, adapters: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         self.root = root
         self.manifest = manifest
         self.session = session
