@@ -234,6 +234,9 @@ class ExportConfig:
     # included.
     lora_kernel: LoraKernel = LoraKernel.ONNX
     lora_dtype: LoraDtype = LoraDtype.FLOAT16
+    # activated LoRA: the graph takes a per-position mask that switches every branch on from an adapter's invocation
+    # tokens on (one Mul per branch). On by itself when an exported adapter is activated; set it to add some later.
+    alora: bool = False
 
     @property
     def fused(self) -> bool:
@@ -269,6 +272,11 @@ class ExportConfig:
         if self.native and self.mode is not Mode.BRANCH and not self.quant.has_float_offsets:
             raise InputError("--lora-kernel native runs LoRA branches and int4's float-offset correction; this merged "
                              "export has neither (use --mode branch, or an int4 recipe with --zero float)")
+        if self.alora and self.native:
+            raise InputError("activated LoRA (--alora, or an adapter with alora_invocation_tokens) runs on standard-op branches; "
+                             "use --lora-kernel onnx")  # fmt: skip
+        if self.alora and self.mode is Mode.MERGE:
+            raise InputError("an activated LoRA adapter applies from its invocation tokens on, so it cannot be merged; use --mode branch")
         if self.lora_dtype is not LoraDtype.FLOAT16 and not self.native:
             raise InputError(f"--lora-dtype {self.lora_dtype} is a storage of the native kernel; add --lora-kernel native")
         if self.null_rank is None:

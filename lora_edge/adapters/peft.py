@@ -78,6 +78,12 @@ class Adapter:
         return bool(self.config.get("use_rslora", False))
 
     @property
+    def invocation_tokens(self) -> tuple[int, ...] | None:
+        """Activated LoRA (PEFT's alora_invocation_tokens): the adapter applies from this token sequence on."""
+        tokens = self.config.get("alora_invocation_tokens")
+        return tuple(tokens) if tokens else None
+
+    @property
     def use_dora(self) -> bool:
         return any(m.dora_scale is not None for m in self.modules.values())
 
@@ -103,6 +109,7 @@ class Adapter:
             "source": str(self.path),
             "source_sha256": self.sha256,
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
+            "alora_invocation_tokens": self.invocation_tokens,
         }
 
 

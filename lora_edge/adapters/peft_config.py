@@ -22,6 +22,7 @@ _HARMLESS = {
 _HANDLED = {
     "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "modules_to_save",
+    "alora_invocation_tokens",
 }  # fmt: skip
 # Fields that change the computation in ways a plain low-rank branch cannot express (yet).
 _UNSUPPORTED = {
@@ -30,7 +31,6 @@ _UNSUPPORTED = {
     "layer_replication": "layer replication changes the model's depth",
     "lora_bias": "lora_bias adds a trained bias to lora_B",
     "use_qalora": "QA-LoRA pools the input before lora_A",
-    "alora_invocation_tokens": "activated LoRA depends on invocation tokens at run time",
     "use_bdlora": "block-diagonal LoRA",
     "velora_config": "VeLoRA",
     "kasa_config": "KaSA",
@@ -138,6 +138,10 @@ def check_config(cfg: dict, where: Path) -> None:
     need("alpha_pattern", dict, lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()))
     need("bias", str, lambda v: v in ("none", "all", "lora_only"), "; one of none, all, lora_only")
     need("modules_to_save", list, lambda v: all(isinstance(t, str) for t in v), "; a list of module names")
+    need("alora_invocation_tokens", list, lambda v: v and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v),
+         "; a list of token ids")  # fmt: skip
+    if cfg.get("alora_invocation_tokens") and cfg.get("use_dora"):
+        raise UnsupportedFeatureError(f"{f}: activated LoRA with DoRA is not supported (PEFT does not support it either)")
     if cfg.get("target_modules") is None:
         raise AdapterError(f"{f}: field 'target_modules' is missing; the adapter does not say which modules it targets")
     patterns = [(k, cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), str)]

@@ -19,7 +19,7 @@ from ..config import LoraDtype
 from ..errors import AdapterError, PackageError
 from ..native.contract import W8A8_BLOB
 from ..native.encode import encode
-from ..package.manifest import EMBEDDING, Manifest, SlotInfo
+from ..package.manifest import EMBEDDING, INVOCATION_TOKENS, Manifest, SlotInfo
 from .layout import Shape, balanced, slot_shapes, slot_tensors
 from .peft import Adapter
 
@@ -35,12 +35,13 @@ class Storage:
     dtype: str  # of standard-op LoRA tensors: the graph's compute dtype
     lora_dtype: LoraDtype | None = None  # the native kernel's storage of lora_A / lora_B; None: standard ops
     blob: tuple[tuple[str, str, int, int], ...] = ()  # w8a8: (lora_A, lora_B, chunks, c) per branch in the blob
+    alora: bool = False  # the graph has the activated-LoRA mask
 
     @classmethod
     def of(cls, manifest: Manifest) -> Storage:
         kernel = manifest.kernel
         return cls(manifest.base.identity, manifest.slots, manifest.graph.compute_dtype, kernel.dtype if kernel else None,
-                   kernel.blob.slots if kernel and kernel.blob else ())  # fmt: skip
+                   kernel.blob.slots if kernel and kernel.blob else (), manifest.graph.alora_mask is not None)  # fmt: skip
 
     @property
     def inputs(self) -> dict[str, tuple[str, Shape]]:
@@ -74,6 +75,9 @@ class Storage:
             if module not in by_module or not by_module[module].lora_bias:
                 raise AdapterError(f"adapter {adapter.name!r} trains the bias of {module}, and this package has no bias input "
                                    f"there; {redo}")  # fmt: skip
+        if adapter.invocation_tokens and not self.alora:
+            raise AdapterError(f"adapter {adapter.name!r} is an activated LoRA (alora_invocation_tokens), and this package's "
+                               f"graph has no activation mask; export the base again with --alora")  # fmt: skip
         for module in adapter.replacements:
             if module not in by_module or not by_module[module].weight:
                 raise AdapterError(f"adapter {adapter.name!r} replaces {module} (modules_to_save), and this package cannot; {redo}")
@@ -84,7 +88,11 @@ class Storage:
         pairs = [(s.lora_A, s.lora_B) for s in self.slots if s.name != EMBEDDING]  # (embedding LoRA stays in dtype)
         ab = {n for pair in pairs for n in pair}
         tensors = {name: t if self.lora_dtype and name in ab else t.astype(self.dtype) for name, t in tensors.items()}
-        return encode(tensors, pairs, self.lora_dtype, self.blob) if self.lora_dtype else tensors
+        if self.lora_dtype:
+            tensors = encode(tensors, pairs, self.lora_dtype, self.blob)
+        if adapter.invocation_tokens:
+            tensors[INVOCATION_TOKENS] = np.asarray(adapter.invocation_tokens, np.int64)
+        return tensors
 
     def write(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         import onnxruntime as ort
@@ -123,6 +131,8 @@ class Storage:
         inputs = self.inputs
         ranks: dict[str, int] = {}
         for pname, shape in shapes.items():
+            if pname == INVOCATION_TOKENS and self.alora and len(shape) == 1:
+                continue
             if pname not in inputs:
                 raise PackageError(f"{where} (adapter {name!r}) overrides {pname!r}, which is not a LoRA input of this graph; "
                                    "it belongs to another package")  # fmt: skip

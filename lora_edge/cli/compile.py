@@ -58,6 +58,9 @@ from .app import choice, cli, progress_reporter
 @click.option("--null-rank", type=click.IntRange(0, 1), default=None,
               help="Rank of the 'no adapter' defaults: 0 (empty: no branch work; default for cpu/mobile) or 1 (zeros, "
                    "works on every provider; default for cuda).")
+@click.option("--alora", is_flag=True,
+              help="Give the graph activated LoRA's per-position mask, to add activated adapters later (on by itself when "
+                   "an exported adapter has alora_invocation_tokens).")
 def export(base: Path, adapters: tuple[str, ...], output: Path, recipe: str, mode: str, force: bool, **flags) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
@@ -89,7 +92,8 @@ def _export_config(base, adapters, output, recipe, mode, force, flags):
     quant.update({k: tuple(flags[k]) for k in ("int8_modules", "float_modules") if flags[k]})
     options = {k: flags[k] for k in ("target", "lora_kernel", "lora_dtype", "null_rank") if flags[k] is not None}
     return export_config(recipe, quant=quant, base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
-                         mode=Mode(mode), force=force, attention=Attention(flags["attention"]), **options)  # fmt: skip
+                         mode=Mode(mode), force=force, attention=Attention(flags["attention"]), alora=flags["alora"],
+                         **options)  # fmt: skip
 
 
 @cli.command()

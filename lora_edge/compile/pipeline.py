@@ -6,6 +6,7 @@ tensors are named after the graph inputs they override (``<module>.lora_A`` / ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     progress(f"loading base model {cfg.base}")
     base, hf_model = _load_base(cfg)
     adapters = read_adapters(cfg, base, progress)
+    if any(a.invocation_tokens for a in adapters) and not cfg.alora:
+        cfg = dataclasses.replace(cfg, alora=True)  # an activated adapter needs the mask input
     family = family_for(base.spec.architecture)
     slots = plan_slots(base, adapters, family, cfg.fused) if cfg.mode is Mode.BRANCH else {}
     weights = base_weights(cfg, base, adapters, slots)
@@ -52,7 +55,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
         graph_file = write_graph(cfg, model, tmp, progress)
         blob = blob_layout(cfg, slots)
         slot_infos = tuple(slot_info(cfg, s, adapters, blob) for s in slots.values())
-        storage = Storage(base.identity, slot_infos, cfg.compute_dtype, cfg.lora_dtype if cfg.native else None, blob)
+        storage = Storage(base.identity, slot_infos, cfg.compute_dtype, cfg.lora_dtype if cfg.native else None, blob, cfg.alora)
         write_adapters(cfg, adapters, storage, tmp, progress)
         write_side_files(cfg, base, graph_file, tmp)
         progress("writing manifest.json")

@@ -21,6 +21,9 @@ FORMAT = "lora-edge-package"
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 EMBEDDING = "model.embed_tokens"  # the token embedding's slot (embedding LoRA: lora_embedding_A/B)
+ALORA_MASK = "lora.alora_mask"  # activated LoRA's (batch, seq, 1) mask: 1 where the branches apply
+# an activated adapter's file carries its invocation tokens as this int64 tensor (never bound: no graph input)
+INVOCATION_TOKENS = "lora.alora_invocation_tokens"
 CUSTOM_RECIPE = "custom"
 
 
@@ -139,6 +142,7 @@ class GraphInfo:
     inputs: tuple[TensorIO, ...]
     outputs: tuple[TensorIO, ...]
     lora_kernel: KernelInfo | None = None
+    alora_mask: str | None = None  # activated LoRA: the (batch, seq, 1) input that switches the branches per position
 
     @property
     def fused(self) -> bool:
@@ -195,6 +199,7 @@ class AdapterInfo:
     file: str | None = None  # adapters/NAME.onnx_adapter; None when merged
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None
+    alora_invocation_tokens: tuple[int, ...] | None = None  # activated LoRA: applies from this token sequence on
 
     @property
     def kind(self) -> str:

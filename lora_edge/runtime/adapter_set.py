@@ -20,7 +20,7 @@ from ..adapters.peft import PackageModules, read_adapter
 from ..adapters.storage import Storage
 from ..config import Mode, check_adapter_name
 from ..errors import InputError, RuntimeInputError
-from ..package.manifest import Manifest
+from ..package.manifest import INVOCATION_TOKENS, Manifest
 
 AdapterChoice = str | Mapping[str, float] | None  # a name, {name: weight, ...} (a blend), or None (the base)
 Tensors = Mapping[str, ort.OrtValue]
@@ -30,10 +30,13 @@ CACHED_COMBINATIONS = 16
 class AdapterSet:
     def __init__(self, manifest: Manifest, storage: Storage, device: str, shipped: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         self.manifest, self.storage, self.device = manifest, storage, device
-        self._tensors = {name: self._values(t) for name, t in shipped.items()}
         self._lock = threading.Lock()
+        self._tensors: dict[str, dict[str, ort.OrtValue]] = {}
+        self._invocations: dict[str, tuple[int, ...]] = {}  # activated adapters' invocation tokens
         self._combined: OrderedDict[Hashable, dict[str, ort.OrtValue]] = OrderedDict()
         self.generation = 0  # changes whenever the set does: bindings made before are stale
+        for name, tensors in shipped.items():
+            self._set(name, tensors)
 
     @property
     def names(self) -> list[str]:
@@ -56,7 +59,17 @@ class AdapterSet:
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise RuntimeInputError(f"scale must be a finite number, got {scale!r}")
         items = tuple(sorted((n, float(w) * float(scale)) for n, w in weights.items()))
+        activated = [n for n, _ in items if n in self._invocations]
+        if activated and len(items) > 1:
+            raise RuntimeInputError(f"adapter {activated[0]!r} is an activated LoRA (it applies from its invocation tokens on); "
+                                    "it cannot be blended with other adapters")  # fmt: skip
         return items[0][0] if len(items) == 1 and items[0][1] == 1.0 else items
+
+    def invocation(self, key: Hashable) -> tuple[int, ...] | None:
+        """The invocation tokens of the activated adapter a :meth:`key` chooses, or None."""
+        if key is None:
+            return None
+        return self._invocations.get(key if isinstance(key, str) else key[0][0])
 
     def tensors(self, key: Hashable) -> Tensors:
         """The tensors to bind for a :meth:`key`."""
@@ -90,7 +103,7 @@ class AdapterSet:
         check_adapter_name(name)
         shapes = {k: tuple(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for k, v in tensors.items()}
         self.storage.check("tensors", name, shapes)
-        self._replace({**self._tensors, name: self._values(tensors)})
+        self._set(name, tensors)
 
     def load(self, name: str, path: Path) -> None:
         """Load an .onnx_adapter file compiled for this package, or a PEFT adapter directory (converted here)."""
@@ -101,19 +114,30 @@ class AdapterSet:
             self.storage.fit(adapter)
             self.add(name, self.storage.tensors(adapter))
         elif path.is_file():
-            self._replace({**self._tensors, name: self._values(self.storage.read(path, name))})
+            self._set(name, self.storage.read(path, name))
         else:
             raise InputError(f"adapter {name!r}: {path} does not exist; give an .onnx_adapter file or a PEFT adapter directory")
 
     def remove(self, name: str) -> None:
         self._known(name)
-        self._replace({k: v for k, v in self._tensors.items() if k != name})
-
-    def _replace(self, tensors: dict) -> None:
         with self._lock:
-            self._tensors = tensors  # a new dict: readers never see it change
-            self._combined.clear()
-            self.generation += 1
+            self._tensors = {k: v for k, v in self._tensors.items() if k != name}  # new dicts: readers never see one change
+            self._invocations = {k: v for k, v in self._invocations.items() if k != name}
+            self._changed()
+
+    def _set(self, name: str, tensors: Mapping) -> None:
+        tensors = dict(tensors)
+        tokens = tensors.pop(INVOCATION_TOKENS, None)
+        tokens = tuple(int(t) for t in (tokens.numpy() if isinstance(tokens, ort.OrtValue) else tokens)) if tokens is not None else None
+        values = self._values(tensors)
+        with self._lock:
+            self._tensors = {**self._tensors, name: values}
+            self._invocations = {**{k: v for k, v in self._invocations.items() if k != name}, **({name: tokens} if tokens else {})}
+            self._changed()
+
+    def _changed(self) -> None:
+        self._combined.clear()
+        self.generation += 1
 
     def _values(self, tensors: Mapping) -> dict[str, ort.OrtValue]:
         return {k: v if isinstance(v, ort.OrtValue) and self.device == "cpu"

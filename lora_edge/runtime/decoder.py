@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import RuntimeInputError
+from ..package.manifest import ALORA_MASK
 from .adapter_set import AdapterChoice
 from .session import PackageModel
 
@@ -66,6 +67,12 @@ class DecoderModel(PackageModel):
         a blend ``{name: weight}``, or None for the base; ``scale``: its strength."""
         adapter = self._adapters.key(adapter, scale)
         ids = self._as_ids(input_ids)
+        tokens = self._adapters.invocation(adapter)
+        activation = activation_mask(ids, tokens)[0] if tokens else None
+        return self._forward(ids, adapter, attention_mask, position_ids, past, return_past, activation)
+
+    def _forward(self, ids: np.ndarray, adapter, attention_mask, position_ids, past, return_past: bool, activation):
+        """``activation``: activated LoRA's (batch, seq) mask for this call, or None (the adapter applies everywhere)."""
         b, s = ids.shape
         past = past if past is not None else self.empty_past(b)
         p = past[0].shape[2]
@@ -85,7 +92,9 @@ class DecoderModel(PackageModel):
             io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
             for name, value in zip(self._past_names, past):  # as OrtValues: the reset then drops them
                 io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, self.dtype)))
+            mask = bind_mask(io, activation, self.dtype) if activation is not None else None
             outs = self._run(io)
+            del mask  # (the binding borrowed it until the run)
         return (outs[0], outs[1:]) if return_past else outs[0]
 
     # -- step functions -------------------------------------------------------------------
@@ -103,13 +112,21 @@ class DecoderModel(PackageModel):
         return step
 
     def _plain_steps(self, adapter: AdapterChoice, batch: int = 1) -> Step:
-        """Reference graphs: the KV cache comes back as new arrays each step."""
-        state = {"past": self.empty_past(batch)}
+        """Reference graphs: the KV cache comes back as new arrays each step. An activated adapter's mask comes from
+        the first call's tokens (the prompt); every later token is adapted where the prompt invoked it."""
+        adapter = self._adapters.key(adapter)
+        tokens = self._adapters.invocation(adapter)
+        state = {"past": self.empty_past(batch), "found": None}
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             positions = np.repeat(np.arange(total - ids.shape[1], total, dtype=np.int64)[None], batch, axis=0)
-            logits, state["past"] = self.forward(ids, adapter, attention_mask=np.ones((batch, total), np.int64),
-                                                 position_ids=positions, past=state["past"], return_past=True)  # fmt: skip
+            activation = None
+            if tokens and state["found"] is None:
+                activation, state["found"] = activation_mask(ids, tokens)
+            elif tokens:
+                activation = np.repeat(state["found"][:, None], ids.shape[1], axis=1).astype(np.float32)
+            logits, state["past"] = self._forward(ids, adapter, np.ones((batch, total), np.int64), positions, state["past"],
+                                                  True, activation)  # fmt: skip
             return logits[:, -1]
 
         return step
@@ -142,7 +159,8 @@ class DecoderModel(PackageModel):
         if self.fused_attention:
             with self.bound(adapter) as io:
                 capacity = max(len(p) for p in prompts) + max_new_tokens
-                return greedy(_FusedRows(self, io, len(prompts), capacity), prompts, max_new_tokens, min_new_tokens, eos_ids, on_token)
+                rows = _FusedRows(self, io, len(prompts), capacity, self._adapters.invocation(adapter))
+                return greedy(rows, prompts, max_new_tokens, min_new_tokens, eos_ids, on_token)
         # reference graphs: one row at a time (their cache grows by copies; batching buys nothing there)
         return [greedy(_PlainRows(self._plain_steps(adapter)), [p], max_new_tokens, min_new_tokens, eos_ids,
                        None if on_token is None else (lambda _, t, i=i: on_token(i, t)))[0]
@@ -263,8 +281,11 @@ class _FusedRows:
     """Fused graphs: a KV cache preallocated for ``capacity`` tokens, bound as both past and present of every
     layer, so GroupQueryAttention writes each step's keys and values in place; nothing is copied per token."""
 
-    def __init__(self, model: DecoderModel, io: ort.IOBinding, batch: int, capacity: int) -> None:
-        self.model, self.io = model, io
+    def __init__(self, model: DecoderModel, io: ort.IOBinding, batch: int, capacity: int,
+                 invocation: tuple[int, ...] | None = None) -> None:  # fmt: skip
+        self.model, self.io, self.invocation = model, io, invocation
+        self.found = np.zeros(batch, bool)  # activated LoRA: the rows whose prompt holds the invocation tokens
+        self.mask: ort.OrtValue | None = None  # the bound activation mask, alive while bound
         self.columns = np.arange(capacity, dtype=np.int64)
         io.bind_output("logits")
         shape = (batch, model.num_kv_heads, capacity, model.head_dim)
@@ -284,11 +305,45 @@ class _FusedRows:
 
     def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         b, width = ids.shape
+        if self.invocation:
+            mask = np.zeros((b, width), np.float32)
+            for r in range(b):  # each row's own tokens, not its padding
+                row, self.found[r:r + 1] = activation_mask(ids[r : r + 1, : lens[r]], self.invocation)
+                mask[r, : lens[r]] = row[0]
+            self.mask = bind_mask(self.io, mask, self.model.dtype)
         logits = self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
         return logits[np.arange(b), lens - 1]  # each row's last real token
 
     def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        if self.invocation:
+            self.mask = bind_mask(self.io, self.found[:, None], self.model.dtype)
         return self.call(tokens, lens[:, None].copy(), lens + 1)[:, -1]
+
+
+def bind_mask(io: ort.IOBinding, mask: np.ndarray, dtype) -> ort.OrtValue:
+    """Bind an activation mask (batch, seq) as the graph's (batch, seq, 1) input; the caller keeps the returned value
+    alive until the run (the binding borrows its memory). An overridable initializer binds as an OrtValue: ONNX Runtime
+    looks a numpy input up among the graph's plain inputs only."""
+    value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask[..., None], dtype))
+    io.bind_ortvalue_input(ALORA_MASK, value)
+    return value
+
+
+def activation_mask(ids: np.ndarray, invocation: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Activated LoRA's mask for ``ids`` (batch, seq), as PEFT computes it: 1 from the start of the last occurrence of
+    the invocation tokens in each row on, 0 before (and everywhere in a row without them); and which rows have them."""
+    b, s = ids.shape
+    n = len(invocation)
+    mask, found = np.zeros((b, s), np.float32), np.zeros(b, bool)
+    if s < n:
+        return mask, found
+    windows = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)  # (b, s - n + 1, n)
+    hits = (windows == np.asarray(invocation, ids.dtype)).all(axis=2)
+    for r in range(b):
+        starts = np.flatnonzero(hits[r])
+        if starts.size:
+            mask[r, starts[-1] :], found[r] = 1.0, True
+    return mask, found
 
 
 class _PlainRows:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...native.contract import DOMAIN, W8A8_BLOB, Feature, Op
-from ...package.manifest import EMBEDDING
+from ...package.manifest import ALORA_MASK, EMBEDDING
 from ..models.spec import Slot
 from .blob import blob_slots
 from .builder import GraphBuilder
@@ -38,10 +38,12 @@ def ab_inputs(slot: Slot, null_rank: int, dtype) -> Inputs:
 
 
 class OnnxBranch:
-    """Two MatMuls; a chunked B (spec.Slot) is one batched MatMul of each chunk by its module's slice of x @ A."""
+    """Two MatMuls; a chunked B (spec.Slot) is one batched MatMul of each chunk by its module's slice of x @ A. With
+    ``alora`` the delta is multiplied by the activation mask, so an activated adapter leaves the positions before its
+    invocation tokens (and their KV cache) exactly the base's."""
 
-    def __init__(self, g: GraphBuilder, dtype) -> None:
-        self.g, self.dtype = g, dtype
+    def __init__(self, g: GraphBuilder, dtype, alora: bool = False) -> None:
+        self.g, self.dtype, self.alora = g, dtype, alora
 
     def inputs(self, slot: Slot, null_rank: int) -> Inputs:
         return ab_inputs(slot, null_rank, self.dtype)
@@ -55,13 +57,17 @@ class OnnxBranch:
         with g.scoped(f"lora/{slot.name}"):
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
             if not slot.chunk_width:
-                return g.op("MatMul", [xa, slot.b_name])  # (B, S, out)
+                return self._masked(g.op("MatMul", [xa, slot.b_name]))  # (B, S, out)
             chunks = list(slot.chunk_modules)
             xa = g.op("Reshape", [xa, g.const([0, 0, len(slot.parts), 1, -1])])  # (B, S, n_modules, 1, r_m)
             if chunks != list(range(len(slot.parts))):  # a module with several chunks reads its x @ A once per chunk
                 xa = g.op("Gather", [xa, g.const(chunks)], axis=2)  # (B, S, chunks, 1, r_m)
             y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c)
-            return g.op("Reshape", [y, g.const([0, 0, slot.out_features])])  # (B, S, out)
+            return self._masked(g.op("Reshape", [y, g.const([0, 0, slot.out_features])]))  # (B, S, out)
+
+    def _masked(self, delta: str) -> str:
+        # the mask is (B, S, 1) as it is: an Unsqueeze of it would be folded away by ONNX Runtime as if it were constant
+        return self.g.op("Mul", [delta, ALORA_MASK]) if self.alora else delta
 
 
 class _KernelBranch:
@@ -142,7 +148,7 @@ class W8A8Branch(_KernelBranch):
 class Branches:
     def __init__(self, g: GraphBuilder, options: GraphOptions, slots: dict[str, Slot]) -> None:
         # the embedding's LoRA is gathered by the graph (embedding.py): standard ops, the compute dtype
-        self.onnx = OnnxBranch(g, options.ct)
+        self.onnx = OnnxBranch(g, options.ct, options.alora)
         self.blob = blob_slots(slots, options.lora_kernel, options.lora_dtype)
         self.w8a8 = W8A8Branch(g, {s.name: i for i, s in enumerate(self.blob)}) if self.blob else None
         if not options.native:
