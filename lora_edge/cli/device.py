@@ -81,6 +81,7 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], loads: tuple[str,
     """
     from ..config import AdapterSpec
     from ..runtime import EncoderModel, load
+    from ..runtime.adapter_set import parse_choice
 
     model = load(package, threads=threads, providers=list(providers) or None)
     for spec in map(AdapterSpec.parse, loads):
@@ -110,21 +111,3 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], loads: tuple[str,
     for label, a in zip(labels, choices):
         text = model.generate(prompt, adapter=a, max_new_tokens=max_new_tokens, chat=not raw)
         click.echo(f"{label:>{width}} | {' '.join(text.split())}")
-
-
-def parse_choice(text: str):
-    """'none' -> None; 'pirate' -> 'pirate'; 'pirate@0.5' -> {'pirate': 0.5}; 'a@0.7+b@0.3' -> {'a': 0.7, 'b': 0.3}."""
-    from ..errors import InputError
-
-    if text.lower() == "none":
-        return None
-    if "@" not in text and "+" not in text:
-        return text
-    weights = {}
-    for part in text.split("+"):
-        name, _, weight = part.partition("@")
-        try:
-            weights[name] = float(weight) if weight else 1.0
-        except ValueError:
-            raise InputError(f"--adapter {text!r}: {weight!r} is not a number; write NAME@STRENGTH, e.g. pirate@0.5") from None
-    return weights

@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..native.encode import encode
 from ..package.manifest import EMBEDDING
 from ..runtime import DecoderModel, load
+from ..runtime.adapter_set import parse_choice
 from .child import Job
 from .config import DATA, Workload
 from .report import Percentiles, Spread
@@ -53,12 +54,12 @@ def measure(job: Job, tick: Tick) -> dict:
         for n, prompt in prompts.items():
             ttfts, lats = [], []
             for k in range(w.warmup + w.runs):
-                ttft, lat = decode(model.steps(adapter, n + w.new_tokens, w.batch), prompt, w.batch, w.new_tokens)
+                ttft, lat = decode(model.steps(choice(adapter), n + w.new_tokens, w.batch), prompt, w.batch, w.new_tokens)
                 if k >= w.warmup:
                     ttfts.append(ttft)
                     lats.append(lat)
                 tick(f"{job['label']} {adapter or 'none'} prompt {n}")
-            switch, first_bind = binding_times(model, adapter)
+            switch, first_bind = binding_times(model, choice(adapter))
             name = adapter or job["merged"] or "none"
             runs.append({
                 "package": job["label"], "adapter": name, "merged": adapter is None and bool(job["merged"]),
@@ -77,6 +78,11 @@ def measure(job: Job, tick: Tick) -> dict:
         "package": job["label"], "threads": job["threads"], "load_s": load_s, "baseline_mib": baseline, "loaded_mib": loaded,
         "peak_mib": peak_mib(), "weights_mib": max(0.0, loaded - baseline - adapters_mib), "adapters_mib": adapters_mib,
         "kv_cache_mib": kv / MiB}}  # fmt: skip
+
+
+def choice(label: str | None):
+    """A job's adapter label as the runtime takes it (a name, or a strength or blend written as `run` takes them)."""
+    return parse_choice(label) if label else None
 
 
 def binding_times(model: DecoderModel, adapter: str | None) -> tuple[float, float]:
@@ -105,7 +111,7 @@ def ops(job: Job, tick: Tick) -> dict:
             model = load_model(job, profile_prefix=str(Path(tmp) / "ort"))
             prompt = prompt_ids(model, n)
             for _ in range(2):
-                decode(model.steps(adapter, n + new, w["batch"]), prompt, w["batch"], new)
+                decode(model.steps(choice(adapter), n + new, w["batch"]), prompt, w["batch"], new)
             lora_pct, by_op = op_shares(json.loads(Path(model.session.end_profiling()).read_text()))
             out.append({"package": job["label"], "adapter": adapter or job["merged"] or "none", "threads": job["threads"],
                         "lora_pct": lora_pct, "by_op": by_op})  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Callable
 from ..errors import InputError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
+from ..runtime.adapter_set import parse_choice
 from .child import Job, run_child
 from .config import ProfileConfig
 from .report import SCHEMA, DoesNotFit, MemoryFigures, OpShare, PackageFacts, ProfileReport, RunFigures, SweepPoint, compare
@@ -104,8 +105,11 @@ def choose_adapters(pkg: Path, manifest: Manifest, wanted: tuple[str, ...] | Non
         return [None] + have
     out: list[str | None] = []
     for a in wanted:
-        if a.lower() == "none":
+        choice = parse_choice(a)
+        if choice is None:
             out.append(None)
+        elif isinstance(choice, dict) and set(choice) <= set(have):  # a strength or a blend, as `run` takes them
+            out.append(a)
         elif a in have:
             out.append(a)
         elif a in manifest.adapters and manifest.adapters[a].merged:

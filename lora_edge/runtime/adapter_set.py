@@ -143,3 +143,20 @@ class AdapterSet:
         return {k: v if isinstance(v, ort.OrtValue) and self.device == "cpu"
                 else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy() if isinstance(v, ort.OrtValue) else v), self.device, 0)
                 for k, v in tensors.items()}  # fmt: skip
+
+
+def parse_choice(text: str) -> AdapterChoice:
+    """An adapter choice written as text (the CLI's and profile's): 'none' -> None; 'pirate' -> 'pirate';
+    'pirate@0.5' -> {'pirate': 0.5}; 'a@0.7+b@0.3' -> {'a': 0.7, 'b': 0.3}."""
+    if text.lower() == "none":
+        return None
+    if "@" not in text and "+" not in text:
+        return text
+    weights = {}
+    for part in text.split("+"):
+        name, _, weight = part.partition("@")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise InputError(f"--adapter {text!r}: {weight!r} is not a number; write NAME@STRENGTH, e.g. pirate@0.5") from None
+    return weights
