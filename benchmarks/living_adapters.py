@@ -75,6 +75,15 @@ def measure(pkg: Path, threads: int, rounds: int, prefix: int, invocation: list[
 
     model = lora_edge.load(pkg, threads=threads)
     row: dict[str, float] = {}
+    file = pkg / "adapters" / "pirate.onnx_adapter"
+    gc.collect()  # first, before anything is freed for the allocator to reuse
+    before = rss_mib()
+    for i in range(16):
+        model.load_adapter(f"copy{i}", file)
+    gc.collect()
+    row["RSS per loaded adapter MiB"] = (rss_mib() - before) / 16
+    row["its tensors MiB"] = sum(v.numpy().nbytes for v in model.check_adapter("copy0").values()) / 2**20
+    row["its file MiB"] = file.stat().st_size / 2**20
     def switch(adapter):
         with model.bound(adapter):
             pass
@@ -92,16 +101,8 @@ def measure(pkg: Path, threads: int, rounds: int, prefix: int, invocation: list[
     model.check_adapter({"pirate": 0.5, "shout": 0.5})
     row["blend, cached us"] = 1000 * median_ms(lambda: model.check_adapter({"pirate": 0.5, "shout": 0.5}), 200)
 
-    file = pkg / "adapters" / "pirate.onnx_adapter"
     row["load PEFT dir ms"] = median_ms(lambda: model.load_adapter("p2", ADAPTERS["pirate"]), rounds)
     row["load .onnx_adapter ms"] = median_ms(lambda: model.load_adapter("p3", file), rounds)
-    gc.collect()
-    before = rss_mib()
-    for i in range(8):
-        model.load_adapter(f"copy{i}", file)
-    gc.collect()
-    row["RSS per loaded adapter MiB"] = (rss_mib() - before) / 8
-    row["adapter file MiB"] = file.stat().st_size / 2**20
 
     rng = np.random.default_rng(0)
     conversation = [int(t) for t in rng.integers(100, model.vocab_size - 1, prefix)]
@@ -116,6 +117,10 @@ def measure(pkg: Path, threads: int, rounds: int, prefix: int, invocation: list[
 
 
 def main() -> None:
+    import json
+    import subprocess
+    import sys
+
     from lora_edge.compile.realmodel import smollm2_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,12 +129,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefix", type=int, default=256, help="tokens of conversation computed before the switch")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench")
+    ap.add_argument("--one", choices=["fp32", "int4"], help=argparse.SUPPRESS)  # a child: one package, JSON out
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = smollm2_gguf()
     invocation = [49152 - 100, 1, 2]  # any fixed token sequence: the adapter is untrained
     alora = make_alora(base, args.work / "alora-r16", invocation)
-    rows = {q: measure(build(args.work, q, base, alora), args.threads, args.rounds, args.prefix, invocation) for q in args.quants}
+    if args.one:
+        print(json.dumps(measure(build(args.work, args.one, base, alora), args.threads, args.rounds, args.prefix, invocation)))
+        return
+    rows = {}
+    for q in args.quants:  # each in its own process: memory freed by one package would be reused by the next
+        build(args.work, q, base, alora)
+        cmd = [sys.executable, __file__, "--one", q, "--threads", str(args.threads), "--rounds", str(args.rounds),
+               "--prefix", str(args.prefix), "--work", str(args.work)]  # fmt: skip
+        rows[q] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     print(f"\n{args.threads} thread(s), {args.prefix}-token conversation before the aLoRA switch, median of {args.rounds}+ runs")
     print(f"| figure | {' | '.join(rows)} |\n|---|{'---|' * len(rows)}")
     for key in next(iter(rows.values())):
