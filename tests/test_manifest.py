@@ -95,3 +95,9 @@ def test_schema_1_packages_still_read(fastest_package):
     del data["graph"]["lora_kernel"]["features"]
     old = Manifest.from_json(data)
     assert old.recipe == "custom" and old.kernel.features == () and old.kernel.version == 5
+
+
+def test_every_file_of_a_package_has_the_same_readable_mode(fastest_package):
+    modes = {p.relative_to(fastest_package).as_posix(): p.stat().st_mode & 0o777 for p in fastest_package.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes
+

@@ -131,6 +131,7 @@ def _alive(pid: int) -> bool:
 def write_manifest(root: Path, manifest: Manifest) -> Manifest:
     """``manifest`` with the sha256 and size of every file under ``root``, written as manifest.json (sorted keys,
     stable bytes)."""
+    _readable_by_all(root)
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -138,6 +139,14 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
     manifest = dataclasses.replace(manifest, files=files, format=FORMAT, schema_version=SCHEMA_VERSION)
     (root / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _readable_by_all(root: Path) -> None:
+    """Every file 0644 and folder 0755: some writers (onnx's external data) create 0600 files, and a package is made
+    to be copied to a device and run there by another user."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def read_manifest(root: Path, verify: bool = True) -> Manifest:
