@@ -15,12 +15,11 @@ from .app import cli, progress_reporter
 @cli.command("build-kernel")
 @click.option("--ort-include", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="ONNX Runtime's include folder (holding onnxruntime_cxx_api.h, any release >= 1.21). Default: "
-                   "$LORA_EDGE_ORT_INCLUDE, the cache, /usr/include/onnxruntime, else fetched from Debian's libonnxruntime-dev.")
+                   "$LORA_EDGE_ORT_INCLUDE, else the 1.21 headers shipped with lora-edge. Nothing is downloaded.")
 @click.option("--cxx", default=None, help="C++ compiler (default: $CXX, c++, g++ or clang++).")
 @click.option("--march", default="native", show_default=True, help="CPU to compile for (-march=...).")
-@click.option("--no-fetch", is_flag=True, help="Never download headers; fail if none are found.")
 @click.option("--force", is_flag=True, help="Rebuild even if this source is already built.")
-def build_kernel(ort_include: Path | None, cxx: str | None, march: str, no_fetch: bool, force: bool) -> None:
+def build_kernel(ort_include: Path | None, cxx: str | None, march: str, force: bool) -> None:
     """Build lora-edge's native LoRA kernel for this machine (for packages exported with --lora-kernel native).
 
     It goes to $LORA_EDGE_CACHE (default ~/.cache/lora-edge)/kernels; the runtime finds it there, or at
@@ -34,7 +33,7 @@ def build_kernel(ort_include: Path | None, cxx: str | None, march: str, no_fetch
     from ..native.build import build
 
     start = time.perf_counter()
-    path = build(ort_include=ort_include, cxx=cxx, march=march, force=force, fetch=not no_fetch, progress=progress_reporter(start))
+    path = build(ort_include=ort_include, cxx=cxx, march=march, force=force, progress=progress_reporter(start))
     click.echo(f"kernel ready: {path}")
 
 
