@@ -63,11 +63,20 @@ def inspect(package: Path, as_json: bool) -> None:
               help="Load an adapter for this run: an .onnx_adapter compiled for the package, or a PEFT adapter directory.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(1, None), default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--do-sample", is_flag=True, help="Sample instead of taking the most likely token (transformers' semantics).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0, None), default=0, help="Keep the k most likely tokens (0: off).")
+@click.option("--top-p", type=float, default=1.0, help="Keep the smallest set of tokens whose probability reaches p (1: off).")
+@click.option("--min-p", type=float, default=0.0, help="Drop tokens less likely than min_p x the most likely one (0: off).")
+@click.option("--repetition-penalty", type=float, default=1.0, help="Penalize tokens already seen (1: off), greedy too.")
+@click.option("--seed", type=click.IntRange(0, None), default=None, help="Make sampling repeatable.")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT", help="End the answer at this text (not shown); repeat for more.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="Execution provider, e.g. CUDAExecutionProvider (repeat for a fallback order). Default: the package's target.")
 def run(package: Path, prompt: str, adapters: tuple[str, ...], loads: tuple[str, ...], max_new_tokens: int, raw: bool,
-        threads: int | None, providers: tuple[str, ...]) -> None:  # fmt: skip
+        do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
+        seed: int | None, stops: tuple[str, ...], threads: int | None, providers: tuple[str, ...]) -> None:  # fmt: skip
     """Generate with PACKAGE, greedy, streaming tokens as they come.
 
     \b
@@ -77,6 +86,7 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], loads: tuple[str,
       lora-edge run pkg/ -a none -a pirate -a shout --prompt "What is snow?"   # side by side
       lora-edge run pkg/ -a pirate@0.5 -a pirate@0.7+shout@0.3 --prompt "What is snow?"   # strength, blend
       lora-edge run pkg/ --load mine=adapters/mine -a mine --prompt "Hi"   # a PEFT adapter, converted here
+      lora-edge run pkg/ -a pirate --do-sample --temperature 0.8 --top-p 0.95 --seed 1 --prompt "Tell a story"
     """
     from ..config import AdapterSpec
     from ..runtime import EncoderModel, load
@@ -100,13 +110,15 @@ def run(package: Path, prompt: str, adapters: tuple[str, ...], loads: tuple[str,
                 shown = f"embedding ({vec.size}): " + " ".join(f"{v:+.3f}" for v in vec[:8]) + " ..."
             click.echo(f"{label:>{width}} | {shown}")
         return
+    options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed, stop=stops)  # fmt: skip
     if len(choices) == 1:
-        for piece in model.stream(prompt, adapter=choices[0], max_new_tokens=max_new_tokens, chat=not raw):
+        for piece in model.stream(prompt, adapter=choices[0], max_new_tokens=max_new_tokens, chat=not raw, **options):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
         return
     width = max(map(len, labels))
     for label, a in zip(labels, choices):
-        text = model.generate(prompt, adapter=a, max_new_tokens=max_new_tokens, chat=not raw)
+        text = model.generate(prompt, adapter=a, max_new_tokens=max_new_tokens, chat=not raw, **options)
         click.echo(f"{label:>{width}} | {' '.join(text.split())}")

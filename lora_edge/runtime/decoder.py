@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import RuntimeInputError
-from ..package.manifest import ALORA_MASK
 from .adapter_set import AdapterChoice
+from .sampling import GREEDY, Sampling
+from .loop import FusedRows, PlainRows, activation_mask, bind_mask, decode_loop
 from .session import PackageModel
 
 Step = Callable[[np.ndarray, int], np.ndarray]
+
+
+Prompt = str | Sequence[Mapping[str, str]]  # a text, or a conversation of {"role", "content"} messages
+
+
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, Sequence) and not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], Mapping)
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string begins in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
 
 
 @dataclass(frozen=True)
@@ -23,17 +37,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" | "length"
-
-
-class Rows(Protocol):
-    """The graph calls of a decoding loop over rows of different lengths."""
-
-    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """``ids`` (batch, width) right-padded, ``lens`` (batch,) -> each row's last logits (batch, vocab)."""
-
-    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """``tokens`` (batch, 1) placed after each row's ``lens`` tokens -> their logits (batch, vocab)."""
+    finish_reason: str  # "eos" | "stop" | "length"
 
 
 class DecoderModel(PackageModel):
@@ -103,7 +107,7 @@ class DecoderModel(PackageModel):
         where ``total`` counts the tokens so far including ``ids`` (rows of equal length, no padding)."""
         if not self.fused_attention:
             return self._plain_steps(adapter, batch)
-        rows = _FusedRows(self, self.binding(adapter), batch, capacity)
+        rows = FusedRows(self, self.binding(adapter), batch, capacity)
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             positions = np.repeat(rows.columns[None, total - ids.shape[1] : total], batch, axis=0)
@@ -134,24 +138,28 @@ class DecoderModel(PackageModel):
     # -- generation -----------------------------------------------------------------------
     def generate_ids(self, prompt_ids: Sequence[int], adapter: AdapterChoice = None, max_new_tokens: int = 64,
                      min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None,
-                     eos_ids: frozenset[int] | None = None, *, scale: float = 1.0) -> tuple[list[int], str]:  # fmt: skip
-        """Greedy decoding from token ids: prefill in one call, then one call per new token. Returns (tokens,
-        "eos" | "length")."""
+                     eos_ids: frozenset[int] | None = None, *, scale: float = 1.0, sampling: Sampling | None = None,
+                     stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str]:  # fmt: skip
+        """Decoding from token ids: prefill in one call, then one call per new token; greedy unless ``sampling``
+        says otherwise; ``stop(tokens)`` ends it early. Returns (tokens, "eos" | "stop" | "length")."""
         each = None if on_token is None else (lambda row, t: on_token(t))
         adapter = self._adapters.key(adapter, scale)
-        return self._generate([prompt_ids], adapter, max_new_tokens, min_new_tokens, eos_ids, each)[0]
+        check = None if stop is None else (lambda row, out: stop(out))
+        return self._generate([prompt_ids], adapter, max_new_tokens, min_new_tokens, eos_ids, each, sampling, check)[0]
 
     def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: AdapterChoice = None, max_new_tokens: int = 64,
-                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None, *,
-                           scale: float = 1.0) -> list[tuple[list[int], str]]:  # fmt: skip
+                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None, *, scale: float = 1.0,
+                           sampling: Sampling | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
         """Greedy decoding of several prompts of any lengths. On fused graphs they are one batch: right-padded and
         prefilled in one call, then each step feeds every row its next token; the attention mask carries each
         row's length (GroupQueryAttention reads it as seqlens), so every row attends to its own tokens only and
         writes its keys/values at its own position of the shared cache. Each row gives exactly what
         :meth:`generate_ids` gives for it alone."""
-        return self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, eos_ids, None)
+        return self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, eos_ids, None, sampling)
 
-    def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token) -> list[tuple[list[int], str]]:
+    def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token, sampling=None,
+                  stop=None) -> list[tuple[list[int], str]]:  # fmt: skip
+        sampling = sampling or GREEDY
         prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
         eos_ids = self._default_eos() if eos_ids is None else frozenset(eos_ids)
         if max_new_tokens == 0:
@@ -159,11 +167,12 @@ class DecoderModel(PackageModel):
         if self.fused_attention:
             with self.bound(adapter) as io:
                 capacity = max(len(p) for p in prompts) + max_new_tokens
-                rows = _FusedRows(self, io, len(prompts), capacity, self._adapters.invocation(adapter))
-                return greedy(rows, prompts, max_new_tokens, min_new_tokens, eos_ids, on_token)
+                rows = FusedRows(self, io, len(prompts), capacity, self._adapters.invocation(adapter))
+                return decode_loop(rows, prompts, max_new_tokens, min_new_tokens, eos_ids, on_token, sampling, stop)
         # reference graphs: one row at a time (their cache grows by copies; batching buys nothing there)
-        return [greedy(_PlainRows(self._plain_steps(adapter)), [p], max_new_tokens, min_new_tokens, eos_ids,
-                       None if on_token is None else (lambda _, t, i=i: on_token(i, t)))[0]
+        return [decode_loop(PlainRows(self._plain_steps(adapter)), [p], max_new_tokens, min_new_tokens, eos_ids,
+                            None if on_token is None else (lambda _, t, i=i: on_token(i, t)), sampling,
+                            None if stop is None else (lambda _, out, i=i: stop(i, out)), first_row=i)[0]
                 for i, p in enumerate(prompts)]  # fmt: skip
 
     def _check_prompts(self, prompts, max_new_tokens: int, min_new_tokens: int) -> list[list[int]]:
@@ -181,26 +190,39 @@ class DecoderModel(PackageModel):
             raise RuntimeInputError(f"token ids must lie in [0, {self.vocab_size})")
         return prompts
 
-    def stream(self, prompt: str, adapter: AdapterChoice = None, max_new_tokens: int = 64, chat: bool = True, **kw) -> Iterator[str]:
-        """Yield text pieces as they are generated (runs the loop in a worker thread)."""
+    def stream(self, prompt: Prompt, adapter: AdapterChoice = None, max_new_tokens: int = 64, chat: bool = True, *,
+               scale: float = 1.0, stop: Sequence[str] = (), min_new_tokens: int = 0, **sampling) -> Iterator[str]:  # fmt: skip
+        """Yield text pieces as they are generated (the loop runs in a worker thread); options as :meth:`generate`.
+        Text that could begin a stop string is held back until it is known not to."""
         import queue
 
         q: queue.Queue = queue.Queue()
         tok = self.tokenizer
         ids = tok.encode(prompt, chat)
-        generated: list[int] = []
-        state = {"text": ""}
+        stops, options = tuple(stop), self._sampling(sampling)
+        hold = max((len(s) for s in stops), default=1) - 1
+        state = {"sent": 0}
 
-        def on_token(t: int) -> None:
-            generated.append(t)
-            text = tok.decode(generated)
-            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                q.put(text[len(state["text"]) :])
-                state["text"] = text
+        def on_token(_row: int, _t: int) -> None:
+            pass
+
+        def check(_row: int, out: list[int]) -> bool:
+            text = tok.decode(out)
+            cut = _stop_at(text, stops)
+            if cut is None and text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                return False
+            upto = cut if cut is not None else len(text) - hold
+            if upto > state["sent"]:
+                q.put(text[state["sent"] : upto])
+                state["sent"] = upto
+            return cut is not None
 
         def work() -> None:
             try:
-                self.generate_ids(ids, adapter, max_new_tokens, on_token=on_token, **kw)
+                (out, reason), = self._generate([ids], self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens,
+                                                None, on_token, options, check)  # fmt: skip
+                if reason != "stop":  # what was held back
+                    q.put(tok.decode(out)[state["sent"] :])
                 q.put(None)
             except BaseException as exc:  # handed to the consumer
                 q.put(exc)
@@ -212,148 +234,33 @@ class DecoderModel(PackageModel):
             if item:
                 yield item
 
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        adapter: AdapterChoice = None,
-        max_new_tokens: int = 64,
-        min_new_tokens: int = 0,
-        chat: bool = True,
-        return_result: bool = False,
-        *,
-        scale: float = 1.0,
-    ):
-        """Greedy completion of ``prompt``; the chat template is applied when the package has one and ``chat``.
-
-        A list of prompts gives a list of answers, decoded together as one batch on the fused graph
-        (:meth:`generate_ids_batch`), one after another on a reference graph."""
+    def generate(self, prompt: Prompt | Sequence[Prompt], adapter: AdapterChoice = None, max_new_tokens: int = 64,
+                 min_new_tokens: int = 0, chat: bool = True, return_result: bool = False, *, scale: float = 1.0,
+                 stop: Sequence[str] = (), **sampling):  # fmt: skip
+        """Complete ``prompt``: a string (the chat template applied when the package has one and ``chat``), a
+        conversation (a list of {"role", "content"} messages), or a list of either (a batch, decoded together on a
+        fused graph). Greedy by default; ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+        ``repetition_penalty`` and ``seed`` as transformers' ``generate`` takes them. Generation ends at a string of
+        ``stop``, which the text does not include."""
         tok = self.tokenizer
-        adapter = self._adapters.key(adapter, scale)
-        if not isinstance(prompt, str):
-            prompts = [tok.encode(p, chat) for p in prompt]
-            results = self.generate_ids_batch(prompts, adapter, max_new_tokens, min_new_tokens)
-            return [GenerationResult(tok.decode(out), out, len(ids), reason) if return_result else tok.decode(out)
-                    for ids, (out, reason) in zip(prompts, results)]  # fmt: skip
-        ids = tok.encode(prompt, chat)
-        out, reason = self.generate_ids(ids, adapter, max_new_tokens, min_new_tokens)
-        text = tok.decode(out)
-        if return_result:
-            return GenerationResult(text=text, token_ids=out, prompt_tokens=len(ids), finish_reason=reason)
-        return text
+        single = isinstance(prompt, str) or _is_conversation(prompt)
+        prompts = [tok.encode(p, chat) for p in ([prompt] if single else prompt)]
+        stops = tuple(stop)
+        check = (lambda _row, out: _stop_at(tok.decode(out), stops) is not None) if stops else None
+        results = self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, None, None,
+                                 self._sampling(sampling), check)  # fmt: skip
+        answers = []
+        for ids, (out, reason) in zip(prompts, results):
+            text = tok.decode(out)
+            text = text[: _stop_at(text, stops)] if reason == "stop" else text
+            answers.append(GenerationResult(text, out, len(ids), reason) if return_result else text)
+        return answers[0] if single else answers
 
-
-def greedy(rows: Rows, prompts: list[list[int]], max_new_tokens: int, min_new_tokens: int, eos_ids: frozenset[int],
-           on_token: Callable[[int, int], None] | None) -> list[tuple[list[int], str]]:  # fmt: skip
-    """The generation loop: argmax per row until its eos or ``max_new_tokens``; eos is masked out for the first
-    ``min_new_tokens``. Rows that finished keep computing until all have (their outputs are not used)."""
-    lens = np.array([len(p) for p in prompts], np.int64)
-    ids = np.zeros((len(prompts), int(lens.max())), np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = p
-    last = rows.prefill(ids, lens)
-    outs: list[list[int]] = [[] for _ in prompts]
-    reasons = ["length"] * len(prompts)
-    active = np.ones(len(prompts), bool)
-    eos = sorted(eos_ids)
-    for produced in range(max_new_tokens):
-        if produced < min_new_tokens and eos:
-            last = last.copy()
-            last[:, eos] = -np.inf
-        nxt = np.argmax(last, axis=-1)
-        for r in np.flatnonzero(active):
-            token = int(nxt[r])
-            if token in eos_ids:
-                active[r], reasons[r] = False, "eos"
-                continue
-            outs[r].append(token)
-            if on_token is not None:
-                on_token(int(r), token)
-            if len(outs[r]) >= max_new_tokens:
-                active[r] = False
-        if not active.any():
-            break
-        last = rows.next(nxt[:, None].astype(np.int64), lens)
-        lens = lens + 1
-    return list(zip(outs, reasons))
-
-
-class _FusedRows:
-    """Fused graphs: a KV cache preallocated for ``capacity`` tokens, bound as both past and present of every
-    layer, so GroupQueryAttention writes each step's keys and values in place; nothing is copied per token."""
-
-    def __init__(self, model: DecoderModel, io: ort.IOBinding, batch: int, capacity: int,
-                 invocation: tuple[int, ...] | None = None) -> None:  # fmt: skip
-        self.model, self.io, self.invocation = model, io, invocation
-        self.found = np.zeros(batch, bool)  # activated LoRA: the rows whose prompt holds the invocation tokens
-        self.mask: ort.OrtValue | None = None  # the bound activation mask, alive while bound
-        self.columns = np.arange(capacity, dtype=np.int64)
-        io.bind_output("logits")
-        shape = (batch, model.num_kv_heads, capacity, model.head_dim)
-        for name in model._past_names:
-            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, model.dtype), model.device, 0)
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
-
-    def call(self, ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
-        io = self.io
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", (self.columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
-        io.bind_cpu_input("position_ids", positions)
-        io.bind_output("logits")
-        self.model.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
-
-    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        b, width = ids.shape
-        if self.invocation:
-            mask = np.zeros((b, width), np.float32)
-            for r in range(b):  # each row's own tokens, not its padding
-                row, self.found[r:r + 1] = activation_mask(ids[r : r + 1, : lens[r]], self.invocation)
-                mask[r, : lens[r]] = row[0]
-            self.mask = bind_mask(self.io, mask, self.model.dtype)
-        logits = self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
-        return logits[np.arange(b), lens - 1]  # each row's last real token
-
-    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        if self.invocation:
-            self.mask = bind_mask(self.io, self.found[:, None], self.model.dtype)
-        return self.call(tokens, lens[:, None].copy(), lens + 1)[:, -1]
-
-
-def bind_mask(io: ort.IOBinding, mask: np.ndarray, dtype) -> ort.OrtValue:
-    """Bind an activation mask (batch, seq) as the graph's (batch, seq, 1) input; the caller keeps the returned value
-    alive until the run (the binding borrows its memory). An overridable initializer binds as an OrtValue: ONNX Runtime
-    looks a numpy input up among the graph's plain inputs only."""
-    value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask[..., None], dtype))
-    io.bind_ortvalue_input(ALORA_MASK, value)
-    return value
-
-
-def activation_mask(ids: np.ndarray, invocation: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Activated LoRA's mask for ``ids`` (batch, seq), as PEFT computes it: 1 from the start of the last occurrence of
-    the invocation tokens in each row on, 0 before (and everywhere in a row without them); and which rows have them."""
-    b, s = ids.shape
-    n = len(invocation)
-    mask, found = np.zeros((b, s), np.float32), np.zeros(b, bool)
-    if s < n:
-        return mask, found
-    windows = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)  # (b, s - n + 1, n)
-    hits = (windows == np.asarray(invocation, ids.dtype)).all(axis=2)
-    for r in range(b):
-        starts = np.flatnonzero(hits[r])
-        if starts.size:
-            mask[r, starts[-1] :], found[r] = 1.0, True
-    return mask, found
-
-
-class _PlainRows:
-    """Reference graphs, one row: the step function's cache grows by copies."""
-
-    def __init__(self, step: Step) -> None:
-        self.step = step
-
-    def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        return self.step(ids, int(lens[0]))
-
-    def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        return self.step(tokens, int(lens[0]) + 1)
+    @staticmethod
+    def _sampling(options: dict) -> Sampling:
+        try:
+            return Sampling(**options)
+        except TypeError:
+            unknown = sorted(set(options) - set(Sampling.__dataclass_fields__))
+            raise RuntimeInputError(f"unknown generation option {unknown[0]!r}; the sampling options are "
+                                    f"{', '.join(Sampling.__dataclass_fields__)}") from None  # fmt: skip

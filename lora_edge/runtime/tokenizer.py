@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import PackageError, RuntimeInputError
 
@@ -46,7 +46,14 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise PackageError(f"the package's chat template does not render: {exc}") from None
 
-    def encode(self, text: str, chat: bool) -> list[int]:
+    def encode(self, text: str | Sequence[Mapping[str, str]], chat: bool) -> list[int]:
+        """Token ids of a prompt (the chat template applied when ``chat`` and the package has one), or of a conversation:
+        a list of {"role": "system" | "user" | "assistant", "content": str} rendered by the chat template."""
+        if not isinstance(text, str):
+            if not self.chat_template:
+                raise RuntimeInputError("this package has no chat template; give the prompt as one string")
+            ids = self.tok.encode(self.render_chat(check_messages(text)), add_special_tokens=False).ids
+            return ids
         if chat and self.chat_template:
             text = self.render_chat([{"role": "user", "content": text}])
             ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -58,6 +65,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def check_messages(messages) -> list[dict]:
+    """A conversation as chat templates take it; one clear line for anything else."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise RuntimeInputError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RuntimeInputError(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, got {m!r}"[:300])
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+ROLES = ("system", "user", "assistant")
 
 
 def read_json(path: Path) -> dict:
