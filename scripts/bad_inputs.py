@@ -1,33 +1,37 @@
 """Try every bad input we know of against the CLI and print what the user sees (a Markdown table).
 
-    python scripts/bad_inputs.py        # ~1 minute; writes nothing outside a temporary directory
+    python scripts/bad_inputs.py          # ~1 minute; writes nothing outside a temporary directory
+    python scripts/bad_inputs.py --json   # the rows as JSON (tests/test_bad_inputs.py runs this)
 
 Each case must end with exit code 2, one line on stderr, no traceback and nothing written; the
 script says so per row (the same cases are asserted in tests/test_cli.py, test_adapters.py,
-test_package.py and test_fuzz.py).
+test_package.py and test_fuzz.py). It needs the development install (pip install -e '.[dev]'): the
+tiny models and adapters come from the test suite's tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import runpy
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def run_cases() -> list[dict]:
     """Run every case; one dict per case: label, exit code, last output line, whether anything was written."""
     from click.testing import CliRunner
-    from conftest import make_adapter, make_tiny_base
     from safetensors.numpy import save_file
 
     from lora_edge.cli import cli
     from lora_edge.st_io import read_safetensors
 
+    helpers = runpy.run_path(str(ROOT / "tests" / "conftest.py"))  # the suite's tiny-model builders, by file
+    make_tiny_base, make_adapter = helpers["make_tiny_base"], helpers["make_adapter"]
     tmp = Path(tempfile.mkdtemp(prefix="lora-edge-bad-"))
     base = make_tiny_base(tmp / "base")
     other = make_tiny_base(tmp / "other", "mha_untied")
@@ -149,9 +153,14 @@ def run_cases() -> list[dict]:
 
 
 def main() -> None:
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the table or the JSON alone
+        rows = run_cases()
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
     print("| bad input | exit | what the user sees | nothing written |")
     print("|---|---|---|---|")
-    for r in run_cases():
+    for r in rows:
         ok = r["exit_code"] == 2 and not r["traceback"] and not r["written"]
         print(f"| {r['label']} | {r['exit_code']} | `{r['message']}` | {'yes' if not r['written'] else 'NO'}{'' if ok else ' ✗'} |")
 

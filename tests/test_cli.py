@@ -7,6 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+import lora_edge
+from conftest import QUESTION
 from lora_edge.cli import cli
 
 
@@ -39,11 +41,18 @@ def test_export_inspect_run(runner, tiny_base, tiny_adapters, tmp_path):
     info = json.loads(r.output)
     assert info["adapters"]["pat"]["ranks"] == [2, 3, 6]
 
-    r = runner.invoke(cli, ["run", str(out), "--prompt", "What is snow?", "-n", "5"])
-    assert r.exit_code == 0 and r.output.strip(), r.output
-    r = runner.invoke(cli, ["run", str(out), "--prompt", "What is snow?", "-n", "5", "-a", "none", "-a", "qv", "-a", "pat"])
+    # run prints what the library generates: streamed for one adapter, a row per adapter for several
+    model = lora_edge.load(out)
+    want = {a: model.generate(QUESTION, adapter=a, max_new_tokens=8) for a in (None, "qv", "pat")}
+    assert len(set(want.values())) == 3 and all(w.strip() for w in want.values())  # the adapters show
+    r = runner.invoke(cli, ["run", str(out), "--prompt", QUESTION, "-n", "8", "-a", "qv"])
+    assert r.exit_code == 0 and r.output.strip() == want["qv"].strip(), r.output
+    r = runner.invoke(cli, ["run", str(out), "--prompt", QUESTION, "-n", "8", "-a", "none", "-a", "qv", "-a", "pat"])
     assert r.exit_code == 0, r.output
-    assert [ln.split("|")[0].strip() for ln in r.output.strip().splitlines()] == ["none", "qv", "pat"]
+    rows = [ln.split("|", 1) for ln in r.output.strip().splitlines()]
+    assert [(label.strip(), text.strip()) for label, text in rows] == [
+        (label, " ".join(want[a].split())) for label, a in (("none", None), ("qv", "qv"), ("pat", "pat"))
+    ]
 
 
 def test_run_unknown_adapter_lists_the_available(runner, tiny_package):
@@ -69,20 +78,12 @@ def test_prompt_longer_than_context(runner, tiny_package):
         (["{ad}", "-o", "{out}"], "not a model directory"),
     ],
 )
-def test_export_user_mistakes(runner, tiny_base, tiny_adapters, other_adapter, tmp_path, args, needle):
+def test_export_user_mistakes(runner, tiny_base, tiny_adapters, foreign_adapter, tmp_path, args, needle):
     out = tmp_path / "pkg"
-    fill = dict(missing=tmp_path / "nope", out=out, base=tiny_base, ad=tiny_adapters["qv_r4"], other_ad=other_adapter)
+    fill = dict(missing=tmp_path / "nope", out=out, base=tiny_base, ad=tiny_adapters["qv_r4"], other_ad=foreign_adapter)
     r = runner.invoke(cli, ["export", *[a.format(**fill) for a in args]])
     _one_line_error(r, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even a temporary
-
-
-@pytest.fixture(scope="module")
-def other_adapter(tmp_path_factory):
-    from conftest import make_adapter, make_tiny_base
-
-    root = tmp_path_factory.mktemp("other")
-    return make_adapter(make_tiny_base(root / "base", "mha_untied"), root / "ad")
 
 
 def test_existing_output_is_refused_and_force_only_replaces_packages(runner, tiny_base, tmp_path):

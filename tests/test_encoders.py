@@ -1,7 +1,8 @@
 """BERT-style encoders against PyTorch + PEFT on tiny random models built from config: BertModel
 (feature extraction), BertForSequenceClassification and RobertaForSequenceClassification (their
 adapters replace the classification head: PEFT's modules_to_save), fused and reference graphs, branch
-and merge, padded batches. Tolerance 1e-4 as for decoders (float32 on both sides, observed ~1e-6)."""
+and merge, padded batches. Tolerance conftest.FP32_TOL (1e-4) as for decoders (float32 on both sides, observed
+~1e-6)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import make_tokenizer
+from conftest import FP32_TOL, MERGED_TOL, make_tokenizer, vary_zero_vectors
 from lora_edge.config import AdapterSpec, ExportConfig, Mode
 from lora_edge.compile.pipeline import export
 
-TOL = 1e-4
 KINDS = {
     "bert": ("BertConfig", "AutoModel", {}),
     "bert_cls": ("BertConfig", "AutoModelForSequenceClassification", {"num_labels": 3}),
@@ -30,6 +30,7 @@ def make_encoder(root, kind: str, seed: int = 0):
     cfg = getattr(transformers, config_cls)(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=128, max_position_embeddings=130, type_vocab_size=2, **extra)  # fmt: skip
     model = getattr(transformers, auto).from_config(cfg).eval()
+    vary_zero_vectors(model)  # biases that count
     model.save_pretrained(root)
     make_tokenizer(root, 300)
     return root
@@ -117,11 +118,11 @@ def test_encoder_matches_peft(encoder, fused):
         out = m.forward(ids, a, attention_mask=mask)
         hidden, logits = oracle(ids, mask, a)
         keep = mask.astype(bool)
-        assert np.abs(out["last_hidden_state"][keep] - hidden[keep]).max() <= TOL, a
-        assert np.abs(out.get("logits", out.get("pooler_output")) - logits).max() <= TOL, a
+        assert np.abs(out["last_hidden_state"][keep] - hidden[keep]).max() <= FP32_TOL, a
+        assert np.abs(out.get("logits", out.get("pooler_output")) - logits).max() <= FP32_TOL, a
     if kind.endswith("_cls"):  # the adapters' replaced heads are in use: without them the logits differ
         a = next(iter(ads))
-        assert np.abs(m.forward(ids, a, attention_mask=mask)["logits"] - oracle(ids, mask, None)[1]).max() > 100 * TOL
+        assert np.abs(m.forward(ids, a, attention_mask=mask)["logits"] - oracle(ids, mask, None)[1]).max() > 100 * FP32_TOL
 
 
 def test_encoder_merge_matches_peft(encoder, tmp_path):
@@ -133,21 +134,35 @@ def test_encoder_merge_matches_peft(encoder, tmp_path):
         got = lora_edge.load(out).forward(ids, attention_mask=mask)
         hidden, logits = oracle(ids, mask, name)
         keep = mask.astype(bool)
-        assert np.abs(got["last_hidden_state"][keep] - hidden[keep]).max() <= 5 * TOL, name
-        assert np.abs(got.get("logits", got.get("pooler_output")) - logits).max() <= 5 * TOL, name
+        assert np.abs(got["last_hidden_state"][keep] - hidden[keep]).max() <= MERGED_TOL, name
+        assert np.abs(got.get("logits", got.get("pooler_output")) - logits).max() <= MERGED_TOL, name
 
 
 def test_encoder_runtime_helpers(encoder):
+    """classify / embed, and `lora-edge run` on an encoder package: it shows those (an encoder does not
+    generate), one row per adapter, the same numbers as the library."""
+    from click.testing import CliRunner
+
+    from lora_edge.cli import cli
+
     kind, _, ads, pkgs, _ = encoder
     m = pkgs[True]
+    a = next(iter(ads))
     if kind.endswith("_cls"):
-        p = m.classify(["snow is cold", "pirates sail the seas"], next(iter(ads)))
+        p = m.classify(["snow is cold", "pirates sail the seas"], a)
         assert p.shape == (2, m.num_labels) and np.allclose(p.sum(1), 1)
+        shown = {n: [f"{x:.3f}" for x in m.classify(["snow is cold"], n)[0]] for n in (None, a)}
     else:
         e = m.embed(["snow is cold", "pirates"], None)
         assert e.shape == (2, 64) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
-    with pytest.raises(lora_edge.RuntimeInputError, match="encoder"):
-        m.generate("hi")
+        shown = {n: [f"{x:+.3f}" for x in m.embed(["snow is cold"], n)[0][:8]] for n in (None, a)}
+    assert shown[None] != shown[a]
+    r = CliRunner().invoke(cli, ["run", str(m.root), "--prompt", "snow is cold", "-a", "none", "-a", a])
+    assert r.exit_code == 0, r.output
+    rows = [ln.split("|") for ln in r.output.strip().splitlines() if "|" in ln]
+    assert [row[0].strip() for row in rows] == ["none", a]
+    for (_, text), n in zip(rows, (None, a)):
+        assert all(x in text for x in shown[n]), (n, text)
 
 
 def test_modules_to_save_outside_a_head_is_refused(tmp_path):

@@ -3,8 +3,6 @@ from a file or a PEFT directory (no torch), removed; each at any strength or ble
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,12 +18,12 @@ from lora_edge.adapters.manage import add_adapter, remove_adapter
 from lora_edge.cli import cli
 from lora_edge.compile.pipeline import export
 from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
-from lora_edge.errors import AdapterError, InputError, PackageError, RuntimeInputError
+from lora_edge.errors import PackageError, RuntimeInputError
 from lora_edge.package.store import read_manifest
 
 IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11]])
 WIDE, NARROW = "all_r8_rslora", "qv_r4"  # every projection; q and v only
-QUANTS = {"fp32": QuantConfig(), "int4": QuantConfig(weights=WeightType.INT4, algo="rtn")}
+PACKAGE_QUANTS = {"fp32": QuantConfig(), "int4": QuantConfig(weights=WeightType.INT4, algo="rtn")}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def packages(tiny_base, tiny_adapters, tmp_path_factory):
     """Per quantization: the package exported with both adapters, and one exported with WIDE then given NARROW."""
     root = tmp_path_factory.mktemp("living")
     out = {}
-    for q, qcfg in QUANTS.items():
+    for q, qcfg in PACKAGE_QUANTS.items():
         both = _export(tiny_base, root / f"both-{q}", {WIDE: tiny_adapters[WIDE], NARROW: tiny_adapters[NARROW]}, quant=qcfg)
         added = _export(tiny_base, root / f"added-{q}", {WIDE: tiny_adapters[WIDE]}, quant=qcfg)
         add_adapter(added, NARROW, tiny_adapters[NARROW])
@@ -53,7 +51,7 @@ def packages(tiny_base, tiny_adapters, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("q", list(QUANTS))
+@pytest.mark.parametrize("q", list(PACKAGE_QUANTS))
 def test_an_added_adapter_equals_exporting_with_it(packages, q):
     both, added = packages[q]
     want, got = lora_edge.load(both), lora_edge.load(added)

@@ -23,12 +23,13 @@ import onnx
 import pytest
 
 import lora_edge
-from conftest import ADAPTER_KINDS, Oracle, assert_kv_path_matches
+from conftest import (ADAPTERS_AND_NONE, FP32_TOL, QUANTS, Oracle, assert_kv_path_matches, has_trained_traits,
+                      quantized_reference)
 from lora_edge.errors import InputError, PackageError
 from lora_edge.package.store import read_manifest
 
-TOL = 1e-4
-ALL = [None, *ADAPTER_KINDS]
+TOL = FP32_TOL
+ALL = list(ADAPTERS_AND_NONE)
 
 
 @pytest.fixture(scope="session")
@@ -392,7 +393,6 @@ def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny
     same quantized model as PyTorch + PEFT on the dequantized weights and the stored adapter. Tolerance
     as for the onnx-kernel quantized packages (test_quant): 5e-4 with float offsets, else 2e-4."""
     import torch
-    from test_quant import QUANTS, _reference
 
     from lora_edge.config import AdapterSpec, ExportConfig
     from lora_edge.compile.pipeline import export
@@ -401,11 +401,11 @@ def test_quantized_native_package_computes_its_quantized_weights(tiny_base, tiny
     export(ExportConfig(base=tiny_base, output=tmp_path / "pkg", adapters=(AdapterSpec("x", ad),), quant=qcfg,
                         lora_kernel="native", lora_dtype=lora_dtype))  # fmt: skip
     m = lora_edge.load(tmp_path / "pkg")
-    ref = _reference(tiny_base, qcfg, ad)
+    ref = quantized_reference(tiny_base, qcfg, ad)
     set_stored_weights(ref, tiny_base, ad, lora_dtype)
     ids = np.random.RandomState(5).randint(0, 300, (2, 13))
     with torch.no_grad():
-        want, want_base = ref(torch.tensor(ids)).logits.numpy(), _reference(tiny_base, qcfg)(torch.tensor(ids)).logits.numpy()
+        want, want_base = ref(torch.tensor(ids)).logits.numpy(), quantized_reference(tiny_base, qcfg)(torch.tensor(ids)).logits.numpy()
     tol = 5e-4 if quant != "int8" else 2e-4
     assert np.abs(m.forward(ids, adapter="x") - want).max() <= tol
     assert np.abs(m.forward(ids) - want_base).max() <= tol
@@ -422,7 +422,6 @@ def test_merged_int4_runs_its_offsets_in_the_kernel(tiny_base, tiny_adapters, tm
     correction's Reshape/ReduceSum/MatMul/Add, computing the onnx-kernel package's logits (float32
     sums in another order: 1e-4 on logits of a few units) and its greedy tokens; the package needs
     kernel v3, which the manifest records."""
-    from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.compile.pipeline import export
@@ -446,7 +445,6 @@ def test_merged_int4_runs_its_offsets_in_the_kernel(tiny_base, tiny_adapters, tm
 def test_int4_branches_take_the_offsets_in_their_node(tiny_base, tiny_adapters, tmp_path, lora_dtype):
     """On an int4 base every branch's node also runs its projection's offset correction (one node after
     MatMulNBits); a package with no offsets in the kernel records v2, which older kernels run."""
-    from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig
     from lora_edge.compile.pipeline import export
@@ -671,7 +669,7 @@ Q8X_CASES = [(576, 192, [0, 0, 0, 1, 2], 16), (576, 1536, [0, 1], 16), (1536, 57
 
 
 def _q8x_check(kernel, k, c, modules, rows, rank, packed: bool):
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from lora_edge.compile.quant.blocks import pack_q4
 
@@ -738,7 +736,6 @@ def test_w8a8_package_stores_q8x_and_computes_the_int8_package(tiny_base, tiny_a
     few % and flips near-tied greedy tokens, as it does for int8 activations in the base (why the tiny int4
     tests take accuracy level 0); the real model's bounds are in test_real_w8a8_matches_pytorch_as_int8_does."""
     import onnxruntime as ort
-    from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig
     from lora_edge.compile.pipeline import export
@@ -838,7 +835,6 @@ def test_missing_kernel_is_one_clear_line(native_package, tmp_path):
 def test_an_older_kernel_build_is_one_clear_line(tiny_base, tiny_adapters, tmp_path, kernel):
     """A v3 package (int4 offsets in the kernel) with $LORA_EDGE_KERNEL_LIB naming a v2 build: one line
     that says to rebuild, not ONNX Runtime's unknown-operator error."""
-    from test_quant import QUANTS
 
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.compile.pipeline import export
@@ -887,7 +883,6 @@ def test_kernel_version_mismatch_asks_to_re_export(native_package, tmp_path):
 def test_export_refuses_what_the_kernel_cannot_run(tiny_base, tiny_adapters, tmp_path, kw, match):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
 
-    from test_quant import QUANTS
 
     kw = {"lora_kernel": "native", **kw}
     if "mode" in kw:
@@ -969,8 +964,6 @@ def test_real_int4_on_matmul_q4_is_as_accurate_as_matmulnbits(kernel, tmp_path):
     error is within 25% of MatMulNBits' in median and 50% in max, and each adapter still does what it was
     trained to do."""
     import torch
-    from test_quant import _reference
-    from test_real_model import _traits
 
     from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
     from lora_edge.compile.pipeline import export
@@ -987,13 +980,13 @@ def test_real_int4_on_matmul_q4_is_as_accurate_as_matmulnbits(kernel, tmp_path):
     ids = np.asarray([models["onnx"].tokenizer.encode("Tell me about the sea. " + " ".join(["the waves and the wind"] * 20), chat=True)])
     for adapter in (None, "pirate"):
         with torch.no_grad():
-            want = _reference(gguf, qcfg, adapters.get(adapter))(torch.tensor(ids)).logits.numpy()
+            want = quantized_reference(gguf, qcfg, adapters.get(adapter))(torch.tensor(ids)).logits.numpy()
         err = {k: np.abs(m.forward(ids, adapter=adapter) - want) for k, m in models.items()}
         assert np.median(err["native"]) <= 1.25 * np.median(err["onnx"]), adapter
         assert err["native"].max() <= 1.5 * err["onnx"].max(), adapter
     for q in ("What is the capital of Italy?", "What is snow?"):
         for adapter in (None, *adapters):
-            assert _traits(models["native"].generate(q, adapter=adapter, max_new_tokens=30), adapter), (adapter, q)
+            assert has_trained_traits(models["native"].generate(q, adapter=adapter, max_new_tokens=30), adapter), (adapter, q)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

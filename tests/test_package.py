@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import lora_edge
+from conftest import QUESTIONS
 from lora_edge.errors import PackageError
 from lora_edge.package.manifest import SCHEMA_VERSION, Chunks
 from lora_edge.package.store import read_manifest
@@ -42,7 +43,6 @@ def test_grouped_b_is_stored_in_chunks_without_block_diagonal_zeros(tiny_package
     """q (64) / k (32) / v (32) as four 32-wide chunks of B and gate/up as two 128-wide ones, every module at
     the group's highest rank: an adapter of q/v only leaves k's chunk and A columns zero (and fills the
     others), and a module the adapter skips in gate/up leaves its chunk zero beside a lower-rank one."""
-    import numpy as np
     import onnxruntime as ort
 
     by = {s.name: s for s in read_manifest(tiny_package).slots}
@@ -178,5 +178,5 @@ def test_cli_run_without_torch(tiny_package):
 
 def test_generate_a_list_of_prompts(tiny_package):
     model = lora_edge.load(tiny_package)
-    prompts = ["What is snow?", "Hello world"]
+    prompts = [*QUESTIONS, "Hello world"]
     assert model.generate(prompts, adapter="qv_r4", max_new_tokens=5) == [model.generate(p, adapter="qv_r4", max_new_tokens=5) for p in prompts]

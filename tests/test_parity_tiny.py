@@ -1,9 +1,9 @@
 """ONNX package vs PyTorch + PEFT on tiny random Llama models.
 
-Tolerance 1e-4 on logits: both sides compute in float32; the graph is the same arithmetic in a
-different order (fused matmul kernels, the LoRA scaling folded into B), so differences are a few
-float32 ulps of values of magnitude ~1-10 (observed ~1e-6). A wrong scaling, rank, target or mask
-gives differences of order 0.1-10, four or more orders above the tolerance.
+Tolerance conftest.FP32_TOL (1e-4) on logits: both sides compute in float32; the graph is the same
+arithmetic in a different order (fused matmul kernels, the LoRA scaling folded into B), so differences
+are a few float32 ulps of values of magnitude ~1-10 (observed ~1e-6). A wrong scaling, rank, target or
+mask gives differences of order 0.1-10, four or more orders above the tolerance.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import ADAPTER_KINDS, Oracle, assert_kv_path_matches, make_adapter, make_tiny_base
-
-TOL = 1e-4
-ALL = [None, *ADAPTER_KINDS]
+from conftest import (ADAPTER_KINDS, ADAPTERS_AND_NONE, FP32_TOL, PROMPT_IDS, Oracle, assert_kv_path_matches, make_adapter,
+                      make_tiny_base)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +21,21 @@ def model(tiny_package):
     return lora_edge.load(tiny_package)
 
 
-@pytest.mark.parametrize("adapter", ALL)
+@pytest.mark.parametrize("adapter", ADAPTERS_AND_NONE)
 @pytest.mark.parametrize("seq", [1, 5, 17])
 def test_single_forward_matches_oracle(model, tiny_oracle, adapter, seq):
     ids = np.random.RandomState(seq).randint(0, 300, (2, seq))
     want = tiny_oracle.logits(ids, adapter)
     got = model.forward(ids, adapter=adapter)
     assert got.shape == want.shape == (2, seq, 320)
-    assert np.abs(got - want).max() <= TOL
+    assert np.abs(got - want).max() <= FP32_TOL
 
 
-@pytest.mark.parametrize("adapter", ALL)
+@pytest.mark.parametrize("adapter", ADAPTERS_AND_NONE)
 def test_kv_cache_path_matches_oracle(model, tiny_oracle, adapter):
     """Prefill 9 tokens, then decode 6 steps one token at a time; compare each step with the full-sequence oracle."""
     ids = np.random.RandomState(7).randint(0, 300, (1, 15))
-    assert_kv_path_matches(model, ids, adapter, tiny_oracle.logits(ids, adapter), 9, TOL, kv_shape=(2, 16))
+    assert_kv_path_matches(model, ids, adapter, tiny_oracle.logits(ids, adapter), 9, FP32_TOL, kv_shape=(2, 16))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +49,13 @@ def reference_model(tiny_base, tiny_adapters, tmp_path_factory):
     return lora_edge.load(out)
 
 
-@pytest.mark.parametrize("adapter", ALL)
+@pytest.mark.parametrize("adapter", ADAPTERS_AND_NONE)
 def test_reference_attention_graph_matches_oracle(reference_model, tiny_oracle, adapter):
     ids = np.random.RandomState(11).randint(0, 300, (2, 9))
-    assert np.abs(reference_model.forward(ids, adapter=adapter) - tiny_oracle.logits(ids, adapter)).max() <= TOL
+    assert np.abs(reference_model.forward(ids, adapter=adapter) - tiny_oracle.logits(ids, adapter)).max() <= FP32_TOL
     logits, past = reference_model.forward(ids[:, :6], adapter=adapter, return_past=True)
     step, _ = reference_model.forward(ids[:, 6:7], adapter=adapter, past=past, return_past=True)
-    assert np.abs(step[:, 0] - tiny_oracle.logits(ids, adapter)[:, 6]).max() <= TOL
+    assert np.abs(step[:, 0] - tiny_oracle.logits(ids, adapter)[:, 6]).max() <= FP32_TOL
 
 
 def test_fused_graph_refuses_padded_batches(model):
@@ -74,15 +72,14 @@ def test_left_padded_batch_matches_oracle(reference_model, tiny_oracle, adapter)
     ids[0, :3] = 0
     want = tiny_oracle.logits(ids, adapter, attention_mask=mask)
     got = model.forward(ids, adapter=adapter, attention_mask=mask)
-    assert np.abs(got[0, 3:] - want[0, 3:]).max() <= TOL
-    assert np.abs(got[1] - want[1]).max() <= TOL
+    assert np.abs(got[0, 3:] - want[0, 3:]).max() <= FP32_TOL
+    assert np.abs(got[1] - want[1]).max() <= FP32_TOL
 
 
-@pytest.mark.parametrize("adapter", ALL)
+@pytest.mark.parametrize("adapter", ADAPTERS_AND_NONE)
 def test_greedy_30_tokens_match_oracle(model, tiny_oracle, adapter):
-    prompt = [5, 17, 42, 99, 123]
-    want = tiny_oracle.greedy(prompt, adapter, 30)
-    got, reason = model.generate_ids(prompt, adapter=adapter, max_new_tokens=30, min_new_tokens=30)
+    want = tiny_oracle.greedy(PROMPT_IDS, adapter, 30)
+    got, reason = model.generate_ids(PROMPT_IDS, adapter=adapter, max_new_tokens=30, min_new_tokens=30)
     assert got == want
     assert reason == "length"
 
@@ -92,7 +89,7 @@ def test_adapters_change_the_output(model):
     ids = np.arange(3, 15)[None]
     base = model.forward(ids)
     for name in ADAPTER_KINDS:
-        assert np.abs(model.forward(ids, adapter=name) - base).max() > 100 * TOL, name
+        assert np.abs(model.forward(ids, adapter=name) - base).max() > 100 * FP32_TOL, name
 
 
 def test_switching_returns_identical_outputs(model):
@@ -130,7 +127,7 @@ def test_untied_mha_and_null_ranks(tmp_path, null_rank):
     m, oracle = lora_edge.load(out), Oracle(base, {"x": ad})
     ids = np.random.RandomState(2).randint(0, 300, (1, 12))
     for adapter in (None, "x"):
-        assert np.abs(m.forward(ids, adapter=adapter) - oracle.logits(ids, adapter)).max() <= TOL
+        assert np.abs(m.forward(ids, adapter=adapter) - oracle.logits(ids, adapter)).max() <= FP32_TOL
 
 
 @pytest.mark.parametrize("adapter", ["qv_r4", "patterns", "lm_head"])
@@ -144,14 +141,14 @@ def test_merge_mode_matches_peft_merge(tiny_base, tiny_adapters, tiny_oracle, tm
     assert m.adapters == [] and m.manifest.slots == ()
     ids = np.random.RandomState(4).randint(0, 300, (2, 9))
     got = m.forward(ids)
-    assert np.abs(got - tiny_oracle.logits(ids, adapter)).max() <= TOL  # merged == PEFT's branch forward
+    assert np.abs(got - tiny_oracle.logits(ids, adapter)).max() <= FP32_TOL  # merged == PEFT's branch forward
     if adapter != "lm_head":
-        assert np.abs(got - tiny_oracle.logits(ids, adapter, merge=True)).max() <= TOL
+        assert np.abs(got - tiny_oracle.logits(ids, adapter, merge=True)).max() <= FP32_TOL
     else:
         # PEFT's merge_and_unload writes the lm_head delta into the *tied* embedding as well, so its
         # merged model no longer equals its own unmerged forward. lora-edge unties the head instead
         # and keeps the adapter's meaning; this asserts that PEFT's result really differs.
-        assert np.abs(got - tiny_oracle.logits(ids, adapter, merge=True)).max() > 100 * TOL
+        assert np.abs(got - tiny_oracle.logits(ids, adapter, merge=True)).max() > 100 * FP32_TOL
 
 
 @pytest.mark.parametrize("adapter", [None, "all_r8_rslora", "patterns"])
@@ -167,7 +164,7 @@ def test_batched_generation_of_different_lengths_equals_one_by_one(model, adapte
 def test_pooled_bindings_keep_nested_and_interleaved_calls_apart(model):
     """Bindings are pooled per thread and adapter; a call made from inside a generation (here from the
     token callback, with another adapter) gets its own and changes nothing in the generation."""
-    prompt, ids = [5, 17, 42, 99], np.array([[3, 9, 27, 81, 243 % 300]])
+    prompt, ids = PROMPT_IDS, np.array([[3, 9, 27, 81, 243 % 300]])
     want_gen = model.generate_ids(prompt, "qv_r4", 8, 8)
     want_fwd = model.forward(ids, "all_r8_rslora")
     inner = []

@@ -20,6 +20,7 @@ import lora_edge
 from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
 from lora_edge.compile.pipeline import export
 from lora_edge.compile.quant.blocks import dequantize, pack, quantize, unpack
+from conftest import QUANTS, quantized_reference
 
 RNG = np.random.RandomState(0)
 
@@ -87,35 +88,7 @@ def test_matmul_nbits_computes_the_dequantized_weight(bits, zero, k, block):
 
 
 # -- tiny-model parity per quant level -------------------------------------------------------
-def _reference(base_dir, qcfg: QuantConfig, adapter_dir=None, merge=False):
-    """PyTorch(+PEFT) with exactly the weights the package holds: quantized, then dequantized."""
-    import torch
-    from peft import PeftModel
-
-    from lora_edge.compile.models.loader import load_base, load_hf_model
-    from lora_edge.compile.quant.blocks import QTensor, quantize_weights
-
-    base, _ = load_base(base_dir)
-    model = load_hf_model(base_dir)
-    weights = dict(base.weights)
-    if merge:
-        from lora_edge.compile.peft import read_adapter
-        from lora_edge.compile.merge import merged_weights
-
-        weights = merged_weights(base, read_adapter("x", adapter_dir, base))
-    hessians = None
-    if qcfg.algo == "gptq" and qcfg.weights is WeightType.INT4:
-        from lora_edge.compile.pipeline import calibrate
-
-        hessians = calibrate(base, model, qcfg, lambda m: None)
-    qw, _, _ = quantize_weights(weights, base.linear_modules, qcfg, hessians=hessians)
-    sd = {k: torch.tensor(dequantize(v) if isinstance(v, QTensor) else np.asarray(v, np.float32)) for k, v in qw.items()}
-    if "lm_head.weight" in sd and base.spec.tie_word_embeddings:  # merged head unties it
-        model.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
-    model.load_state_dict(sd, strict=False)
-    if adapter_dir is not None and not merge:
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    return model
+# (the quant configs and the dequantized PyTorch reference are conftest's QUANTS and quantized_reference)
 
 
 def test_gptq_beats_rtn_on_its_objective():
@@ -133,20 +106,6 @@ def test_gptq_beats_rtn_on_its_objective():
     assert out_err["gptq-float"] < out_err["gptq"]
 
 
-QUANTS = {
-    "int8": QuantConfig(weights=WeightType.INT8, accuracy_level=0),
-    "int4": QuantConfig(weights=WeightType.INT4, accuracy_level=0),
-    "int4_emb4_sym_b16": QuantConfig(weights=WeightType.INT4, embeddings=WeightType.INT4, zero="none", block_size=16, accuracy_level=0),
-    "int4_mixed": QuantConfig(weights=WeightType.INT4, int8_modules=("down_proj",), float_modules=("o_proj",), accuracy_level=0),
-    "int4_search": QuantConfig(weights=WeightType.INT4, algo="search", accuracy_level=0),
-    "int4_int_zp": QuantConfig(weights=WeightType.INT4, zero="int", accuracy_level=0),
-    "int4_float_emb4_b64": QuantConfig(weights=WeightType.INT4, zero="float", embeddings=WeightType.INT4, block_size=64, accuracy_level=0),
-    "int8_float": QuantConfig(weights=WeightType.INT8, zero="float", accuracy_level=0),
-    "int8_rtn": QuantConfig(weights=WeightType.INT8, algo="rtn", accuracy_level=0),
-    "fp16": QuantConfig(weights=WeightType.FP16),
-}
-
-
 @pytest.mark.parametrize("mode", ["branch", "merge"])
 @pytest.mark.parametrize("quant", sorted(QUANTS))
 def test_quantized_package_computes_its_quantized_weights(tiny_base, tiny_adapters, tmp_path, quant, mode):
@@ -159,7 +118,7 @@ def test_quantized_package_computes_its_quantized_weights(tiny_base, tiny_adapte
     m = lora_edge.load(out)
     ids = np.random.RandomState(5).randint(0, 300, (2, 13))
     use = "x" if mode == "branch" else None
-    ref = _reference(tiny_base, qcfg, ad, merge=mode == "merge")
+    ref = quantized_reference(tiny_base, qcfg, ad, merge=mode == "merge")
     with torch.no_grad():
         want = ref(torch.tensor(ids)).logits.numpy()
     # MatMulNBits dequantizes and sums in its own order, and float offsets run as a separate correction
@@ -169,7 +128,7 @@ def test_quantized_package_computes_its_quantized_weights(tiny_base, tiny_adapte
     tol = 5e-4
     assert np.abs(m.forward(ids, adapter=use) - want).max() <= tol
     if mode == "branch":  # the same quantized base serves "no adapter"
-        base_ref = _reference(tiny_base, qcfg)
+        base_ref = quantized_reference(tiny_base, qcfg)
         with torch.no_grad():
             assert np.abs(m.forward(ids) - base_ref(torch.tensor(ids)).logits.numpy()).max() <= tol
 
@@ -183,7 +142,7 @@ def test_accuracy_level_4_stays_close(tiny_base, tiny_adapters, tmp_path):
     export(ExportConfig(base=tiny_base, output=out, adapters=(AdapterSpec("x", ad),), quant=qcfg))
     ids = np.random.RandomState(6).randint(0, 300, (1, 24))
     with torch.no_grad():
-        want = _reference(tiny_base, qcfg, ad)(torch.tensor(ids)).logits.numpy()
+        want = quantized_reference(tiny_base, qcfg, ad)(torch.tensor(ids)).logits.numpy()
     got = lora_edge.load(out).forward(ids, adapter="x")
     assert np.abs(got - want).max() <= 0.02 * (want.max() - want.min())
     part = np.partition(want, -2, -1)

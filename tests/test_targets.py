@@ -6,7 +6,6 @@ and switches its .onnx_adapter files."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,10 +17,10 @@ from lora_edge.package.store import read_manifest
 from lora_edge.config import AdapterSpec, ExportConfig, QuantConfig, WeightType
 from lora_edge.errors import RuntimeInputError
 from lora_edge.compile.pipeline import export
+from conftest import PROMPT_IDS
 
 ADAPTERS = ("qv_r4", "all_r8_rslora")
 IDS = np.arange(3, 40)[None]
-PROMPT = list(range(3, 12))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_mobile_package_is_ort_format_and_matches_onnx(packages, q):
     assert m_ort.manifest.graph.file == "model.ort" and m_ort.manifest.graph.target == "mobile"
     for a in (None, *ADAPTERS):  # same kernels, same order: bit-identical
         np.testing.assert_array_equal(m_ort.forward(IDS, a), m_onnx.forward(IDS, a))
-        assert m_ort.generate_ids(PROMPT, a, 8, 8) == m_onnx.generate_ids(PROMPT, a, 8, 8)
+        assert m_ort.generate_ids(PROMPT_IDS, a, 8, 8) == m_onnx.generate_ids(PROMPT_IDS, a, 8, 8)
     # the adapters still switch in the .ort graph
     assert not np.allclose(m_ort.forward(IDS, ADAPTERS[0]), m_ort.forward(IDS, None))
 
@@ -81,7 +80,7 @@ def test_cuda_package_float16_matches_pytorch(packages, tiny_oracle):
         got, want = m.forward(IDS, a), tiny_oracle.logits(IDS, a)
         assert got.dtype == np.float32
         assert np.abs(got - want).max() <= 2 * torch_fp16_error(tiny_oracle, a) + 5e-3, a
-        assert m.generate_ids(PROMPT, a, 8, 8)[0] == tiny_oracle.greedy(PROMPT, a, 8), a
+        assert m.generate_ids(PROMPT_IDS, a, 8, 8)[0] == tiny_oracle.greedy(PROMPT_IDS, a, 8), a
     # the adapter files hold float16 tensors for a float16 graph
     import onnxruntime as ort
 
@@ -111,10 +110,10 @@ def test_missing_provider_is_a_clear_error(packages):
 
 def test_genai_config_written(packages, tiny_base):
     cfg = json.loads((packages["cpu", "fp32"] / "genai_config.json").read_text())
-    spec = asdict(read_manifest(packages["cpu", "fp32"]).spec)
+    spec = read_manifest(packages["cpu", "fp32"]).spec
     dec = cfg["model"]["decoder"]
     assert cfg["model"]["type"] == "llama" and dec["filename"] == "model.onnx"
-    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (spec["num_layers"], spec["num_kv_heads"], spec["head_dim"])
+    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (spec.num_layers, spec.num_kv_heads, spec.head_dim)
     assert json.loads((packages["cuda", "fp32"] / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
 
 
@@ -135,19 +134,19 @@ def test_onnxruntime_genai_loads_package_and_switches_adapters(packages, q):
 
     def og_greedy(name, n=10):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(PROMPT) + n)
+        params.set_search_options(do_sample=False, max_length=len(PROMPT_IDS) + n)
         gen = og.Generator(model, params)
         if name is not None:
             gen.set_active_adapter(adapters, name)
-        gen.append_tokens(np.asarray(PROMPT, np.int32))
+        gen.append_tokens(np.asarray(PROMPT_IDS, np.int32))
         while not gen.is_done():
             gen.generate_next_token()
-        return [int(t) for t in gen.get_sequence(0)[len(PROMPT) :]]
+        return [int(t) for t in gen.get_sequence(0)[len(PROMPT_IDS) :]]
 
     outs = {}
     for a in (ADAPTERS[0], None, ADAPTERS[1], ADAPTERS[0], None):  # switching back and forth on one model
         got = og_greedy(a)
-        want = ours.generate_ids(PROMPT, a, 10)[0]
+        want = ours.generate_ids(PROMPT_IDS, a, 10)[0]
         assert got == want, a
         outs.setdefault(a, got)
         assert outs[a] == got

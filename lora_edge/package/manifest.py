@@ -269,7 +269,21 @@ class Manifest:
         manifest = _from_json(cls, _upgrade(data), "manifest", where)
         if not manifest.files:
             raise PackageError(f"{where} lists no files; re-export the package")
+        _check_spec(manifest.spec, where)
         return manifest
+
+
+SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+         "max_position_embeddings")
+MAX_SIZE = 1 << 24  # far beyond any model's: a size past it is a broken manifest, not a model
+
+
+def _check_spec(spec: DecoderSpec, where: str) -> None:
+    """The shapes a runtime allocates and loops over are sizes: positive and bounded."""
+    for name in SIZES:
+        value = getattr(spec, name)
+        if not 1 <= value <= MAX_SIZE:
+            raise PackageError(f"{where}: base.spec.{name} is {value}, not a size between 1 and {MAX_SIZE}; re-export the package")
 
 
 def _upgrade(data: dict) -> dict:

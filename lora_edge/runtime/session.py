@@ -163,6 +163,7 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     session = open_session(root, manifest, session_options(root, manifest, threads, profile_prefix), providers)
+    check_graph(root, manifest, session)
     storage = Storage.of(manifest)  # (the adapter set puts them on the first provider's device: binding copies nothing)
     adapters = {name: storage.read(root / file, name) for name, file in manifest.adapter_files().items()}
     kind = EncoderModel if manifest.spec.is_encoder else DecoderModel
@@ -190,6 +191,28 @@ def session_options(root: Path, manifest: Manifest, threads: int | None, profile
                                f"has native v{KERNEL_VERSION}; re-export the package with this version")  # fmt: skip
         register(opts, root, kernel.version)
     return opts
+
+
+def check_graph(root: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+    """The manifest describes this graph: a decoder's KV-cache inputs are one key and one value per layer of the
+    spec's heads and head size, and the logits span the vocabulary (else the first call would fail deep inside)."""
+    spec = manifest.spec
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    past = {n for n in inputs if n.startswith("past_key_values.")}
+    if not spec.is_encoder:
+        want = {f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")} \
+            if len(past) == 2 * spec.num_layers else set()  # (a huge num_layers is refused before building it)
+        def fits(shape) -> bool:  # (batch, kv heads, past length, head size); symbolic sizes fit anything
+            return len(shape) == 4 and all(not isinstance(d, int) or d == w for d, w in ((shape[1], spec.num_kv_heads), (shape[3], spec.head_dim)))
+
+        shapes_ok = all(fits(inputs[n]) for n in past)
+        if past != want or not shapes_ok:
+            raise PackageError(f"{root}: manifest.json describes {spec.num_layers} layers of {spec.num_kv_heads} x {spec.head_dim} "
+                               f"KV heads, and {manifest.graph.file} has {len(past) // 2} other ones; re-export the package")  # fmt: skip
+    logits = next((o.shape for o in session.get_outputs() if o.name == "logits"), None)
+    if logits and isinstance(logits[-1], int) and not spec.is_encoder and logits[-1] != spec.vocab_size:
+        raise PackageError(f"{root}: manifest.json says a vocabulary of {spec.vocab_size}, {manifest.graph.file} gives "
+                           f"{logits[-1]} logits; re-export the package")  # fmt: skip
 
 
 def open_session(root: Path, manifest: Manifest, opts: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:

@@ -1,0 +1,43 @@
+"""`lora-edge serve`: an OpenAI-compatible HTTP server over a package (GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions), where ``model`` picks the adapter. Device side only: onnxruntime, numpy, tokenizers, plus
+Starlette and uvicorn from the ``serve`` extra, imported when a server is built, not by ``import lora_edge.serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+EXTRA_HINT = "lora-edge serve needs the serve extra: pip install 'lora-edge[serve]'"
+
+
+def missing_extra() -> str | None:
+    """The module of the serve extra that is not installed, or None."""
+    import importlib.util
+
+    return next((m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None), None)
+
+
+def load_app(package, api_key: str | None = None, threads: int | None = None, max_queue: int = 64):
+    """Load ``package`` and build its ASGI app (``app.state.api.model_ids``: what it serves). The base model's id
+    is the package directory's name ("base" where an adapter has that name)."""
+    from ..runtime import DecoderModel, load
+    from .app import build_app
+
+    if not isinstance(max_queue, int) or max_queue < 1:
+        raise InputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+    model = load(package, threads=threads)
+    if not isinstance(model, DecoderModel):
+        raise InputError(f"{package} is an encoder package; lora-edge serve serves decoders (text generation)")
+    return build_app(model, name=Path(package).resolve().name, api_key=api_key, max_queue=max_queue)
+
+
+def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    # A short graceful shutdown: on Ctrl-C, open streams are cut after it instead of holding the process.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+
+
+__all__ = ["EXTRA_HINT", "load_app", "missing_extra", "run"]
