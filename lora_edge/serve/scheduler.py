@@ -3,18 +3,19 @@ requests never compete for the CPU's cores and the session's per-thread bindings
 queue jobs (a bounded queue: a full one is refused at once rather than letting waits grow without bound) and
 read the events each job emits.
 
-A later step can batch queued jobs (different adapters in one graph call); only :meth:`Scheduler._run` changes."""
+A later step can batch queued jobs (different adapters in one graph call): :meth:`Scheduler._next` then takes several
+jobs and :meth:`Scheduler._run` decodes them together; the HTTP side stays as it is."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import LoraEdgeError
-from ..runtime.decoder import _stop_at
+from ..runtime.decoder import stop_at
 from ..runtime.sampling import Sampling
 
 log = logging.getLogger("lora_edge.serve")
@@ -27,6 +28,10 @@ Emit = Callable[[Event], None]
 
 class QueueFull(Exception):
     pass
+
+
+class Cancelled(Exception):
+    """The job's end when it was cancelled: a handler still waiting on it (the server stopping) is not left hanging."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Pieces:
     def step(self, tokens: list[int]) -> tuple[str, bool]:
         """The new piece to send, and whether a stop string has appeared (the text ends before it)."""
         text = self.decode(tokens)
-        cut = _stop_at(text, self.stops)
+        cut = stop_at(text, self.stops)
         if cut is None and text.endswith("\ufffd"):
             return "", False
         upto = cut if cut is not None else len(text) - self.hold
@@ -69,11 +74,13 @@ class Pieces:
 
 
 class Scheduler:
-    """Runs queued jobs on one thread, in order. ``max_queue``: how many may wait behind the running one."""
+    """Runs queued jobs on one thread, in order. ``max_queue``: how many may wait behind the running one; a cancelled
+    job (its client left) stops counting at once, so it never makes another client's request a 429."""
 
     def __init__(self, model, max_queue: int) -> None:
-        self.model = model
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.model, self.max_queue = model, max_queue
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="lora-edge-scheduler", daemon=True)
         self._closing = False
         self._running: Job | None = None
@@ -82,46 +89,55 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if self._closing:
-            raise QueueFull("the server is shutting down")
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the server is busy: {self._queue.maxsize} requests are already waiting; retry later") from None
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            self._drop_cancelled()
+            if len(self._jobs) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
+            self._jobs.append(job)
+            self._cond.notify()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        with self._cond:
+            return sum(not j.cancelled.is_set() for j in self._jobs)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking jobs, cancel the waiting ones and the running one, and end the thread."""
-        self._closing = True
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.emit(("error", QueueFull("the server is shutting down")))
-        if self._running is not None:
-            self._running.cancel()
+        with self._cond:
+            self._closing = True
+            pending, running = list(self._jobs), self._running
+            self._jobs.clear()
+            self._cond.notify()
+        for job in pending:
+            job.cancel()
+            job.emit(("error", QueueFull("the server is shutting down")))
+        if running is not None:
+            running.cancel()
         if self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:  # (a submit raced the drain; the daemon thread ends with the process)
-                return
             self._thread.join(timeout)
 
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._jobs if j.cancelled.is_set()]:
+            self._jobs.remove(job)
+            job.emit(("error", Cancelled("the request was cancelled")))
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            self._drop_cancelled()
+            while not self._jobs and not self._closing:
+                self._cond.wait()
+                self._drop_cancelled()
+            self._running = None if self._closing else self._jobs.popleft()
+            return self._running
+
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            self._running = job
+        while (job := self._next()) is not None:
             try:
                 self._run(job)
             except Exception as exc:  # a job's failure is its client's 400/500, never the end of the thread
-                if not isinstance(exc, LoraEdgeError):
+                if not isinstance(exc, (LoraEdgeError, Cancelled)):
                     log.exception("generation failed")
                 job.emit(("error", exc))
             finally:
@@ -141,7 +157,7 @@ class Scheduler:
 
         tokens, reason = self.model.generate_ids(job.prompt_ids, job.adapter, job.max_tokens, sampling=job.sampling, stop=stop)
         if job.cancelled.is_set():
-            return
+            raise Cancelled("the request was cancelled")
         if reason != "stop" and (rest := pieces.rest(tokens)):
             job.emit(("text", rest))
         job.emit(("done", reason, len(tokens)))
