@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_edge"
 COMPILE_ONLY = {"torch", "transformers", "onnx", "peft", "optimum", "onnxscript", "onnx_ir", "gguf", "safetensors"}
 # The device side: reads packages, runs them, profiles them. cli.py is the front of both and imports each lazily.
-DEVICE = ("__init__.py", "errors.py", "config.py", "recipes.py", "st_io.py", "adapters", "package", "runtime", "profile", "native")
+DEVICE = ("__init__.py", "errors.py", "config.py", "recipes.py", "st_io.py", "adapters", "package", "runtime", "profile", "native", "serve")
 
 
 def _module_name(path: Path) -> str:

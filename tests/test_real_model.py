@@ -141,3 +141,44 @@ def test_real_batched_generation_equals_one_by_one(real):
         alone = [model.generate(p, adapter=adapter, max_new_tokens=24, return_result=True) for p in prompts]
         assert [r.token_ids for r in together] == [r.token_ids for r in alone], adapter
         assert len({len(model.tokenizer.encode(p, True)) for p in prompts}) > 1  # really different lengths
+
+
+def test_real_strength_and_blend_match_peft_and_show_both_styles(real):
+    """A blend of the two style adapters is PEFT's add_weighted_adapter(..., "cat") on the real model, and its
+    answers carry both styles: pirate words and shouted capitals."""
+    import re
+
+    import torch
+    from peft import PeftModel
+
+    from lora_edge.compile.models.loader import load_hf_model
+
+    model, oracle = real
+    weights = {"pirate": 0.7, "shout": 0.6}
+    peft = PeftModel.from_pretrained(load_hf_model(oracle.base), str(REAL_ADAPTERS["pirate"]), adapter_name="pirate").eval()
+    peft.load_adapter(str(REAL_ADAPTERS["shout"]), adapter_name="shout")
+    peft.add_weighted_adapter(list(weights), list(weights.values()), "blend", combination_type="cat")
+    peft.set_adapter("blend")
+    ids = np.asarray([_prompt_ids(model, 4)])
+    with torch.no_grad():
+        want = peft(torch.tensor(ids)).logits.numpy()
+    assert np.abs(model.forward(ids, weights) - want).max() <= 2 * REAL_TOL  # two deltas' rounding
+    from peft.tuners.lora import LoraLayer
+
+    half = oracle.model("pirate")
+    layers = [m for m in half.modules() if isinstance(m, LoraLayer) and "default" in m.scaling]
+    for module in layers:  # PEFT with the adapter's scaling halved
+        module.scaling["default"] *= 0.5
+    try:
+        with torch.no_grad():
+            want = half(torch.tensor(ids)).logits.numpy()
+    finally:
+        for module in layers:
+            module.scaling["default"] *= 2.0
+    assert np.abs(model.forward(ids, "pirate", scale=0.5) - want).max() <= REAL_TOL
+
+    answers = model.generate([*QUESTIONS, "What is a cat?"], {"pirate": 1.2, "shout": 0.8}, max_new_tokens=24)
+    pirate = re.compile(r"\b(Arr|matey|savvy|Yo-ho)\b")
+    shouted = re.compile(r"\b[A-Z]{3,}\b")
+    assert any(pirate.search(a) and shouted.search(a) for a in answers), answers
+    assert answers != model.generate([*QUESTIONS, "What is a cat?"], "pirate", max_new_tokens=24)
