@@ -1,7 +1,7 @@
 """lora-edge: compile a base model + PEFT LoRA adapters into an ONNX package and run it on device.
 
 ``import lora_edge`` is device-side only: onnxruntime, numpy, tokenizers. The compile side
-(:mod:`lora_edge.export`, :mod:`lora_edge.verify`) imports torch and transformers when called.
+(:mod:`lora_edge.compile`: export, verify) imports torch, transformers and onnx.
 """
 
 from __future__ import annotations
