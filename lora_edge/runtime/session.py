@@ -19,11 +19,11 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from ..adapters.storage import Storage
 from ..config import Target
 from ..errors import PackageError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
-from ..adapters.storage import Storage
 from .adapter_set import AdapterChoice, AdapterSet
 from .tokenizer import Tokenizer
 
