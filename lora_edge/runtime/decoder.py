@@ -32,6 +32,30 @@ def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return min(found) if found else None
 
 
+class Pieces:
+    """The text of a growing token list as pieces safe to send: held back while it could still be the start of a stop
+    string, or ends in an incomplete UTF-8 character (what :meth:`DecoderModel.stream` and the server send)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
+        self.decode, self.stops, self.sent = decode, stops, 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def step(self, tokens: list[int]) -> tuple[str, bool]:
+        """The new piece to send, and whether a stop string has appeared (the text ends before it)."""
+        text = self.decode(tokens)
+        cut = stop_at(text, self.stops)
+        if cut is None and text.endswith("\ufffd"):
+            return "", False
+        upto = cut if cut is not None else len(text) - self.hold
+        piece = text[self.sent : upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece, cut is not None
+
+    def rest(self, tokens: list[int]) -> str:
+        """What was held back, once generation ended without a stop string."""
+        return self.decode(tokens)[self.sent :]
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
@@ -200,29 +224,23 @@ class DecoderModel(PackageModel):
         tok = self.tokenizer
         ids = tok.encode(prompt, chat)
         stops, options = tuple(stop), self._sampling(sampling)
-        hold = max((len(s) for s in stops), default=1) - 1
-        state = {"sent": 0}
+        pieces = Pieces(tok.decode, stops)
 
         def on_token(_row: int, _t: int) -> None:
             pass
 
         def check(_row: int, out: list[int]) -> bool:
-            text = tok.decode(out)
-            cut = stop_at(text, stops)
-            if cut is None and text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                return False
-            upto = cut if cut is not None else len(text) - hold
-            if upto > state["sent"]:
-                q.put(text[state["sent"] : upto])
-                state["sent"] = upto
-            return cut is not None
+            piece, stopped = pieces.step(out)
+            if piece:
+                q.put(piece)
+            return stopped
 
         def work() -> None:
             try:
                 (out, reason), = self._generate([ids], self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens,
                                                 None, on_token, options, check)  # fmt: skip
                 if reason != "stop":  # what was held back
-                    q.put(tok.decode(out)[state["sent"] :])
+                    q.put(pieces.rest(out))
                 q.put(None)
             except BaseException as exc:  # handed to the consumer
                 q.put(exc)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import LoraEdgeError
-from ..runtime.decoder import stop_at
+from ..runtime.decoder import Pieces
 from ..runtime.sampling import Sampling
 
 log = logging.getLogger("lora_edge.serve")
@@ -47,30 +47,6 @@ class Job:
     def cancel(self) -> None:
         """The client is gone: a queued job is skipped, a running one stops at its next token."""
         self.cancelled.set()
-
-
-class Pieces:
-    """The text of a growing token list as pieces safe to send: held back while it could still be the start of a stop
-    string, or ends in an incomplete UTF-8 character (as :meth:`DecoderModel.stream` does)."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
-        self.decode, self.stops, self.sent = decode, stops, 0
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def step(self, tokens: list[int]) -> tuple[str, bool]:
-        """The new piece to send, and whether a stop string has appeared (the text ends before it)."""
-        text = self.decode(tokens)
-        cut = stop_at(text, self.stops)
-        if cut is None and text.endswith("\ufffd"):
-            return "", False
-        upto = cut if cut is not None else len(text) - self.hold
-        piece = text[self.sent : upto] if upto > self.sent else ""
-        self.sent = max(self.sent, upto)
-        return piece, cut is not None
-
-    def rest(self, tokens: list[int]) -> str:
-        """What was held back, once generation ended without a stop string."""
-        return self.decode(tokens)[self.sent :]
 
 
 class Scheduler:
