@@ -255,3 +255,15 @@ def test_run_takes_strengths_blends_and_loaded_adapters(tiny_package, tiny_adapt
     assert [line.split("|")[0].strip() for line in r.output.strip().splitlines()] == [f"{NARROW}@0.5", f"{NARROW}@0.7+{WIDE}@0.3", "mine"]
     bad = CliRunner().invoke(cli, ["run", str(tiny_package), "-p", "hi", "-a", f"{NARROW}@lots"])
     assert bad.exit_code == 2 and "is not a number" in bad.output
+
+
+def test_a_dora_adapter_is_added_with_the_base(tiny_base, tmp_path):
+    """DoRA's magnitudes need the base's float weights, which a package does not carry: --base gives them, and the
+    result is what exporting with the adapter gives."""
+    first, second = (make_adapter(tiny_base, tmp_path / n, seed=s, use_dora=True) for n, s in (("d1", 3), ("d2", 4)))
+    both = _export(tiny_base, tmp_path / "both", {"d1": first, "d2": second})
+    added = _export(tiny_base, tmp_path / "added", {"d1": first})
+    r = CliRunner().invoke(cli, ["adapters", "add", str(added), f"d2={second}", "--base", str(tiny_base)])
+    assert r.exit_code == 0, r.output
+    got, want = lora_edge.load(added).forward(IDS, "d2"), lora_edge.load(both).forward(IDS, "d2")
+    assert np.abs(got - want).max() <= 1e-6
