@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -285,7 +285,3 @@ class ExportConfig:
             raise InputError(f"null_rank must be 0 or 1, got {self.null_rank}")
         if not 14 <= self.opset <= 21:
             raise InputError(f"opset must be between 14 and 21, got {self.opset}")
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]

@@ -158,7 +158,7 @@ def test_a_strength_of_one_is_the_adapter_and_zero_the_base(tiny_package):
 def _deltas(tensors, storage) -> dict[str, np.ndarray]:
     """Per slot, the (in, out) product A @ B an adapter's stored tensors compute (dequantized as the kernel reads them)."""
     from lora_edge.native.contract import W8A8_BLOB
-    from lora_edge.native.encode import unpack_blob
+    from lora_edge.native.encode import q8x_rows, unpack_blob
 
     def flip(q):  # q8x codes are stored XOR 0x80
         return (q.view(np.uint8) ^ np.uint8(0x80)).view(np.int8).astype(np.float32)
@@ -172,7 +172,7 @@ def _deltas(tensors, storage) -> dict[str, np.ndarray]:
             pairs[s.name] = (a, b if b.ndim == 3 else b[None])
     if W8A8_BLOB in tensors:
         slots = {x.lora_A: x for x in storage.slots}
-        k_rows = [-(-slots[a].in_features // 32) * 8 for a, *_ in storage.blob]
+        k_rows = [q8x_rows(slots[a].in_features) for a, *_ in storage.blob]
         for (a_name, *_), (_, q) in zip(storage.blob, unpack_blob(tensors[W8A8_BLOB], k_rows)):
             if q is not None:
                 qa, sa, qb, sb = q

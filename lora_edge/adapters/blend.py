@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import RuntimeInputError
 from ..native.contract import W8A8_BLOB
-from ..native.encode import pack_blob, unpack_blob
+from ..native.encode import pack_blob, q8x_rows, unpack_blob
 from ..package.manifest import SlotInfo
 from .storage import Storage
 
@@ -54,7 +54,7 @@ def _slot(slot: SlotInfo, parts: Sequence[tuple[str, Tensors, float]]) -> dict[s
 
 def _blob(parts: Sequence[tuple[str, Tensors, float]], storage: Storage) -> np.ndarray:
     by_a = {s.lora_A: s for s in storage.slots}
-    k_rows = [-(-by_a[a].in_features // 32) * 8 for a, _, _, _ in storage.blob]
+    k_rows = [q8x_rows(by_a[a].in_features) for a, _, _, _ in storage.blob]
     unpacked = [(unpack_blob(t[W8A8_BLOB], k_rows), w) for _, t, w in parts if W8A8_BLOB in t]
     branches = []
     for i, (a_name, _, chunks, c) in enumerate(storage.blob):

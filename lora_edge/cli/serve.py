@@ -31,9 +31,10 @@ def serve(package: Path, host: str, port: int, api_key: str | None, threads: int
     Examples:
       lora-edge serve pkg/
       lora-edge serve pkg/ --port 8080 --api-key secret --threads 4
-      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      # then, with URL the address it prints when it starts:
+      curl "$URL/chat/completions" -H 'Content-Type: application/json' \\
            -d '{"model": "pirate", "messages": [{"role": "user", "content": "What is snow?"}], "max_tokens": 40}'
-      python -c 'from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x"); \\
+      python -c 'import os; from openai import OpenAI; c = OpenAI(base_url=os.environ["URL"], api_key="x"); \\
                  print(c.chat.completions.create(model="pirate", messages=[{"role": "user", "content": "Hi"}]))'
     """
     from ..serve import EXTRA_HINT, load_app, missing_extra, run

@@ -21,6 +21,11 @@ def quantize_int8(m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 
+def q8x_rows(k: int) -> int:
+    """Rows of a q8x A of ``k`` inputs: K zero-padded to a multiple of Q8X_K_BLOCK, 4 codes to a row."""
+    return -(-k // Q8X_K_BLOCK) * Q8X_K_BLOCK // 4
+
+
 def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(A, A_scale, B, B_scale) of a float pair in the q8x order of LoraDeltaQ8 (native/src).
 
@@ -39,7 +44,7 @@ def quantize_q8x(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     b = np.pad(b, ((0, 0), (0, r4 - r), (0, 0)))
     qa, sa = quantize_int8(a, axis=0)
     qb, sb = quantize_int8(b, axis=-1)
-    kp = -(-k // Q8X_K_BLOCK) * Q8X_K_BLOCK
+    kp = 4 * q8x_rows(k)
     qa = np.pad(qa, ((0, kp - k), (0, 0))).reshape(kp // 4, 4, n * r4).transpose(0, 2, 1)
     qb = qb.reshape(chunks, r4 // 4, 4, c).transpose(0, 1, 3, 2)
 

@@ -202,7 +202,7 @@ def rank_sweep(job: Job, model: DecoderModel, prompt: list[int], tick: Tick) -> 
         t = tps(f"rank{r}")
         points.append({"package": job["label"], "kind": "rank", "value": r, "threads": job["threads"], "decode_tps": t,
                        "branch_cost_pct": 100 * (none_tps / t - 1)})  # fmt: skip
-        model.remove_adapter(f"rank{r}")
+        model.unload_adapter(f"rank{r}")
         del arrays
         tick(f"{job['label']} rank {r}")
     return points

@@ -28,15 +28,13 @@ CACHED_COMBINATIONS = 16
 
 
 class AdapterSet:
-    def __init__(self, manifest: Manifest, storage: Storage, device: str, shipped: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def __init__(self, manifest: Manifest, storage: Storage, device: str) -> None:
         self.manifest, self.storage, self.device = manifest, storage, device
         self._lock = threading.Lock()
         self._tensors: dict[str, dict[str, ort.OrtValue]] = {}
         self._invocations: dict[str, tuple[int, ...]] = {}  # activated adapters' invocation tokens
         self._combined: OrderedDict[Hashable, dict[str, ort.OrtValue]] = OrderedDict()
         self.generation = 0  # changes whenever the set does: bindings made before are stale
-        for name, tensors in shipped.items():
-            self._set(name, tensors)
 
     @property
     def names(self) -> list[str]:

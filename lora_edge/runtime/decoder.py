@@ -226,9 +226,6 @@ class DecoderModel(PackageModel):
         stops, options = tuple(stop), self._sampling(sampling)
         pieces = Pieces(tok.decode, stops)
 
-        def on_token(_row: int, _t: int) -> None:
-            pass
-
         def check(_row: int, out: list[int]) -> bool:
             piece, stopped = pieces.step(out)
             if piece:
@@ -238,7 +235,7 @@ class DecoderModel(PackageModel):
         def work() -> None:
             try:
                 (out, reason), = self._generate([ids], self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens,
-                                                None, on_token, options, check)  # fmt: skip
+                                                None, None, options, check)  # fmt: skip
                 if reason != "stop":  # what was held back
                     q.put(pieces.rest(out))
                 q.put(None)

@@ -34,7 +34,7 @@ class PackageModel:
     """What decoders and encoders share: the session, the manifest, the adapters and their bindings.
     ``adapter=None`` everywhere means the base model exactly."""
 
-    def __init__(self, root: Path, manifest: Manifest, session: ort.InferenceSession, adapters: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def __init__(self, root: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
         self.root = root
         self.manifest = manifest
         self.session = session
@@ -52,7 +52,11 @@ class PackageModel:
         self._tokenizer: Tokenizer | None = None
         self._tok_lock = threading.Lock()
         self._pools = threading.local()
-        self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device, adapters)
+        # the shipped adapters, each file checked against the base and the slot layout; on the first provider's
+        # device, so binding copies nothing
+        self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device)
+        for name, file in manifest.adapter_files().items():
+            self._adapters.load(name, root / file)
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -86,8 +90,6 @@ class PackageModel:
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter; its memory is returned once no call in flight uses it."""
         self._adapters.remove(name)
-
-    remove_adapter = unload_adapter
 
     # -- bindings -------------------------------------------------------------------------
     def binding(self, adapter: AdapterChoice, scale: float = 1.0) -> ort.IOBinding:
@@ -164,10 +166,8 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     manifest = read_manifest(root, verify=verify)
     session = open_session(root, manifest, session_options(root, manifest, threads, profile_prefix), providers)
     check_graph(root, manifest, session)
-    storage = Storage.of(manifest)  # (the adapter set puts them on the first provider's device: binding copies nothing)
-    adapters = {name: storage.read(root / file, name) for name, file in manifest.adapter_files().items()}
     kind = EncoderModel if manifest.spec.is_encoder else DecoderModel
-    return kind(root, manifest, session, adapters)
+    return kind(root, manifest, session)
 
 
 def session_options(root: Path, manifest: Manifest, threads: int | None, profile_prefix: str | None) -> ort.SessionOptions:
