@@ -237,6 +237,9 @@ class ExportConfig:
     # activated LoRA: the graph takes a per-position mask that switches every branch on from an adapter's invocation
     # tokens on (one Mul per branch). On by itself when an exported adapter is activated; set it to add some later.
     alora: bool = False
+    # mixed-adapter batches: the graph takes a per-row mask over the rank of stacked adapters, so one call serves rows
+    # with different adapters (one Mul per branch). None: on for standard-op branch packages with fused attention.
+    mixed_batches: bool | None = None
 
     @property
     def fused(self) -> bool:
@@ -277,6 +280,11 @@ class ExportConfig:
                              "use --lora-kernel onnx")  # fmt: skip
         if self.alora and self.mode is Mode.MERGE:
             raise InputError("an activated LoRA adapter applies from its invocation tokens on, so it cannot be merged; use --mode branch")
+        if self.mixed_batches is None:
+            object.__setattr__(self, "mixed_batches", self.mode is Mode.BRANCH and not self.native and self.fused)
+        elif self.mixed_batches and (self.mode is not Mode.BRANCH or self.native):
+            raise InputError("mixed-adapter batches need standard-op branches: use --mode branch with --lora-kernel onnx, "
+                             "or drop --mixed-batches")  # fmt: skip
         if self.lora_dtype is not LoraDtype.FLOAT16 and not self.native:
             raise InputError(f"--lora-dtype {self.lora_dtype} is a storage of the native kernel; add --lora-kernel native")
         if self.null_rank is None:

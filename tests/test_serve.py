@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 import lora_edge  # noqa: E402 (after the skips)
 from lora_edge.serve.app import build_app  # noqa: E402
+from lora_edge.serve.options import ServeOptions  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of Italy?"}]
 N = 8  # new tokens per answer: enough to differ between adapters, few enough to stay fast
@@ -244,7 +245,7 @@ def _waiting(url: str, n: int) -> None:
 
 
 def test_full_queue_is_429_and_gone_clients_free_their_slot(model):
-    live = Live(build_app(Slow(model, 0.05), max_queue=1))  # 200 tokens: 10 s each, if they ran to the end
+    live = Live(build_app(Slow(model, 0.05), options=ServeOptions(max_queue=1, parallel=1)))  # 200 tokens: 10 s each, if they ran to the end
     try:
         body = {"model": "qv_r4", "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
@@ -329,18 +330,29 @@ class Broken:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def generate_ids(self, ids, adapter, *args, **kw):
+    @staticmethod
+    def fail(adapter) -> None:
         if adapter == "qv_r4":
             raise RuntimeError("secret internals")
         if adapter == "lm_head":
             raise lora_edge.RuntimeInputError("the runtime refused this")
+
+    def generate_ids(self, ids, adapter, *args, **kw):
+        self.fail(adapter)
         return self.model.generate_ids(ids, adapter, *args, **kw)
 
+    def batch(self, rows, capacity=None):
+        batch = self.model.batch(rows, capacity)
+        add = batch.add
+        batch.add = lambda row: self.fail(row.key) or add(row)
+        return batch
 
-def test_failures_inside_generation(model):
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_failures_inside_generation(model, parallel):
     """A bug is a 500 without its details (the server's log has them), the runtime's refusal a 400 with its line,
-    streamed or not; the server goes on."""
-    live = Live(build_app(Broken(model)))
+    streamed or not, one request at a time or batched; the server goes on."""
+    live = Live(build_app(Broken(model), options=ServeOptions(parallel=parallel)))
     try:
         client = live.client()
         with pytest.raises(openai.InternalServerError) as bug:

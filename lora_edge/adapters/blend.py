@@ -19,13 +19,18 @@ from .storage import Storage
 Tensors = Mapping[str, np.ndarray]
 
 
+def check_linear(name: str, tensors: Tensors, storage: Storage) -> None:
+    """Refuse an adapter whose delta is not a sum over its ranks (DoRA, a replaced module), naming the slot."""
+    fixed = [s.name for s in storage.slots if any(t in tensors for t in (s.lora_M, s.weight))]
+    if fixed:
+        raise RuntimeInputError(f"adapter {name!r} is DoRA or replaces a module on {fixed[0]}; it runs only alone at "
+                                "scale 1 (its delta is not linear in its weights)")  # fmt: skip
+
+
 def blend(parts: Sequence[tuple[str, Tensors, float]], storage: Storage) -> dict[str, np.ndarray]:
     """The graph inputs of sum_i w_i * adapter_i; ``parts``: (name, stored tensors, w) per adapter."""
     for name, tensors, _ in parts:
-        fixed = [s.name for s in storage.slots if any(t in tensors for t in (s.lora_M, s.weight))]
-        if fixed:
-            raise RuntimeInputError(f"adapter {name!r} is DoRA or replaces a module on {fixed[0]}; it runs only alone at "
-                                    "scale 1 (its delta is not linear in its weights)")  # fmt: skip
+        check_linear(name, tensors, storage)
     out: dict[str, np.ndarray] = {}
     for slot in storage.slots:
         out.update(_slot(slot, parts))
@@ -69,6 +74,40 @@ def _blob(parts: Sequence[tuple[str, Tensors, float]], storage: Storage) -> np.n
         sb = _concat([_scaled(q[3], w) for q, w in bound], axis=1, blocks=1)  # (chunks, r4)
         branches.append(((chunks, c), (qa, sa, qb, sb)))
     return pack_blob(branches)
+
+
+def stack(parts: Sequence[tuple[str, Tensors]], storage: Storage) -> tuple[dict[str, np.ndarray], int]:
+    """A bank of ``parts`` (name, stored float tensors) for mixed-adapter batches, and its rank per part R: in every slot
+    part i owns the columns [i R, (i + 1) R) of A (of each module's block, when chunked) and the same rows of B, padded
+    with zeros (a part without the slot is all zeros there). A row that keeps only part i's columns (the graph's row
+    mask) computes exactly part i's delta. Every slot is bound, so that every A has the mask's width."""
+    for name, tensors in parts:
+        check_linear(name, tensors, storage)
+        if any(s.lora_bias in tensors for s in storage.slots if s.lora_bias):
+            raise RuntimeInputError(f"adapter {name!r} trains a bias, which is not a sum over its ranks; it runs only in "
+                                    "batches of its own")  # fmt: skip
+    slots = [s for s in storage.slots if s.lora_A]
+    rank = max([_module_rank(s, t) for s in slots for _, t in parts if s.lora_A in t] + [1])
+    dtype = np.dtype(storage.dtype)
+    out: dict[str, np.ndarray] = {}
+    for slot in slots:
+        n = len(slot.parts) if slot.lora_B_chunks else 1
+        chunks = len(slot.lora_B_chunks.modules) if slot.lora_B_chunks else 0
+        b_rows = (chunks, 0, slot.lora_B_chunks.width) if chunks else (0, slot.out_features)
+        a_parts, b_parts = [], []
+        for _, t in parts:
+            a = t.get(slot.lora_A, np.zeros((slot.in_features, 0), dtype))  # (in, n * r_m)
+            b = t.get(slot.lora_B, np.zeros(b_rows, dtype))  # (r, out) or (chunks, r_m, c)
+            pad = rank - a.shape[1] // n
+            a_parts.append(np.concatenate([np.pad(m, ((0, 0), (0, pad))) for m in np.split(a, n, axis=1)], axis=1))
+            b_parts.append(np.pad(b, [(0, pad) if ax == b.ndim - 2 else (0, 0) for ax in range(b.ndim)]))
+        out[slot.lora_A] = _concat(a_parts, axis=1, blocks=n)
+        out[slot.lora_B] = _concat(b_parts, axis=b_parts[0].ndim - 2, blocks=1)
+    return out, rank
+
+
+def _module_rank(slot: SlotInfo, tensors: Tensors) -> int:
+    return tensors[slot.lora_A].shape[1] // (len(slot.parts) if slot.lora_B_chunks else 1)
 
 
 def _scaled(x: np.ndarray, w: float) -> np.ndarray:

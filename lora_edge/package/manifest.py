@@ -24,6 +24,10 @@ EMBEDDING = "model.embed_tokens"  # the token embedding's slot (embedding LoRA: 
 ALORA_MASK = "lora.alora_mask"  # activated LoRA's (batch, seq, 1) mask: 1 where the branches apply
 # an activated adapter's file carries its invocation tokens as this int64 tensor (never bound: no graph input)
 INVOCATION_TOKENS = "lora.alora_invocation_tokens"
+# mixed-adapter batches: every branch's x @ A times a (batch, 1, rank) mask that keeps each row's own adapter's columns
+# of the adapters stacked along the rank; a chunked branch (one B per module) reads it as (batch, 1, 1, 1, rank)
+ROW_MASK = "lora.row_mask"
+ROW_MASK_CHUNKS = "lora.row_mask_chunks"
 CUSTOM_RECIPE = "custom"
 
 
@@ -143,6 +147,7 @@ class GraphInfo:
     outputs: tuple[TensorIO, ...]
     lora_kernel: KernelInfo | None = None
     alora_mask: str | None = None  # activated LoRA: the (batch, seq, 1) input that switches the branches per position
+    row_mask: str | None = None  # mixed-adapter batches: the (batch, 1, rank) input that picks each row's adapter
 
     @property
     def fused(self) -> bool:

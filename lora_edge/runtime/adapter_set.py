@@ -10,12 +10,12 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Hashable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from ..adapters.blend import blend
+from ..adapters.blend import blend, stack
 from ..adapters.peft import PackageModules, read_adapter
 from ..adapters.storage import Storage
 from ..config import Mode, check_adapter_name
@@ -33,7 +33,7 @@ class AdapterSet:
         self._lock = threading.Lock()
         self._tensors: dict[str, dict[str, ort.OrtValue]] = {}
         self._invocations: dict[str, tuple[int, ...]] = {}  # activated adapters' invocation tokens
-        self._combined: OrderedDict[Hashable, dict[str, ort.OrtValue]] = OrderedDict()
+        self._combined: OrderedDict[Hashable, Any] = OrderedDict()  # blends and banks
         self.generation = 0  # changes whenever the set does: bindings made before are stale
 
     @property
@@ -75,17 +75,39 @@ class AdapterSet:
             return {}
         if isinstance(key, str):
             return self._known(key)
+        return self._cached(key, lambda: self._values(blend([(n, self._arrays(n), w) for n, w in key], self.storage)))
+
+    def bank(self, keys: tuple[Hashable, ...]) -> tuple[Tensors, int]:
+        """The tensors that serve rows of the choices ``keys`` (:meth:`key`s, none of them None) in one call, and the rank
+        each choice has in them (adapters.blend.stack); a package without the row mask, an activated adapter, DoRA or
+        a replaced module is refused by name. Cached as combinations are."""
+        if self.manifest.graph.row_mask is None:
+            raise RuntimeInputError("this package's graph runs one adapter per call; export it with standard-op branches "
+                                    "(--lora-kernel onnx, --mixed-batches) to batch rows of different adapters")  # fmt: skip
+        activated = [k for k in keys if self.invocation(k)]
+        if activated:
+            raise RuntimeInputError(f"adapter {label(activated[0])!r} is an activated LoRA; it runs in batches of its own")
+
+        def make() -> tuple[Tensors, int]:
+            tensors, rank = stack([(label(k), {n: v.numpy() for n, v in self.tensors(k).items()}) for k in keys], self.storage)
+            return self._values(tensors), rank
+
+        return self._cached(("bank", keys), make)
+
+    def _cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._combined:
                 self._combined.move_to_end(key)
                 return self._combined[key]
-        parts = [(n, {k: v.numpy() for k, v in self._known(n).items()}, w) for n, w in key]
-        combined = self._values(blend(parts, self.storage))
+        value = make()
         with self._lock:
-            self._combined[key] = combined
+            self._combined[key] = value
             while len(self._combined) > CACHED_COMBINATIONS:
                 self._combined.popitem(last=False)
-        return combined
+        return value
+
+    def _arrays(self, name: str) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self._known(name).items()}
 
     def _known(self, name: str) -> Tensors:
         tensors = self._tensors.get(name)
@@ -141,6 +163,13 @@ class AdapterSet:
         return {k: v if isinstance(v, ort.OrtValue) and self.device == "cpu"
                 else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy() if isinstance(v, ort.OrtValue) else v), self.device, 0)
                 for k, v in tensors.items()}  # fmt: skip
+
+
+def label(key: Hashable) -> str:
+    """A :meth:`AdapterSet.key` as the text parse_choice reads: 'base', 'pirate', 'pirate@0.7+shout@0.3'."""
+    if key is None:
+        return "base"
+    return key if isinstance(key, str) else "+".join(f"{n}@{w:g}" for n, w in key)
 
 
 def parse_choice(text: str) -> AdapterChoice:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from ..errors import RuntimeInputError
 from .adapter_set import AdapterChoice
+from .batching import Batch, Row, shareable
 from .sampling import GREEDY, Sampling
 from .loop import FusedRows, PlainRows, activation_mask, bind_mask, decode_loop
 from .session import PackageModel
@@ -171,18 +172,47 @@ class DecoderModel(PackageModel):
         check = None if stop is None else (lambda row, out: stop(out))
         return self._generate([prompt_ids], adapter, max_new_tokens, min_new_tokens, eos_ids, each, sampling, check)[0]
 
-    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: AdapterChoice = None, max_new_tokens: int = 64,
-                           min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None, *, scale: float = 1.0,
-                           sampling: Sampling | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
-        """Greedy decoding of several prompts of any lengths. On fused graphs they are one batch: right-padded and
+    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], adapter: AdapterChoice | Sequence[AdapterChoice] = None,
+                           max_new_tokens: int = 64, min_new_tokens: int = 0, eos_ids: frozenset[int] | None = None, *,
+                           scale: float = 1.0, sampling: Sampling | None = None) -> list[tuple[list[int], str]]:  # fmt: skip
+        """Decoding of several prompts of any lengths. On fused graphs they are one batch: right-padded and
         prefilled in one call, then each step feeds every row its next token; the attention mask carries each
         row's length (GroupQueryAttention reads it as seqlens), so every row attends to its own tokens only and
-        writes its keys/values at its own position of the shared cache. Each row gives exactly what
-        :meth:`generate_ids` gives for it alone."""
+        writes its keys/values at its own position of the shared cache. Each row gives what :meth:`generate_ids`
+        gives for it alone. ``adapter`` may be a list, one choice per prompt: rows of different adapters then share
+        every call through the package's row mask (runtime.batching), or run one by one where the package has none."""
+        if isinstance(adapter, (list, tuple)):
+            keys = [self._adapters.key(a, scale) for a in adapter]
+            if len(keys) != len(prompts):
+                raise RuntimeInputError(f"got {len(keys)} adapters for {len(prompts)} prompts; give one per prompt")
+            return self._generate_rows(prompts, keys, max_new_tokens, min_new_tokens, eos_ids, sampling or GREEDY)
         return self._generate(prompts, self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens, eos_ids, None, sampling)
 
+    def batch(self, rows: int = 4, capacity: int | None = None) -> Batch:
+        """A continuous batch over this package: up to ``rows`` requests, each with its own adapter and sampling, that
+        join and leave between steps (runtime.batching.Batch; what ``lora-edge serve`` runs)."""
+        return Batch(self, rows, capacity)
+
+    def _generate_rows(self, prompts, keys: list, max_new_tokens: int, min_new_tokens: int, eos_ids, sampling: Sampling):
+        prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
+        eos_ids = self._default_eos() if eos_ids is None else frozenset(eos_ids)
+        rows = [Row(p, k, max_new_tokens, sampling, eos_ids, min_new_tokens, seed_row=i) for i, (p, k) in enumerate(zip(prompts, keys))]
+        batch = Batch(self, len(rows), max(len(p) for p in prompts) + max_new_tokens) if self._batchable(keys) else None
+        for i, row in enumerate(rows):
+            if batch is None:  # one at a time, as this package runs them
+                (row.tokens, row.reason), = self._generate([row.prompt], row.key, max_new_tokens, min_new_tokens, eos_ids, None,
+                                                           sampling, first_row=i)  # fmt: skip
+            else:
+                batch.add(row)
+        while batch is not None and batch.rows:
+            batch.step()
+        return [(row.tokens, row.reason) for row in rows]
+
+    def _batchable(self, keys: list) -> bool:
+        return self.fused_attention and self.device == "cpu" and shareable(self._adapters, keys)
+
     def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token, sampling=None,
-                  stop=None) -> list[tuple[list[int], str]]:  # fmt: skip
+                  stop=None, first_row: int = 0) -> list[tuple[list[int], str]]:  # fmt: skip
         sampling = sampling or GREEDY
         prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
         eos_ids = self._default_eos() if eos_ids is None else frozenset(eos_ids)
@@ -192,11 +222,11 @@ class DecoderModel(PackageModel):
             with self.bound(adapter) as io:
                 capacity = max(len(p) for p in prompts) + max_new_tokens
                 rows = FusedRows(self, io, len(prompts), capacity, self._adapters.invocation(adapter))
-                return decode_loop(rows, prompts, max_new_tokens, min_new_tokens, eos_ids, on_token, sampling, stop)
+                return decode_loop(rows, prompts, max_new_tokens, min_new_tokens, eos_ids, on_token, sampling, stop, first_row)
         # reference graphs: one row at a time (their cache grows by copies; batching buys nothing there)
         return [decode_loop(PlainRows(self._plain_steps(adapter)), [p], max_new_tokens, min_new_tokens, eos_ids,
                             None if on_token is None else (lambda _, t, i=i: on_token(i, t)), sampling,
-                            None if stop is None else (lambda _, out, i=i: stop(i, out)), first_row=i)[0]
+                            None if stop is None else (lambda _, out, i=i: stop(i, out)), first_row=first_row + i)[0]
                 for i, p in enumerate(prompts)]  # fmt: skip
 
     def _check_prompts(self, prompts, max_new_tokens: int, min_new_tokens: int) -> list[list[int]]:

@@ -87,13 +87,7 @@ class FusedRows:
             io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
 
     def call(self, ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
-        io = self.io
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", (self.columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
-        io.bind_cpu_input("position_ids", positions)
-        io.bind_output("logits")
-        self.model.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return fused_call(self.model, self.io, ids, positions, total, self.columns)
 
     def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         b, width = ids.shape
@@ -110,6 +104,18 @@ class FusedRows:
         if self.invocation:
             self.mask = bind_mask(self.io, self.found[:, None], self.model.dtype)
         return self.call(tokens, lens[:, None].copy(), lens + 1)[:, -1]
+
+
+def fused_call(model: "DecoderModel", io: ort.IOBinding, ids: np.ndarray, positions: np.ndarray, total: np.ndarray,
+               columns: np.ndarray) -> np.ndarray:  # fmt: skip
+    """One call of a fused graph whose cache is bound (after "logits", its first output): ``ids`` (B, S) at
+    ``positions`` (B, S), row b holding ``total[b]`` tokens after it -> logits (B, S, vocab)."""
+    io.bind_cpu_input("input_ids", ids)
+    io.bind_cpu_input("attention_mask", (columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
+    io.bind_cpu_input("position_ids", positions)
+    io.bind_output("logits")
+    model.session.run_with_iobinding(io)
+    return io.get_outputs()[0].numpy()
 
 
 def bind_mask(io: ort.IOBinding, mask: np.ndarray, dtype) -> ort.OrtValue:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
+from .options import ServeOptions
 
 EXTRA_HINT = "lora-edge serve needs the serve extra: pip install 'lora-edge[serve]'"
 
@@ -18,18 +19,17 @@ def missing_extra() -> str | None:
     return next((m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None), None)
 
 
-def load_app(package, api_key: str | None = None, threads: int | None = None, max_queue: int = 64):
+def load_app(package, options: ServeOptions | None = None, threads: int | None = None):
     """Load ``package`` and build its ASGI app (``app.state.api.model_ids``: what it serves). The base model's id
     is the package directory's name ("base" where an adapter has that name)."""
     from ..runtime import DecoderModel, load
     from .app import build_app
 
-    if not isinstance(max_queue, int) or max_queue < 1:
-        raise InputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+    options = options or ServeOptions()
     model = load(package, threads=threads)
     if not isinstance(model, DecoderModel):
         raise InputError(f"{package} is an encoder package; lora-edge serve serves decoders (text generation)")
-    return build_app(model, name=Path(package).resolve().name, api_key=api_key, max_queue=max_queue)
+    return build_app(model, name=Path(package).resolve().name, options=options)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -40,4 +40,4 @@ def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
 
 
-__all__ = ["EXTRA_HINT", "load_app", "missing_extra", "run"]
+__all__ = ["EXTRA_HINT", "ServeOptions", "load_app", "missing_extra", "run"]

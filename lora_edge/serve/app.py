@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import LoraEdgeError
+from .options import ServeOptions
 from .scheduler import Cancelled, Job, QueueFull, Scheduler
 from .schemas import ApiError, GenRequest, Reply, bad, parse
 
@@ -30,10 +31,11 @@ MAX_BODY = 8 << 20  # bytes: far more than any prompt that fits a context, far l
 class Api:
     """The endpoints over one loaded decoder package and its scheduler."""
 
-    def __init__(self, model, name: str | None = None, api_key: str | None = None, max_queue: int = 64) -> None:
-        self.model, self.api_key = model, api_key
+    def __init__(self, model, name: str | None = None, options: ServeOptions | None = None) -> None:
+        options = options or ServeOptions()
+        self.model, self.api_key = model, options.api_key
         self.base_id = name if name and name not in model.adapters else BASE_ALIAS
-        self.scheduler = Scheduler(model, max_queue)
+        self.scheduler = Scheduler(model, options.max_queue, options.parallel, options.context)
         self.created = int(time.time())
 
     # -- checks ---------------------------------------------------------------------------------
@@ -73,15 +75,16 @@ class Api:
 
     def budget(self, req: GenRequest, prompt_tokens: int) -> int:
         """max_tokens, checked against the context left after the prompt (the whole rest of it when not given)."""
-        room = self.model.max_length - prompt_tokens
+        context = self.scheduler.context
+        room = context - prompt_tokens
         if room < 1:
-            what = f"the prompt ({prompt_tokens} tokens) fills the model's context of {self.model.max_length} tokens"
+            what = f"the prompt ({prompt_tokens} tokens) fills the server's context of {context} tokens per request"
             raise bad("messages" if req.chat else "prompt", what)
         if req.max_tokens is None:
             return room
         if req.max_tokens > room:
-            raise bad("max_tokens", f"the prompt ({prompt_tokens} tokens) + max_tokens ({req.max_tokens}) exceed the model's "
-                                    f"context of {self.model.max_length} tokens; lower max_tokens")  # fmt: skip
+            raise bad("max_tokens", f"the prompt ({prompt_tokens} tokens) + max_tokens ({req.max_tokens}) exceed the server's "
+                                    f"context of {context} tokens per request; lower max_tokens")  # fmt: skip
         return req.max_tokens
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -221,9 +224,9 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(failure(exc).body(), status_code=500)
 
 
-def build_app(model, name: str | None = None, api_key: str | None = None, max_queue: int = 64) -> Starlette:
+def build_app(model, name: str | None = None, options: ServeOptions | None = None) -> Starlette:
     """The server's ASGI app over a loaded decoder package. ``name``: the base model's id (default "base")."""
-    api = Api(model, name, api_key, max_queue)
+    api = Api(model, name, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -8,7 +8,7 @@ import numpy as np
 
 from ...native.contract import W8A8_BLOB
 from ...native.encode import w8a8_blob
-from ...package.manifest import ALORA_MASK
+from ...package.manifest import ALORA_MASK, ROW_MASK, ROW_MASK_CHUNKS
 from ..models.spec import Slot
 from .blob import blob_geometry
 from .branch import Branches, Inputs
@@ -30,6 +30,10 @@ def adapter_inputs(slots: dict[str, Slot], weights: dict, branches: Branches, nu
                 out[slot.replaced_bias_name] = (np.asarray(weights[f"{slot.name}.bias"]).astype(ct), [slot.out_features])
     if branches.onnx.alora:  # ones: every position adapted, as plain LoRA
         out[ALORA_MASK] = (np.ones((1, 1, 1), ct), ["alora_batch", "alora_sequence", 1])
+    if branches.onnx.row_mask:  # ones: every row takes every column of A, as a single adapter's call
+        out[ROW_MASK] = (np.ones((1, 1, 1), ct), ["row_batch", 1, "row_rank"])
+        if any(s.chunk_width for s in slots.values()):
+            out[ROW_MASK_CHUNKS] = (np.ones((1, 1, 1, 1, 1), ct), ["row_batch", 1, 1, 1, "row_rank"])
     if branches.blob:  # every q8x branch's part, all empty (rank 0)
         out[W8A8_BLOB] = (w8a8_blob([(blob_geometry(s), None) for s in branches.blob]), ["w8a8_bytes"])
     return out

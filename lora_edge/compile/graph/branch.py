@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...native.contract import DOMAIN, W8A8_BLOB, Feature, Op
-from ...package.manifest import ALORA_MASK, EMBEDDING
+from ...package.manifest import ALORA_MASK, EMBEDDING, ROW_MASK, ROW_MASK_CHUNKS
 from ..models.spec import Slot
 from .blob import blob_slots
 from .builder import GraphBuilder
@@ -40,10 +40,12 @@ def ab_inputs(slot: Slot, null_rank: int, dtype) -> Inputs:
 class OnnxBranch:
     """Two MatMuls; a chunked B (spec.Slot) is one batched MatMul of each chunk by its module's slice of x @ A. With
     ``alora`` the delta is multiplied by the activation mask, so an activated adapter leaves the positions before its
-    invocation tokens (and their KV cache) exactly the base's."""
+    invocation tokens (and their KV cache) exactly the base's. With ``row_mask`` x @ A is multiplied by a per-row mask
+    over the rank, so that a call whose A and B stack several adapters along the rank gives each row its own adapter's
+    delta: the other adapters' columns are multiplied by zero, which adds exact zeros to the row's sum."""
 
-    def __init__(self, g: GraphBuilder, dtype, alora: bool = False) -> None:
-        self.g, self.dtype, self.alora = g, dtype, alora
+    def __init__(self, g: GraphBuilder, dtype, alora: bool = False, row_mask: bool = False) -> None:
+        self.g, self.dtype, self.alora, self.row_mask = g, dtype, alora, row_mask
 
     def inputs(self, slot: Slot, null_rank: int) -> Inputs:
         return ab_inputs(slot, null_rank, self.dtype)
@@ -57,13 +59,19 @@ class OnnxBranch:
         with g.scoped(f"lora/{slot.name}"):
             xa = g.op("MatMul", [x, slot.a_name])  # (B, S, r)
             if not slot.chunk_width:
-                return self._masked(g.op("MatMul", [xa, slot.b_name]))  # (B, S, out)
+                return self._masked(g.op("MatMul", [self.rows(xa), slot.b_name]))  # (B, S, out)
             chunks = list(slot.chunk_modules)
             xa = g.op("Reshape", [xa, g.const([0, 0, len(slot.parts), 1, -1])])  # (B, S, n_modules, 1, r_m)
+            if self.row_mask:  # every module's block of ranks stacks the same adapters
+                xa = g.op("Mul", [xa, ROW_MASK_CHUNKS])  # (B, 1, 1, 1, r_m) mask
             if chunks != list(range(len(slot.parts))):  # a module with several chunks reads its x @ A once per chunk
                 xa = g.op("Gather", [xa, g.const(chunks)], axis=2)  # (B, S, chunks, 1, r_m)
             y = g.op("MatMul", [xa, slot.b_name])  # (B, S, chunks, 1, c)
             return self._masked(g.op("Reshape", [y, g.const([0, 0, slot.out_features])]))  # (B, S, out)
+
+    def rows(self, xa: str) -> str:
+        """x @ A (B, S, r) with each row's own adapter's columns kept (the mask is (B, 1, r); (1, 1, 1) ones by default)."""
+        return self.g.op("Mul", [xa, ROW_MASK]) if self.row_mask else xa
 
     def _masked(self, delta: str) -> str:
         # the mask is (B, S, 1) as it is: an Unsqueeze of it would be folded away by ONNX Runtime as if it were constant
@@ -148,7 +156,7 @@ class W8A8Branch(_KernelBranch):
 class Branches:
     def __init__(self, g: GraphBuilder, options: GraphOptions, slots: dict[str, Slot]) -> None:
         # the embedding's LoRA is gathered by the graph (embedding.py): standard ops, the compute dtype
-        self.onnx = OnnxBranch(g, options.ct, options.alora)
+        self.onnx = OnnxBranch(g, options.ct, options.alora, options.row_mask)
         self.blob = blob_slots(slots, options.lora_kernel, options.lora_dtype)
         self.w8a8 = W8A8Branch(g, {s.name: i for i, s in enumerate(self.blob)}) if self.blob else None
         if not options.native:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...package.manifest import EMBEDDING
+from ...package.manifest import EMBEDDING, ROW_MASK
 from ..models.spec import Slot
 from ..quant.blocks import QTensor
 from .builder import GraphBuilder
@@ -26,7 +26,10 @@ def token_embedding(g: GraphBuilder, store: WeightStore, options: GraphOptions, 
     slot = slots.get(EMBEDDING)
     if slot is not None:  # A is a (vocab, r) table: its rows gathered by token id, then @ B
         with g.scoped(f"lora/{EMBEDDING}"):
-            delta = g.op("MatMul", [g.op("Gather", [slot.a_name, ids], axis=0), slot.b_name])
+            xa = g.op("Gather", [slot.a_name, ids], axis=0)  # (B, S, r)
+            if options.row_mask:  # mixed-adapter batches, as every branch (branch.OnnxBranch.rows)
+                xa = g.op("Mul", [xa, ROW_MASK])
+            delta = g.op("MatMul", [xa, slot.b_name])
             rows = g.op("Add", [rows, delta])
     return rows, value
 

@@ -27,6 +27,7 @@ class GraphOptions:
     lora_kernel: LoraKernel = LoraKernel.ONNX
     lora_dtype: LoraDtype = LoraDtype.FLOAT16  # how the native kernel's branches store A and B
     alora: bool = False  # every branch's delta times a per-position mask (ALORA_MASK)
+    row_mask: bool = False  # every branch's x @ A times a per-row mask over the rank (ROW_MASK): mixed-adapter batches
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_kernel", LoraKernel.parse(self.lora_kernel, "LoRA kernel"))
@@ -42,7 +43,8 @@ class GraphOptions:
     def from_config(cls, cfg: ExportConfig) -> GraphOptions:
         return cls(opset=cfg.opset, null_rank=cfg.null_rank, store_fp16=cfg.quant.weights is WeightType.FP16,
                    accuracy_level=cfg.quant.accuracy_level, fused=cfg.fused, compute_dtype=cfg.compute_dtype,
-                   lora_kernel=cfg.lora_kernel, lora_dtype=cfg.lora_dtype, alora=cfg.alora)  # fmt: skip
+                   lora_kernel=cfg.lora_kernel, lora_dtype=cfg.lora_dtype, alora=cfg.alora,
+                   row_mask=bool(cfg.mixed_batches))  # fmt: skip
 
     @property
     def native(self) -> bool:

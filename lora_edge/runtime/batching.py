@@ -1,0 +1,221 @@
+"""Continuous batching: rows, each with its own prompt, adapter and sampling, decode together, one graph call per step.
+A row joins between steps (its prompt prefilled alone into its part of the cache) and leaves when it is done, so a
+request never waits for another to finish.
+
+The KV cache is one array per layer and kind, (rows, kv heads, capacity, head size), bound as both past and present
+(GroupQueryAttention writes each row's new keys and values in place, at that row's own length, read from the
+attention mask). The rows in use are always the first ``n``: a step binds views of ``[:n]``, a prefill of ``[i:i + 1]``,
+and a leaving row's place is taken by the last row (its cache copied up to its length). numpy's zeros are pages the
+system commits on first write, so capacity that is never used costs no memory.
+
+Rows with different adapters share a call through the package's row mask: the adapters are stacked along the rank
+(adapters.blend.stack) and each row keeps its own adapter's columns (AdapterSet.bank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import RuntimeInputError
+from ..package.manifest import ROW_MASK, ROW_MASK_CHUNKS
+from .adapter_set import AdapterSet, label
+from .loop import fused_call
+from .sampling import GREEDY, Sampling
+
+if TYPE_CHECKING:
+    from .decoder import DecoderModel
+
+
+def banked(keys: Sequence[Hashable]) -> tuple[Hashable, ...]:
+    """The choices a bank for rows of ``keys`` stacks: each once, the base none (its rows keep no column), in an order
+    that does not depend on the rows' (one cached bank per set)."""
+    return tuple(sorted({k for k in keys if k is not None}, key=label))
+
+
+def shareable(adapters: AdapterSet, keys: Sequence[Hashable]) -> bool:
+    """Whether rows of ``keys`` can share calls: one choice, or choices the package's row mask can mix (standard-op
+    branches; not an activated adapter, DoRA, a replaced module or a trained bias)."""
+    if len(set(keys)) <= 1:
+        return True
+    try:
+        adapters.bank(banked(keys))
+    except RuntimeInputError:
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in a batch. ``key``: an AdapterSet key (a name, a blend, or None for the base). ``stop(tokens)`` is
+    asked after every new token (a stop string, a client gone) and ends the row with "stop"."""
+
+    prompt: list[int]
+    key: Hashable = None
+    max_new_tokens: int = 64
+    sampling: Sampling = GREEDY
+    eos_ids: frozenset[int] = frozenset()
+    min_new_tokens: int = 0
+    stop: Callable[[list[int]], bool] | None = None
+    on_logits: Callable[[np.ndarray], None] | None = None  # each distribution the row's next token is chosen from
+    seed_row: int = 0  # a seeded row samples as this row of a call of its own (Sampling.generators)
+    tokens: list[int] = field(default_factory=list)
+    reason: str | None = None  # "eos" | "stop" | "length" once done
+    length: int = 0  # tokens in the cache
+    pending: int = -1  # the token the next step feeds
+    _generator: np.random.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def take(self, logits: np.ndarray) -> None:
+        """Choose the next token from ``logits`` (vocab,), as decode_loop does for a row alone."""
+        if self.on_logits is not None:
+            self.on_logits(logits)
+        if len(self.tokens) < self.min_new_tokens and self.eos_ids:
+            logits = logits.copy()
+            logits[sorted(self.eos_ids)] = -np.inf
+        if self.sampling.greedy:
+            token = int(np.argmax(logits))
+        else:
+            if self._generator is None:
+                self._generator = self.sampling.generators(1, self.seed_row)[0]
+            scores = self.sampling.process(logits[None], [self.prompt + self.tokens])
+            token = int(self.sampling.choose(scores, [self._generator])[0])
+        if token in self.eos_ids:
+            self.reason = "eos"
+            return
+        self.tokens.append(token)
+        self.pending = token
+        if self.stop is not None and self.stop(self.tokens):
+            self.reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.reason = "length"
+
+
+class Batch:
+    """Up to ``rows`` rows of at most ``capacity`` tokens each (prompt and answer), decoding together on a package with
+    fused attention, on the CPU."""
+
+    def __init__(self, model: "DecoderModel", rows: int, capacity: int | None = None) -> None:
+        if not model.fused_attention or model.device != "cpu":
+            raise RuntimeInputError("batches of requests run on a package with fused attention on the CPU; "
+                                    "this one decodes one request at a time")  # fmt: skip
+        self.model, self.size = model, rows
+        self.capacity = min(capacity or model.max_length, model.max_length)
+        shape = (rows, model.num_kv_heads, self.capacity, model.head_dim)
+        self._cache = [np.zeros(shape, model.dtype) for _ in model._past_names]
+        self._columns = np.arange(self.capacity, dtype=np.int64)
+        self._chunked = any(s.lora_B_chunks for s in model.manifest.slots)
+        self.rows: list[Row] = []
+        self._io: ort.IOBinding | None = None  # the step's binding, remade when the rows change
+        self._keep: list[ort.OrtValue] = []  # what that binding borrows
+
+    # -- who may join -----------------------------------------------------------------------
+    @property
+    def free(self) -> int:
+        return self.size - len(self.rows)
+
+    def accepts(self, key: Hashable) -> bool:
+        """Whether a row of ``key`` can share calls with the rows here: the same choice, or choices the package's row
+        mask can mix (standard-op branches; not an activated adapter, DoRA or a replaced module)."""
+        return shareable(self.model._adapters, [r.key for r in self.rows] + [key])
+
+    # -- joining and stepping ---------------------------------------------------------------
+    def add(self, row: Row) -> None:
+        """Prefill ``row`` into the next free place and choose its first token; it takes part in the following steps
+        unless that token already ended it."""
+        if not self.free:
+            raise RuntimeInputError(f"the batch is full ({self.size} rows)")
+        if not row.prompt or len(row.prompt) + row.max_new_tokens > self.capacity:
+            raise RuntimeInputError(f"the prompt ({len(row.prompt)} tokens) + max_new_tokens ({row.max_new_tokens}) exceed "
+                                    f"the batch's context of {self.capacity} tokens per request")  # fmt: skip
+        if row.max_new_tokens == 0:
+            row.reason = "length"
+            return
+        i = len(self.rows)
+        io = self.model._binding(row.key)
+        keep = self._bind_cache(io, i, i + 1)
+        ids = np.asarray([row.prompt], np.int64)
+        n = ids.shape[1]
+        logits = self._call(io, ids, self._columns[None, :n], np.array([n], np.int64))
+        del keep
+        row.length = n
+        row.take(logits[0, -1])
+        if not row.done:
+            self.rows.append(row)
+            self._io = None
+
+    def step(self) -> list[Row]:
+        """One token for every row; returns the rows that finished (they have left)."""
+        if not self.rows:
+            return []
+        if self._io is None:
+            self._io, self._keep = self._bind_step()
+        lens = np.array([r.length for r in self.rows], np.int64)
+        ids = np.array([[r.pending] for r in self.rows], np.int64)
+        logits = self._call(self._io, ids, lens[:, None].copy(), lens + 1)[:, -1]
+        for r, row in enumerate(self.rows):
+            row.length += 1
+            row.take(logits[r])
+        return self._leave([row for row in self.rows if row.done])
+
+    def cancel(self, row: Row) -> None:
+        """Take ``row`` out now (its client is gone), reason "stop"."""
+        row.reason = row.reason or "stop"
+        self._leave([row])
+
+    # -- internals ------------------------------------------------------------------------------
+    def _leave(self, done: list[Row]) -> list[Row]:
+        for row in done:
+            if row not in self.rows:
+                continue
+            i, last = self.rows.index(row), len(self.rows) - 1
+            if i != last:  # the last row takes the place: its cache up to its length
+                moved = self.rows[last]
+                for c in self._cache:
+                    c[i, :, : moved.length] = c[last, :, : moved.length]
+                self.rows[i] = moved
+            self.rows.pop()
+            self._io = None
+        return done
+
+    def _bind_step(self) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
+        keys = [r.key for r in self.rows]
+        if len(set(keys)) == 1:
+            io = self.model._binding(keys[0])
+            return io, self._bind_cache(io, 0, len(keys))
+        distinct = banked(keys)
+        tensors, rank = self.model._adapters.bank(distinct)
+        io = self.model.session.io_binding()
+        for name, value in tensors.items():
+            io.bind_ortvalue_input(name, value)
+        mask = np.zeros((len(keys), 1, rank * len(distinct)), self.model.dtype)  # (B, 1, R): each row's own columns
+        for r, k in enumerate(keys):
+            if k is not None:
+                j = distinct.index(k)
+                mask[r, :, j * rank : (j + 1) * rank] = 1
+        keep = [ort.OrtValue.ortvalue_from_numpy(mask)]
+        io.bind_ortvalue_input(ROW_MASK, keep[0])
+        if self._chunked:
+            keep.append(ort.OrtValue.ortvalue_from_numpy(mask.reshape(len(keys), 1, 1, 1, -1)))
+            io.bind_ortvalue_input(ROW_MASK_CHUNKS, keep[1])
+        return io, keep + self._bind_cache(io, 0, len(keys))
+
+    def _bind_cache(self, io: ort.IOBinding, start: int, end: int) -> list[ort.OrtValue]:
+        """Bind rows [start, end) of the cache as past and present; the returned values must outlive the call."""
+        io.bind_output("logits")  # first: fused_call reads the first output
+        values = []
+        for name, c in zip(self.model._past_names, self._cache):
+            value = ort.OrtValue.ortvalue_from_numpy(c[start:end])  # a view: the call writes into the batch's cache
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+            values.append(value)
+        return values
+
+    def _call(self, io: ort.IOBinding, ids: np.ndarray, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
+        return fused_call(self.model, io, ids, positions, total, self._columns)
+
