@@ -152,12 +152,16 @@ def test_seeded_sampling_is_the_runtime_sampling(live, model):
 
 
 def test_eight_concurrent_clients(live, model, tiny_package):
-    """8 clients at once over the base and 3 adapters, half streaming: each gets what it gets alone."""
+    """8 clients at once over the base and 3 adapters, half streaming, with their own questions and lengths: they
+    decode together (a request joins the running batch at its next step and leaves at its end), and each gets what
+    it gets alone."""
     adapters = [None, "qv_r4", "all_r8_rslora", "layers_exclude"] * 2
-    want = [model.generate(MESSAGES, a, max_new_tokens=N) for a in adapters]
+    questions = [[MESSAGES[0], {"role": "user", "content": f"What is {w}?"}] for w in "sea snow rain wind sun moon salt ice".split()]
+    lengths = [N + i % 3 for i in range(8)]
+    want = [model.generate(q, a, max_new_tokens=n) for q, a, n in zip(questions, adapters, lengths)]
 
     def ask(i: int) -> str:
-        kw = dict(model=adapters[i] or tiny_package.name, messages=MESSAGES, max_tokens=N, temperature=0)
+        kw = dict(model=adapters[i] or tiny_package.name, messages=questions[i], max_tokens=lengths[i], temperature=0)
         client = live.client()
         if i % 2:
             return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
@@ -165,6 +169,18 @@ def test_eight_concurrent_clients(live, model, tiny_package):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, range(8))) == want
+    assert live.server.config.app.state.api.scheduler.peak >= 3  # (4 rows at most: the default --parallel)
+
+
+def test_min_tokens_holds_the_end_back(live, model):
+    """vLLM's min_tokens: the end-of-sequence token is not taken before it, as the runtime's min_new_tokens."""
+    ids = model.tokenizer.encode(MESSAGES, chat=True)
+    want, _ = model.generate_ids(ids, "qv_r4", 12, min_new_tokens=12)
+    reply = live.client().completions.create(model="qv_r4", prompt=ids, max_tokens=12, temperature=0, extra_body={"min_tokens": 12})
+    assert reply.usage.completion_tokens == 12 and reply.choices[0].text == model.tokenizer.decode(want)
+    with pytest.raises(openai.BadRequestError) as bad:
+        live.client().completions.create(model="qv_r4", prompt=ids, max_tokens=4, extra_body={"min_tokens": 5})
+    assert bad.value.body["param"] == "min_tokens"
 
 
 def _chat(**fields) -> dict:
@@ -367,3 +383,60 @@ def test_failures_inside_generation(model, parallel):
         assert client.chat.completions.create(model="patterns", messages=MESSAGES, max_tokens=2).usage.completion_tokens <= 2
     finally:
         live.close()
+
+
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k",
+          "min_p", "repetition_penalty", "seed", "stop", "stream", "stream_options", "n", "logprobs", "tools", "user"]  # fmt: skip
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                        max_leaves=8)  # fmt: skip
+
+
+def test_fuzzed_requests_get_json_errors_and_leave_nothing_behind(live, model):
+    """Valid requests with fields replaced by arbitrary JSON, and byte-level damage to their bodies: every answer is
+    200 or an OpenAI error object with a 4xx status (never a 500), and afterwards nothing runs or waits and the
+    server answers as before."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url = f"{live.url}/v1"
+    base = {"model": "qv_r4", "messages": MESSAGES, "max_tokens": 3, "temperature": 0}
+    before = live.client().chat.completions.create(**base).choices[0].message.content
+    http = httpx.Client(timeout=30)
+
+    def check(path: str, content: bytes) -> None:
+        reply = http.post(f"{url}/{path}", content=content, headers={"Content-Type": "application/json"})
+        if reply.status_code == 200:
+            return
+        assert 400 <= reply.status_code < 500, (reply.status_code, content[:200])
+        error = reply.json()["error"]
+        assert isinstance(error["message"], str) and "\n" not in error["message"] and "Traceback" not in error["message"]
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["chat/completions", "completions"]), st.dictionaries(st.sampled_from(FIELDS), _json_values(), max_size=4),
+           st.booleans())  # fmt: skip
+    def fields(path: str, changes: dict, stream: bool) -> None:
+        body = {**base, **({"prompt": "Hi"} if path == "completions" else {}), "stream": stream, **changes}
+        check(path, json.dumps(body).encode())
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, 200), st.binary(max_size=8))
+    def damaged(cut: int, junk: bytes) -> None:
+        raw = json.dumps(base).encode()
+        check("chat/completions", raw[:cut] + junk + raw[cut:])
+
+    try:
+        fields()
+        damaged()
+    finally:
+        http.close()
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(f"{live.url}/health").json()) != {"status": "ok", "running": 0, "waiting": 0}:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert live.client().chat.completions.create(**base).choices[0].message.content == before

@@ -247,16 +247,20 @@ class DecoderModel(PackageModel):
     def stream(self, prompt: Prompt, adapter: AdapterChoice = None, max_new_tokens: int = 64, chat: bool = True, *,
                scale: float = 1.0, stop: Sequence[str] = (), min_new_tokens: int = 0, **sampling) -> Iterator[str]:  # fmt: skip
         """Yield text pieces as they are generated (the loop runs in a worker thread); options as :meth:`generate`.
-        Text that could begin a stop string is held back until it is known not to."""
+        Text that could begin a stop string is held back until it is known not to. A reader that stops early (closes
+        the iterator, or drops it) ends the generation at its next token."""
         import queue
 
         q: queue.Queue = queue.Queue()
+        gone = threading.Event()
         tok = self.tokenizer
         ids = tok.encode(prompt, chat)
         stops, options = tuple(stop), self._sampling(sampling)
         pieces = Pieces(tok.decode, stops)
 
         def check(_row: int, out: list[int]) -> bool:
+            if gone.is_set():
+                return True
             piece, stopped = pieces.step(out)
             if piece:
                 q.put(piece)
@@ -273,11 +277,14 @@ class DecoderModel(PackageModel):
                 q.put(exc)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            if item:
-                yield item
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item:
+                    yield item
+        finally:
+            gone.set()
 
     def generate(self, prompt: Prompt | Sequence[Prompt], adapter: AdapterChoice = None, max_new_tokens: int = 64,
                  min_new_tokens: int = 0, chat: bool = True, return_result: bool = False, *, scale: float = 1.0,

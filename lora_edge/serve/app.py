@@ -118,7 +118,8 @@ class Api:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(ids, adapter, self.budget(req, len(ids)), req.sampling, req.stops, emit)
+        budget = self.budget(req, len(ids))
+        job = Job(ids, adapter, budget, req.sampling, req.stops, emit, min(req.min_tokens, budget))
         try:
             self.scheduler.submit(job)
         except QueueFull as exc:
@@ -239,7 +240,8 @@ def build_app(model, name: str | None = None, options: ServeOptions | None = Non
         Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
-        Route("/health", lambda request: JSONResponse({"status": "ok", "waiting": api.scheduler.waiting}), methods=["GET"]),
+        Route("/health", lambda request: JSONResponse({"status": "ok", "running": api.scheduler.running,
+                                                       "waiting": api.scheduler.waiting}), methods=["GET"]),  # fmt: skip
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

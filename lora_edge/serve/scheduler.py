@@ -44,6 +44,7 @@ class Job:
     sampling: Sampling
     stops: tuple[str, ...]
     emit: Emit  # must be safe to call from another thread
+    min_tokens: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -65,6 +66,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="lora-edge-scheduler", daemon=True)
         self._closing = False
         self._running: dict[Row, tuple[Job, Pieces]] = {}
+        self.peak = 0  # the most requests that have decoded together
 
     def start(self) -> None:
         self._thread.start()
@@ -78,6 +80,10 @@ class Scheduler:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
             self._jobs.append(job)
             self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def waiting(self) -> int:
@@ -110,6 +116,7 @@ class Scheduler:
             for job in admitted:
                 self._guarded([job], lambda: self._start(job))
             if self._running:
+                self.peak = max(self.peak, len(self._running))
                 self._guarded([job for job, _ in self._running.values()], self._step)
 
     def _admit(self) -> list[Job] | None:
@@ -168,11 +175,11 @@ class Scheduler:
                 job.emit(("text", piece))
             return stopped
 
-        row = Row(job.prompt_ids, self._key(job), job.max_tokens, job.sampling, self.model._default_eos(), stop=stop)
+        row = Row(job.prompt_ids, self._key(job), job.max_tokens, job.sampling, self.model._default_eos(), job.min_tokens, stop)
         if self._alone(job):  # to its end
             self._running[row] = (job, pieces)
-            row.tokens, row.reason = self.model.generate_ids(row.prompt, row.key, row.max_new_tokens, sampling=row.sampling,
-                                                             stop=stop)  # fmt: skip
+            row.tokens, row.reason = self.model.generate_ids(row.prompt, row.key, row.max_new_tokens, row.min_new_tokens,
+                                                             sampling=row.sampling, stop=stop)  # fmt: skip
             self._finish(row)
             return
         self._running[row] = (job, pieces)

@@ -39,6 +39,7 @@ class GenRequest:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    min_tokens: int = 0  # vLLM's extension: the end-of-sequence token is not taken before this many tokens
 
 
 # Fields OpenAI defines that this server cannot honour: accepted at their neutral value (clients send defaults),
@@ -70,7 +71,11 @@ def parse(body: Any, chat: bool) -> GenRequest:
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("stream_options", "stream_options.include_usage must be a boolean")
-    return GenRequest(model, prompt, chat, max_tokens, _sampling(body), _stops(body.get("stop")), stream, include_usage)
+    min_tokens = _typed(body, "min_tokens", int, "an integer >= 0", 0)
+    if isinstance(min_tokens, bool) or min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
+        raise bad("min_tokens", f"min_tokens must be an integer from 0 to max_tokens, got {min_tokens!r}"[:200])
+    return GenRequest(model, prompt, chat, max_tokens, _sampling(body), _stops(body.get("stop")), stream, include_usage,
+                      min_tokens)  # fmt: skip
 
 
 def _int(v) -> bool:
