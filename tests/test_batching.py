@@ -39,18 +39,18 @@ def assert_rows_alone(model, rows: list[Row], seen: list[list[np.ndarray]], choi
 
 
 def staggered(model, prompts, choices, new_tokens, joins) -> tuple[list[Row], list[list[np.ndarray]], int]:
-    """Rows joining at the steps ``joins`` and leaving at their own lengths; (rows, each row's logits, the most rows that
-    shared a step)."""
+    """Rows joining at the steps ``joins`` (those of one step prefilled in one call) and leaving at their own lengths;
+    (rows, each row's logits, the most rows that shared a step)."""
     batch = model.batch(len(prompts), capacity=64)
     seen: list[list[np.ndarray]] = [[] for _ in prompts]
     rows = [Row(p, model._adapters.key(c), n, eos_ids=frozenset(), on_logits=seen[i].append)
             for i, (p, c, n) in enumerate(zip(prompts, choices, new_tokens))]  # fmt: skip
     peak, step = 0, 0
     while step <= max(joins) or batch.rows:
-        for row, at in zip(rows, joins):
-            if at == step:
-                assert batch.accepts(row.key)
-                batch.add(row)
+        now = [row for row, at in zip(rows, joins) if at == step]
+        assert all(batch.accepts(row.key) for row in now)
+        if now:
+            batch.add(*now)
         peak = max(peak, len(batch.rows))
         batch.step()
         step += 1

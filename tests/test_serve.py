@@ -360,7 +360,7 @@ class Broken:
     def batch(self, rows, capacity=None):
         batch = self.model.batch(rows, capacity)
         add = batch.add
-        batch.add = lambda row: self.fail(row.key) or add(row)
+        batch.add = lambda *rows: [self.fail(r.key) for r in rows] and add(*rows)
         return batch
 
 

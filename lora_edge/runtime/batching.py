@@ -1,10 +1,10 @@
 """Continuous batching: rows, each with its own prompt, adapter and sampling, decode together, one graph call per step.
-A row joins between steps (its prompt prefilled alone into its part of the cache) and leaves when it is done, so a
-request never waits for another to finish.
+Rows join between steps (the joining rows' prompts prefilled in one call into their part of the cache) and leave
+when they are done, so a request never waits for another to finish.
 
 The KV cache is one array per layer and kind, (rows, kv heads, capacity, head size), bound as both past and present
 (GroupQueryAttention writes each row's new keys and values in place, at that row's own length, read from the
-attention mask). The rows in use are always the first ``n``: a step binds views of ``[:n]``, a prefill of ``[i:i + 1]``,
+attention mask). The rows in use are always the first ``n``: a step binds views of ``[:n]``, a prefill of ``[n:n + k]``,
 and a leaving row's place is taken by the last row (its cache copied up to its length). numpy's zeros are pages the
 system commits on first write, so capacity that is never used costs no memory.
 
@@ -125,36 +125,45 @@ class Batch:
         return shareable(self.model._adapters, [r.key for r in self.rows] + [key])
 
     # -- joining and stepping ---------------------------------------------------------------
-    def add(self, row: Row) -> None:
-        """Prefill ``row`` into the next free place and choose its first token; it takes part in the following steps
-        unless that token already ended it."""
-        if not self.free:
-            raise RuntimeInputError(f"the batch is full ({self.size} rows)")
+    def check(self, row: Row) -> None:
+        """Refuse, in one line, a row that cannot fit a place of this batch."""
         if not row.prompt or len(row.prompt) + row.max_new_tokens > self.capacity:
             raise RuntimeInputError(f"the prompt ({len(row.prompt)} tokens) + max_new_tokens ({row.max_new_tokens}) exceed "
                                     f"the batch's context of {self.capacity} tokens per request")  # fmt: skip
-        if row.max_new_tokens == 0:
-            row.reason = "length"
+
+    def add(self, *rows: Row) -> None:
+        """Prefill ``rows`` in one call into the next free places and choose their first tokens; they take part in the
+        following steps unless that token already ended them. Rows of different choices must be shareable."""
+        if len(rows) > self.free:
+            raise RuntimeInputError(f"the batch is full ({self.size} rows, {self.free} free)")
+        for row in rows:
+            self.check(row)
+            if row.max_new_tokens == 0:
+                row.reason = "length"
+        joining = [row for row in rows if not row.done]
+        if not joining:
             return
-        i = len(self.rows)
-        io = self.model._binding(row.key)
-        keep = self._bind_cache(io, i, i + 1)
-        ids = np.asarray([row.prompt], np.int64)
-        n = ids.shape[1]
-        logits = self._call(io, ids, self._columns[None, :n], np.array([n], np.int64))
+        start, k = len(self.rows), len(joining)
+        lens = np.array([len(r.prompt) for r in joining], np.int64)
+        ids = np.zeros((k, int(lens.max())), np.int64)  # right-padded: each row's length travels in the attention mask
+        for j, row in enumerate(joining):
+            ids[j, : lens[j]] = row.prompt
+        io, keep = self._bind([r.key for r in joining], start, start + k)
+        logits = self._call(io, ids, np.repeat(self._columns[None, : ids.shape[1]], k, axis=0), lens)
         del keep
-        row.length = n
-        row.take(logits[0, -1])
-        if not row.done:
-            self.rows.append(row)
-            self._io = None
+        self.rows.extend(joining)
+        self._io = None
+        for j, row in enumerate(joining):
+            row.length = int(lens[j])
+            row.take(logits[j, lens[j] - 1])
+        self._leave([row for row in joining if row.done])
 
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that finished (they have left)."""
         if not self.rows:
             return []
         if self._io is None:
-            self._io, self._keep = self._bind_step()
+            self._io, self._keep = self._bind([r.key for r in self.rows], 0, len(self.rows))
         lens = np.array([r.length for r in self.rows], np.int64)
         ids = np.array([[r.pending] for r in self.rows], np.int64)
         logits = self._call(self._io, ids, lens[:, None].copy(), lens + 1)[:, -1]
@@ -183,11 +192,12 @@ class Batch:
             self._io = None
         return done
 
-    def _bind_step(self) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
-        keys = [r.key for r in self.rows]
+    def _bind(self, keys: list[Hashable], start: int, end: int) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
+        """A binding for rows ``keys`` in the cache's places [start, end): one choice's tensors, or the bank of them
+        all with each row's mask; the returned values must outlive the call."""
         if len(set(keys)) == 1:
             io = self.model._binding(keys[0])
-            return io, self._bind_cache(io, 0, len(keys))
+            return io, self._bind_cache(io, start, end)
         distinct = banked(keys)
         tensors, rank = self.model._adapters.bank(distinct)
         io = self.model.session.io_binding()
@@ -203,7 +213,7 @@ class Batch:
         if self._chunked:
             keep.append(ort.OrtValue.ortvalue_from_numpy(mask.reshape(len(keys), 1, 1, 1, -1)))
             io.bind_ortvalue_input(ROW_MASK_CHUNKS, keep[1])
-        return io, keep + self._bind_cache(io, 0, len(keys))
+        return io, keep + self._bind_cache(io, start, end)
 
     def _bind_cache(self, io: ort.IOBinding, start: int, end: int) -> list[ort.OrtValue]:
         """Bind rows [start, end) of the cache as past and present; the returned values must outlive the call."""

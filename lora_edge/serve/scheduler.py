@@ -113,8 +113,11 @@ class Scheduler:
     # -- the thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
         while (admitted := self._admit()) is not None:
+            joining: list[Row] = []
             for job in admitted:
-                self._guarded([job], lambda: self._start(job))
+                self._guarded([job], lambda: self._start(job, joining))
+            if joining:  # prefilled together, in one call
+                self._guarded([self._running[r][0] for r in joining], lambda: self._join(joining))
             if self._running:
                 self.peak = max(self.peak, len(self._running))
                 self._guarded([job for job, _ in self._running.values()], self._step)
@@ -164,7 +167,8 @@ class Scheduler:
                 if self.batch is not None:
                     self.batch.cancel(row)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, joining: list[Row]) -> None:
+        """Run ``job`` to its end if it runs alone; else check it fits the batch and add its row to ``joining``."""
         pieces = Pieces(self.model.tokenizer.decode, job.stops)
 
         def stop(tokens: list[int]) -> bool:  # after every new token: send what is safe, end on a stop string
@@ -182,10 +186,15 @@ class Scheduler:
                                                              sampling=row.sampling, stop=stop)  # fmt: skip
             self._finish(row)
             return
+        self.batch.check(row)
         self._running[row] = (job, pieces)
-        self.batch.add(row)
-        if row.done:  # its first token ended it
-            self._finish(row)
+        joining.append(row)
+
+    def _join(self, rows: list[Row]) -> None:
+        self.batch.add(*rows)
+        for row in rows:
+            if row.done:  # its first token ended it
+                self._finish(row)
 
     def _step(self) -> None:
         for row in self.batch.step():
