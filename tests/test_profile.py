@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -76,6 +77,10 @@ def test_every_figure_present_and_sane(report, tiny_package):
         assert m.peak_mib >= m.loaded_mib > m.baseline_mib > 0
         assert m.peak_mib > size  # a loaded package takes at least its size on disk
         assert m.adapters_mib > 0 and m.kv_cache_mib > 0
+        assert m.per_adapter_mib * len(report.packages[0].adapter_file_mib) == pytest.approx(m.adapters_mib)
+        # the breakdown: the package's mapped file can hold at most the package; the heap at least the adapters
+        assert 0 <= m.mapped_mib <= size and m.anonymous_mib > m.adapters_mib and m.libraries_mib > 0
+        assert m.mapped_mib + m.anonymous_mib + m.libraries_mib <= m.peak_mib + 1
     for o in report.ops:
         assert 99 <= sum(o.by_op.values()) <= 101
         assert 0 < o.lora_pct < 100
@@ -193,3 +198,27 @@ def test_child_progress_and_percentiles():
     assert P.Percentiles.of([1, 2, 3, 4, 100]).p50 == 3 and P.Percentiles.of([1, 2, 3, 4, 100]).p99 == 100
     s = P.Spread.of([3.0, 1.0, 2.0, 10.0])
     assert (s.min, s.median, s.max) == (1.0, 2.5, 10.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_read_weights_are_dropped_and_still_read_back(tmp_path):
+    """What the runtime does after loading: pages of a package file mapped in and read stay resident until dropped;
+    the breakdown counts them as the package's, and dropping them loses no byte."""
+    import mmap
+
+    from lora_edge.profile.sandbox import resident_parts
+    from lora_edge.runtime.session import drop_read_pages
+
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
+    with open(tmp_path / "model.onnx.data", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    view = np.frombuffer(mapped, np.uint8)
+    checksum = int(view.sum(dtype=np.int64))  # reads every page
+    before = resident_parts(tmp_path)["mapped"]
+    drop_read_pages(tmp_path)
+    after = resident_parts(tmp_path)["mapped"]
+    assert before > 7.5 and after < 0.5, (before, after)
+    assert int(view.sum(dtype=np.int64)) == checksum == int(data.sum(dtype=np.int64))
+    del view
+    mapped.close()

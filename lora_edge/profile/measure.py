@@ -32,7 +32,7 @@ from ..runtime.adapter_set import parse_choice
 from .child import Job
 from .config import DATA, Workload
 from .report import Percentiles, Spread
-from .sandbox import MiB, peak_mib, rss_of
+from .sandbox import MiB, peak_mib, resident_parts, rss_of
 
 Tick = Callable[[str], None]
 SWITCHES, FIRST_BINDS = 200, 20  # repetitions of the (microsecond) binding figures, for a stable median
@@ -74,9 +74,12 @@ def measure(job: Job, tick: Tick) -> dict:
             })  # fmt: skip
     kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * (max(w.prompt_tokens) + w.new_tokens) * w.batch * 4
     adapters_mib = adapters_bytes / MiB
+    parts = resident_parts(model.root)  # after the runs: what a process serving this workload holds
     return {"runs": runs, "memory": {
         "package": job["label"], "threads": job["threads"], "load_s": load_s, "baseline_mib": baseline, "loaded_mib": loaded,
         "peak_mib": peak_mib(), "weights_mib": max(0.0, loaded - baseline - adapters_mib), "adapters_mib": adapters_mib,
+        "per_adapter_mib": adapters_mib / len(model.adapters) if model.adapters else 0.0,
+        "mapped_mib": parts["mapped"], "anonymous_mib": parts["anonymous"], "libraries_mib": parts["libraries"],
         "kv_cache_mib": kv / MiB}}  # fmt: skip
 
 

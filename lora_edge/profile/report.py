@@ -9,7 +9,7 @@ import io
 import math
 from dataclasses import asdict, dataclass, field
 
-SCHEMA = "lora-edge-profile/1"
+SCHEMA = "lora-edge-profile/2"
 
 
 @dataclass
@@ -81,6 +81,11 @@ class MemoryFigures:
     peak_mib: float  # high-water mark over the whole run
     weights_mib: float  # loaded - baseline - adapters: the session's weights and buffers
     adapters_mib: float  # the loaded adapter tensors
+    per_adapter_mib: float  # adapters_mib per loaded adapter
+    # resident after the runs, by kind (sandbox.resident_parts): the package's mapped files, the heap, other mapped files
+    mapped_mib: float
+    anonymous_mib: float
+    libraries_mib: float
     kv_cache_mib: float  # at the longest prompt + new tokens
     package_mib: float  # on disk
     limit_mib: int | None
@@ -173,7 +178,8 @@ class ProfileReport:
                 else:
                     row[k] = v
             m = mem.get((r.package, r.threads))
-            for k in ("load_s", "baseline_mib", "loaded_mib", "peak_mib", "weights_mib", "adapters_mib", "kv_cache_mib", "package_mib", "limit_mib"):
+            for k in ("load_s", "baseline_mib", "loaded_mib", "peak_mib", "weights_mib", "adapters_mib", "per_adapter_mib", "mapped_mib",
+                      "anonymous_mib", "libraries_mib", "kv_cache_mib", "package_mib", "limit_mib"):
                 row[k] = getattr(m, k) if m else None
             o = ops.get((r.package, r.adapter, r.threads))
             row["lora_pct"] = o.lora_pct if o else None

@@ -60,6 +60,29 @@ def peak_mib() -> float:
     return 0.0
 
 
+def resident_parts(root: Path | str) -> dict[str, float]:
+    """This process's resident memory by kind, in MiB: ``mapped`` the package's own files mapped in (ONNX Runtime
+    maps external weights; pages it read and kept), ``libraries`` every other mapped file (Python, onnxruntime,
+    numpy, tokenizers), ``anonymous`` the heap (prepacked weight copies, folded constants, adapter tensors, the KV
+    cache, activations, the tokenizer, Python objects). All zero where /proc/self/smaps is absent."""
+    prefix = str(Path(root).resolve()) + os.sep
+    parts = {"mapped": 0.0, "libraries": 0.0, "anonymous": 0.0}
+    kind = "anonymous"
+    with suppress():
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping: "start-end perms offset dev inode [path]"
+                    path = head[5].strip() if len(head) > 5 else ""
+                    kind = "mapped" if path.startswith(prefix) else "libraries" if path.startswith("/") else "anonymous"
+                elif head[0] == "Rss:":
+                    parts[kind] += int(head[1]) / 1024
+                elif head[0] == "Anonymous:" and kind != "anonymous":  # copied-on-write pages of a file mapping
+                    parts[kind] -= int(head[1]) / 1024
+                    parts["anonymous"] += int(head[1]) / 1024
+    return parts
+
+
 # -- memory limits ----------------------------------------------------------------------------
 def cgroup_dir() -> tuple[str, Path] | None:
     """A directory under which we may create a memory cgroup: ("cgroup-v2"|"cgroup-v1", path)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .report import OpShare, ProfileReport
+from .report import OpShare, ProfileReport, SweepPoint
 
 
 def render(report: ProfileReport) -> str:
@@ -34,6 +34,11 @@ def render(report: ProfileReport) -> str:
                              [[x.package, x.threads, f"{x.load_s:.2f}", f"{x.package_mib:.1f}", f"{x.baseline_mib:.0f}",
                                f"{x.weights_mib:.0f}", f"{x.adapters_mib:.1f}", f"{x.kv_cache_mib:.1f}", f"{x.peak_mib:.0f}",
                                f"{x.limit_mib} MiB ({x.limit_method})" if x.limit_mib else "-"] for x in report.memory])]  # fmt: skip
+        lines += ["", "resident after the runs: mapped = the package's own files; heap = prepacked weights, adapters, KV cache, "
+                  "tokenizer; libraries = Python, onnxruntime, numpy",
+                  _table(["package", "thr", "peak RSS MiB", "mapped weights MiB", "heap MiB", "libraries MiB", "per adapter MiB"],
+                         [[x.package, x.threads, f"{x.peak_mib:.0f}", f"{x.mapped_mib:.1f}", f"{x.anonymous_mib:.0f}",
+                           f"{x.libraries_mib:.0f}", f"{x.per_adapter_mib:.1f}"] for x in report.memory])]  # fmt: skip
     if report.ops:
         lines.append("")
         for o in report.ops:
@@ -50,8 +55,9 @@ def render(report: ProfileReport) -> str:
             pts = [p for p in counts if (p.package, p.threads) == key]
             per = _slope([p.value for p in pts], [p.rss_mib for p in pts])
             rows.append([*key, ", ".join(str(p.value) for p in pts), " ".join(f"{p.rss_mib:.0f}" for p in pts),
-                         f"{per:.1f}" if per is not None else "-", f"{pts[0].adapter_file_mib:.1f}"])  # fmt: skip
-        lines += ["", _table(["package", "thr", "adapters loaded", "RSS MiB", "MiB per adapter (fit)", "adapter file MiB"], rows)]
+                         f"{per:.1f}" if per is not None else "-", f"{pts[0].adapter_file_mib:.1f}", _saved(pts)])  # fmt: skip
+        lines += ["", _table(["package", "thr", "adapters loaded", "RSS MiB", "MiB per adapter (fit)", "adapter file MiB",
+                              "base + N vs N merged"], rows)]  # fmt: skip
     if report.comparison:
         lines += ["", _table(["package", "vs", "adapter", "thr", "prompt", "decode", "prefill", "TTFT", "peak RSS", "on disk"],
                              [[c["package"], c["versus"], c["adapter"], c["threads"], c["prompt_tokens"], f"{c['decode_tps_ratio']:.2f}x",
@@ -69,6 +75,17 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
         return None
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _saved(pts: list[SweepPoint]) -> str:
+    """One process holding the base and the most adapters swept, against as many processes each holding one merged model
+    (a merged package weighs what the base does: the same weights, no branch inputs)."""
+    base = next((p.rss_mib for p in pts if p.value == 0), None)
+    top = max(pts, key=lambda p: p.value)
+    if base is None or top.value < 2:
+        return "-"
+    merged = top.value * base
+    return f"{top.rss_mib:.0f} vs {merged:.0f} MiB (-{100 * (1 - top.rss_mib / merged):.0f}%)"
 
 
 def _share(o: OpShare | None) -> str:

@@ -11,7 +11,10 @@ nothing mutable, so concurrent calls with different adapters are independent.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
+import re
 import threading
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -57,6 +60,7 @@ class PackageModel:
         self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device)
         for name, file in manifest.adapter_files().items():
             self._adapters.load(name, root / file)
+        give_back_freed()  # what loading the session and the adapters' files freed
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -70,6 +74,7 @@ class PackageModel:
                 if not (self.root / "tokenizer.json").is_file():
                     raise RuntimeInputError(f"package {self.root} has no tokenizer.json; pass token ids instead of text")
                 self._tokenizer = Tokenizer(self.root)
+                give_back_freed()  # parsing tokenizer.json frees far more than the tokenizer keeps
             return self._tokenizer
 
     # -- adapters -------------------------------------------------------------------------
@@ -230,6 +235,67 @@ def open_session(root: Path, manifest: Manifest, opts: ort.SessionOptions, provi
             raise RuntimeInputError(f"execution provider {p!r} is not available in this onnxruntime (available: {', '.join(available)})")
     graph_file = root / manifest.graph.file
     try:
-        return ort.InferenceSession(str(graph_file), opts, providers=providers)
+        session = ort.InferenceSession(str(graph_file), opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types
         raise PackageError(f"onnxruntime cannot load {graph_file}: {str(exc).splitlines()[0]}") from None
+    drop_read_pages(root)
+    return session
+
+
+# -- resident memory ----------------------------------------------------------------------------
+# ONNX Runtime maps the package's external weights (model.onnx.data) and reads all of them while it loads: prepacking
+# copies each MatMulNBits weight into its own layout, constant folding copies what it folds. Those pages then stay
+# resident although most are never read again (the tied embedding's Gather touches only the rows of the tokens it
+# sees; with tied weights the whole embedding stays resident beside the head's prepacked copy of it). Dropping them
+# costs a page fault per first-seen row; the file still holds every byte.
+MADV_DONTNEED = 4
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ *(.*)$")
+
+
+def file_mappings(root: Path) -> list[tuple[int, int, int]]:
+    """(start, end, anonymous bytes) of this process's mappings of files under ``root``; [] where /proc is absent."""
+    prefix = str(Path(root).resolve()) + os.sep
+    out: list[tuple[int, int, int]] = []
+    mine = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                m = _MAPPING.match(line)
+                if m:
+                    mine = m.group(3).startswith(prefix)
+                    if mine:
+                        out.append((int(m.group(1), 16), int(m.group(2), 16), 0))
+                elif mine and line.startswith("Anonymous:"):
+                    start, end, _ = out[-1]
+                    out[-1] = (start, end, int(line.split()[1]) * 1024)
+    except OSError:
+        return []
+    return out
+
+
+def drop_read_pages(root: Path) -> None:
+    """Let the kernel take back the resident pages of the package's mapped files; later reads fault them in again from
+    the page cache. Only mappings with no private (copied-on-write) page: for those, dropping can lose nothing."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, end, anonymous in file_mappings(root):
+        if anonymous == 0:
+            libc.madvise(start, end - start, MADV_DONTNEED)
+
+
+def give_back_freed() -> None:
+    """Return the C heap's free pages to the system (glibc keeps what large loads freed, inside its heap, resident)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not os.path.exists("/proc/self/smaps"):  # Linux only: elsewhere the C library differs and nothing is dropped
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
