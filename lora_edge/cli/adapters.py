@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .app import cli, progress_reporter
+from .app import cli
 
 
 @cli.group()
@@ -29,14 +29,15 @@ def adapters() -> None:
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="The package's base model (HF directory or .gguf): needed for DoRA, trained biases and modules_to_save.")
 @click.option("--force", is_flag=True, help="Replace an adapter of the same name.")
-def add(package: Path, adapter: str, base: Path | None, force: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No progress lines or bars on stderr while --base loads.")
+def add(package: Path, adapter: str, base: Path | None, force: bool, quiet: bool) -> None:
     """Compile a PEFT adapter against PACKAGE's slots and storage and add it."""
     from ..adapters.manage import add_adapter
     from ..config import AdapterSpec
 
     start = time.perf_counter()
     spec = AdapterSpec.parse(adapter)
-    table = _base_modules(package, base, progress_reporter(start)) if base is not None else None
+    table = _base_modules(package, base, start, quiet) if base is not None else None
     manifest = add_adapter(package, spec.name, spec.path, table, replace=force)
     info = manifest.adapters[spec.name]
     click.echo(f"added {spec.name} to {package} ({info.kind}, rank {'/'.join(map(str, info.ranks))}, "
@@ -63,14 +64,17 @@ def list_(package: Path) -> None:
     click.echo("\n".join(adapter_lines(describe(package))))
 
 
-def _base_modules(package: Path, base: Path, progress):
+def _base_modules(package: Path, base: Path, start: float, quiet: bool):
     """The base model, checked to be the one the package was compiled from (compile side: torch)."""
     from ..compile.models.loader import load_base
+    from ..compile.progress import Reporter, counting
     from ..errors import InputError
     from ..package.store import read_manifest
 
+    progress = Reporter(start, quiet=quiet)
     progress(f"loading base model {base}")
-    model, _ = load_base(base)
+    with counting(progress, "tensors read") as step:
+        model, _ = load_base(base, step)
     if model.sha256 != read_manifest(package, verify=False).base.sha256:
         raise InputError(f"{base} is not the base {package} was compiled from (its weights' sha256 differs)")
     return model

@@ -12,7 +12,9 @@ import click
 from ..config import AdapterSpec, Attention, LoraDtype, LoraKernel, Mode, QuantAlgo, Target, WeightType, ZeroPoint
 from ..recipes import DEFAULT as DEFAULT_RECIPE
 from ..recipes import Recipe, describe_recipes, export_config
-from .app import choice, cli, progress_reporter
+from .app import choice, cli
+
+_QUIET = click.option("--quiet", is_flag=True, help="No progress lines or bars on stderr (bars show only on a terminal).")
 
 
 @cli.command(epilog="\b\nRecipes (--recipe; any flag below overrides the recipe's value):\n" + describe_recipes())
@@ -61,7 +63,11 @@ from .app import choice, cli, progress_reporter
 @click.option("--alora", is_flag=True,
               help="Give the graph activated LoRA's per-position mask, to add activated adapters later (on by itself when "
                    "an exported adapter has alora_invocation_tokens).")
-def export(base: Path, adapters: tuple[str, ...], output: Path, recipe: str, mode: str, force: bool, **flags) -> None:
+@click.option("--mixed-batches/--no-mixed-batches", default=None,
+              help="Give the graph a per-row mask over the rank so one call serves requests of different adapters "
+                   "(serve's batches; one Mul per branch). Default: on for standard-op branch packages with fused attention.")
+@_QUIET
+def export(base: Path, adapters: tuple[str, ...], output: Path, recipe: str, mode: str, force: bool, quiet: bool, **flags) -> None:
     """Compile BASE (a Hugging Face model directory or a .gguf file) and adapters into a package.
 
     \b
@@ -73,10 +79,11 @@ def export(base: Path, adapters: tuple[str, ...], output: Path, recipe: str, mod
       lora-edge export model.gguf -a pirate=adapters/pirate -o pkg-int8/ --recipe portable --quant int8
     """
     from ..compile.pipeline import export as do_export
+    from ..compile.progress import Reporter
 
     start = time.perf_counter()
     cfg = _export_config(base, adapters, output, recipe, mode, force, flags)
-    result = do_export(cfg, progress=progress_reporter(start))
+    result = do_export(cfg, progress=Reporter(start, quiet=quiet))
     m = result.manifest
     click.echo(f"wrote {result.path} ({m.size() / 2**20:.1f} MiB, {len(m.adapters)} adapter(s), recipe {m.recipe}) "
                f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
@@ -90,7 +97,7 @@ def _export_config(base, adapters, output, recipe, mode, force, flags):
     """The recipe's options with every flag the user gave in their place."""
     quant = {field: flags[flag] for flag, field in _QUANT_FLAGS.items() if flags[flag] is not None}
     quant.update({k: tuple(flags[k]) for k in ("int8_modules", "float_modules") if flags[k]})
-    options = {k: flags[k] for k in ("target", "lora_kernel", "lora_dtype", "null_rank") if flags[k] is not None}
+    options = {k: flags[k] for k in ("target", "lora_kernel", "lora_dtype", "null_rank", "mixed_batches") if flags[k] is not None}
     return export_config(recipe, quant=quant, base=base, output=output, adapters=tuple(AdapterSpec.parse(a) for a in adapters),
                          mode=Mode(mode), force=force, attention=Attention(flags["attention"]), alora=flags["alora"],
                          **options)  # fmt: skip
@@ -111,7 +118,9 @@ def _export_config(base, adapters, output, recipe, mode, force, flags):
 @click.option("--min-top1", type=float, default=None, help="Fail (exit 1) if clear-winner top-1 agreement is below this percent.")
 @click.option("--provider", "providers", multiple=True, metavar="NAME", help="Execution provider for the package (repeat for a fallback order).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt, max_ppl_increase, min_top1, providers, as_json) -> None:
+@_QUIET
+def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt, max_ppl_increase, min_top1, providers, as_json,
+           quiet) -> None:  # fmt: skip
     """Compare PACKAGE with the PyTorch + PEFT original: logits, KL, top-1, perplexity, adapter effect, greedy tokens.
 
     \b
@@ -120,6 +129,7 @@ def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt
       lora-edge verify pkg-int4/ --adapter pirate --text my_corpus.txt --json
       lora-edge verify pkg-int8/ --max-ppl-increase 1 --min-top1 98      # exit 1 if not met
     """
+    from ..compile.progress import Reporter
     from ..compile.verify import VerifyConfig, render
     from ..compile.verify import verify as do_verify
 
@@ -132,7 +142,7 @@ def verify(package, reference, adapters, text, max_tokens, greedy_tokens, prompt
     cfg = VerifyConfig(package=package, reference=reference, adapters=tuple(names), adapter_paths=paths, text=text,
                        max_tokens=max_tokens, greedy_tokens=greedy_tokens, prompt=prompt,
                        max_ppl_increase=max_ppl_increase, min_top1=min_top1, providers=providers)  # fmt: skip
-    report = do_verify(cfg, progress=progress_reporter(time.perf_counter()))
+    report = do_verify(cfg, progress=Reporter(quiet=quiet))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))
     if not report.passed:
         sys.exit(1)

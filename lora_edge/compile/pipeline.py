@@ -10,7 +10,6 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..adapters.peft import Adapter, check_adapter_files, read_adapter
 from ..adapters.storage import Storage
@@ -24,11 +23,10 @@ from .manifest_writer import build_manifest, quantization_record, slot_info
 from .merge import merged_weights
 from .models import Slot, family_for
 from .models.spec import BaseModel
+from .progress import Progress, counting
 from .quant.blocks import quantize_weights
 from .slots import plan_slots
 from .targets import to_ort_format, write_genai_config
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,11 @@ class ExportResult:
 
 
 def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportResult:
-    """Compile ``cfg.base`` and ``cfg.adapters`` into a package at ``cfg.output``."""
+    """Compile ``cfg.base`` and ``cfg.adapters`` into a package at ``cfg.output``. ``progress`` is told each
+    stage; a :class:`.progress.Reporter` also draws bars for the counted ones."""
     check_inputs(cfg)  # before the slow part: everything that can be checked without loading the model
     progress(f"loading base model {cfg.base}")
-    base, hf_model = _load_base(cfg)
+    base, hf_model = _load_base(cfg, progress)
     adapters = read_adapters(cfg, base, progress)
     if any(a.invocation_tokens for a in adapters) and not cfg.alora:
         cfg = dataclasses.replace(cfg, alora=True)  # an activated adapter needs the mask input
@@ -73,10 +72,11 @@ def check_inputs(cfg: ExportConfig) -> None:
         check_adapter_files(spec.name, spec.path)
 
 
-def _load_base(cfg: ExportConfig):
+def _load_base(cfg: ExportConfig, progress: Progress):
     from .models.loader import load_base
 
-    return load_base(cfg.base)
+    with counting(progress, "tensors read") as step:
+        return load_base(cfg.base, step)
 
 
 def read_adapters(cfg: ExportConfig, base: BaseModel, progress: Progress) -> list[Adapter]:
@@ -125,7 +125,9 @@ def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict | None:
     progress(f"calibrating GPTQ on {len(ids)} tokens")
     by_peft = {lm.peft: lm.path for lm in base.linear_modules.values()}  # hooks go on the PyTorch model's modules
     chunk = min(512, base.spec.max_position_embeddings)
-    return {by_peft[m]: h for m, h in collect_hessians(hf_model, ids, list(by_peft), chunk=chunk).items()}
+    with counting(progress, "calibration tokens") as step:
+        hessians = collect_hessians(hf_model, ids, list(by_peft), chunk=chunk, step=step)
+    return {by_peft[m]: h for m, h in hessians.items()}
 
 
 def write_graph(cfg: ExportConfig, model, tmp: Path, progress: Progress) -> str:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ...errors import ModelError
+from .gguf_file import GGUFFile
 
 # llama.cpp pre-tokenizer names whose regex is "split digits one by one, then GPT-2's regex".
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "qwen2", "deepseek-coder"}
@@ -19,28 +20,20 @@ _GPT2_PRE = {"gpt2", "default", "llama-bpe", "olmo", "jais", "phi-2"}
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def tokenizer_files_from_gguf(path: Path) -> dict[str, bytes]:
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    reader = gguf.GGUFReader(str(path))
-    kind = _field(reader, "tokenizer.ggml.model")
+    reader = GGUFFile(path)
+    kind = reader.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelError(
             f"{path}: GGUF tokenizer model {kind!r} cannot be rebuilt yet (only byte-level BPE, 'gpt2'); "
             "export from a Hugging Face model directory instead"
         )
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
-    types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges: list[str] = _field(reader, "tokenizer.ggml.merges") or []
+    pre = reader.get("tokenizer.ggml.pre", "default")
+    tokens: list[str] = reader.get("tokenizer.ggml.tokens")
+    types: list[int] = reader.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges: list[str] = reader.get("tokenizer.ggml.merges") or []
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -56,14 +49,14 @@ def tokenizer_files_from_gguf(path: Path) -> dict[str, bytes]:
     tok.add_special_tokens(special)
 
     def tok_at(key):
-        i = _field(reader, key)
+        i = reader.get(key)
         return (tokens[i], int(i)) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
 
     bos, bos_id = tok_at("tokenizer.ggml.bos_token_id")
     eos, eos_id = tok_at("tokenizer.ggml.eos_token_id")
     pad, pad_id = tok_at("tokenizer.ggml.padding_token_id")
     unk, _ = tok_at("tokenizer.ggml.unknown_token_id")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(reader.get("tokenizer.ggml.add_bos_token", False))
     tok_config = {
         "add_bos_token": add_bos,
         "add_eos_token": False,
@@ -72,10 +65,10 @@ def tokenizer_files_from_gguf(path: Path) -> dict[str, bytes]:
         "pad_token": pad,
         "unk_token": unk,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length", 2048)),
+        "model_max_length": int(reader.get(f"{reader.get('general.architecture')}.context_length", 2048)),
         "tokenizer_class": "GPT2Tokenizer",
     }
-    template = _field(reader, "tokenizer.chat_template")
+    template = reader.get("tokenizer.chat_template")
     if template:
         tok_config["chat_template"] = template
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False}

@@ -6,17 +6,17 @@ Never fetches anything: local_files_only everywhere, and the base must be on dis
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ...errors import InputError, ModelError
 from . import family_for
+from .gguf_file import GGUFFile, gguf_config, gguf_tensor_names
 from .spec import BaseModel
 
 _TOKENIZER_FILES = (
@@ -61,8 +61,9 @@ def describe_base(path: Path) -> tuple[str, list[Path]]:
     return "hf", weights
 
 
-def load_hf_model(path: Path):
-    """The PyTorch model, float32, eval mode: the exporter's source and the verifier's oracle."""
+def load_hf_model(path: Path, step: Callable[[int, int], None] = lambda done, total: None):
+    """The PyTorch model, float32, eval mode: the exporter's source and the verifier's oracle.
+    ``step(done, total)`` follows the tensors read from a GGUF file."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -75,10 +76,7 @@ def load_hf_model(path: Path):
     hf_logging.disable_progress_bar()
     try:
         if kind == "gguf":
-            with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantizer draws its own tqdm bar
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
-                )
+            model = _gguf_model(GGUFFile(path), step)
         else:
             cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
             arch = (cfg.architectures or ["?"])[0]
@@ -91,11 +89,38 @@ def load_hf_model(path: Path):
     return model.eval()
 
 
-def load_base(path: Path) -> tuple[BaseModel, object]:
-    """Read the base into a torch-free BaseModel; also return the torch model for callers that need it."""
+def _gguf_model(f: GGUFFile, step: Callable[[int, int], None]):
+    """The model transformers' GGUF loading builds (same config, same dequantized and re-permuted weights),
+    from one fast read of the file: its own reader parses the metadata per element, more than once per load."""
+    import torch
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    arch, config = gguf_config(f)
+    config_obj = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config_obj)  # the parameter names, without allocating them
+    names = list(meta.state_dict())
+    to_hf = gguf_tensor_names(config["model_type"], config_obj.num_hidden_layers, names)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    state = {}
+    for i, name in enumerate(f.tensors):
+        result = processor.process(weights=f.read(name), name=name, tensor_key_mapping=to_hf, parsed_parameters={"tensors": state})
+        if result.name in to_hf:
+            state[to_hf[result.name]] = torch.from_numpy(np.require(result.weights, np.float32, ['C', 'W']))
+        step(i + 1, len(f.tensors))
+    model = type(meta).from_pretrained(None, config=config_obj, state_dict=state, dtype=torch.float32)
+    model.config._name_or_path = str(f.path.parent)  # (as transformers records a GGUF's directory)
+    return model
+
+
+def load_base(path: Path, step: Callable[[int, int], None] = lambda done, total: None) -> tuple[BaseModel, object]:
+    """Read the base into a torch-free BaseModel; also return the torch model for callers that need it.
+    ``step(done, total)`` follows the tensors read from a GGUF file."""
     path = Path(path)
     kind, weight_files = describe_base(path)
-    model = load_hf_model(path)
+    model = load_hf_model(path, step)
     family = family_for(type(model).__name__)
     spec, inv_freq = family.spec_from_hf(model)
     weights = family.internal_weights({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
