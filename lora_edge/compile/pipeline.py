@@ -104,7 +104,8 @@ def quantize(cfg: ExportConfig, base: BaseModel, hf_model, weights: dict, slots:
     if q.weights is WeightType.FP32 and q.embedding_type is WeightType.FP32:
         return weights, quantization_record(q, {"fp32": len(base.linear_modules) + 1}, None, True)
     hessians = calibrate(base, hf_model, q, progress) if q.algo is QuantAlgo.GPTQ and q.weights is WeightType.INT4 else None
-    weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians)
+    with counting(progress, "layers quantized") as step:
+        weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians, step)
     weights.update(replaced_weights(base, slots))  # a module adapters may replace stays float: its weight is an input
     return weights, quantization_record(q, counts, sizes, "model.embed_tokens.weight" in base.weights)
 

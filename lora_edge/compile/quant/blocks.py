@@ -38,6 +38,7 @@ from ...config import QuantAlgo, WeightType, ZeroPoint, check_block_size, module
 from ...errors import InputError
 
 SHRINK_GRID = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
+SEARCH_ELEMENTS = 1 << 16  # weights searched at a time: the search's float64 temporaries stay in the CPU's cache
 
 
 @dataclass(frozen=True)
@@ -129,23 +130,50 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = Ze
         raise InputError(f"unknown block quantization algorithm {algo!r}; use 'search' or 'rtn'")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
-    v = _blocks(np.asarray(w, dtype=np.float64), block)  # (N, nb, block)
-    best = None
-    for r in SHRINK_GRID if algo is QuantAlgo.SEARCH else (1.0,):
-        scale, zp, offset = block_params(v, bits, zero, r)
-        q = block_codes(v, scale, zp, offset, bits)
-        err = ((((q - zp[..., None]) * scale[..., None] + offset[..., None]) - v) ** 2).sum(-1)  # (N, nb)
-        if best is None:
-            best = [q, scale, zp, offset, err]
-            continue
-        better = err < best[4]
-        for i, new in enumerate((q, scale, zp, offset, err)):
-            best[i] = np.where(better[..., None] if new.ndim == 3 else better, new, best[i])
-    q, scale, zp, offset, _ = best
+    grid = SHRINK_GRID if algo is QuantAlgo.SEARCH else (1.0,)
+    rows = max(1, SEARCH_ELEMENTS // w.shape[1])
+    parts = [_search(_blocks(np.asarray(w[i : i + rows], dtype=np.float64), block), bits, zero, grid)
+             for i in range(0, w.shape[0], rows)]  # fmt: skip
+    q, scale, zp, offset = (np.concatenate(p) for p in zip(*parts))
     return _assemble(q, scale, zp, offset, bits, block, w.shape[1], zero)
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, damp: float = 0.01) -> QTensor:
+def _search(v: np.ndarray, bits: int, zero: ZeroPoint, grid) -> tuple[np.ndarray, ...]:
+    """(codes, scale, zp, offset) of blocks ``v`` (rows, nb, block) at the shrink of ``grid`` with the least squared
+    error per block (the first such shrink on a tie)."""
+    best_err, best = None, None
+    for r in grid:
+        scale, zp, offset = block_params(v, bits, zero, r)
+        q = block_codes(v, scale, zp, offset, bits)
+        err = ((((q - zp[..., None]) * scale[..., None] + offset[..., None]) - v) ** 2).sum(-1)  # (rows, nb)
+        if best_err is None:
+            best_err, best = err, np.full(err.shape, r)
+            continue
+        better = err < best_err
+        best_err, best = np.where(better, err, best_err), np.where(better, r, best)
+    # each block at its own shrink: element by element the same arithmetic as the search's, so the same values
+    scale, zp, offset = block_params(v, bits, zero, best)
+    return block_codes(v, scale, zp, offset, bits), scale, zp, offset
+
+
+def gptq_factor(hessian: np.ndarray, block: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(the upper Cholesky factor of the damped, block-padded H^-1, the inputs never seen): what GPTQ needs of a
+    Hessian, computed once for the projections that share their input (q/k/v, gate/up)."""
+    k = hessian.shape[0]
+    kp = -(-k // block) * block
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = hessian
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
+    try:
+        return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+    except np.linalg.LinAlgError:
+        raise InputError("GPTQ: the calibration Hessian is not positive definite; give a longer calibration text") from None
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, damp: float = 0.01,
+         factor: tuple[np.ndarray, np.ndarray] | None = None) -> QTensor:  # fmt: skip
     """GPTQ (Frantar et al. 2022): quantize K-columns in order, pushing each column's error onto the
     columns not yet quantized through the inverse Hessian of the layer's inputs, H = X^T X.
 
@@ -156,18 +184,10 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, zer
     n, k = w.shape
     nb = -(-k // block)
     kp = nb * block
+    hinv, dead = factor if factor is not None else gptq_factor(hessian, block, damp)
     W = np.zeros((n, kp), np.float64)
     W[:, :k] = w
-    H = np.zeros((kp, kp), np.float64)
-    H[:k, :k] = hessian
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
-    except np.linalg.LinAlgError:
-        raise InputError("GPTQ: the calibration Hessian is not positive definite; give a longer calibration text") from None
     q = np.zeros((n, kp))
     scale, zp, offset = (np.zeros((n, nb)) for _ in range(3))
     step = max(128, block)
@@ -264,7 +284,8 @@ def pack_q4(qt: QTensor) -> np.ndarray:
 
 
 # -- applying a recipe to a model's weights --------------------------------------------------
-def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None) -> tuple[dict, dict, dict]:
+def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None,
+                     step=lambda done, total: None) -> tuple[dict, dict, dict]:  # fmt: skip
     """Return (weights with QTensor / float16 values per the recipe, tensors per weight type, bytes per part).
 
     Only base weights are touched: the linear layers and the token embedding (a tied lm_head uses
@@ -274,6 +295,7 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     out = dict(weights)
     counts: dict[str, int] = {}
     sizes = {"embeddings": 0, "linear": 0, "other": 0}
+    factors: dict = {}  # the GPTQ factor of the latest Hessian
 
     def store(key: str, wtype: WeightType, part: str) -> None:
         w = weights[key]
@@ -281,7 +303,10 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
             module = key[: -len(".weight")]
             zero = qcfg.zero_for(wtype)
             if qcfg.algo is QuantAlgo.GPTQ and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
-                qt = gptq(w, hessians[module], wtype.bits, qcfg.block, zero)
+                h = hessians[module]
+                if factors.get("of") is not h:  # projections of one input share their Hessian, and come one after another
+                    factors.update(of=h, factor=gptq_factor(h, qcfg.block))
+                qt = gptq(w, h, wtype.bits, qcfg.block, zero, factor=factors["factor"])
             else:
                 qt = quantize(w, wtype.bits, qcfg.block, zero, QuantAlgo.SEARCH if qcfg.algo is QuantAlgo.GPTQ else qcfg.algo)
             out[key] = qt
@@ -299,7 +324,8 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         store(emb, qcfg.embedding_type, "embeddings")
     mods = [m for m in linear_modules if f"{m}.weight" in weights]
     progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block}, {qcfg.algo})")
-    for m in mods:
+    for i, m in enumerate(mods):
+        step(i, len(mods))
         if module_matches(qcfg.float_modules, m):
             wtype = WeightType.FP32
         elif m == "lm_head" and qcfg.embeddings is None and qcfg.weights.bits:
@@ -309,6 +335,7 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         else:
             wtype = qcfg.weights
         store(f"{m}.weight", wtype, "linear")
+    step(len(mods), len(mods))
     for key, w in weights.items():
         if key != emb and not any(key == f"{m}.weight" for m in mods):
             sizes["other"] += w.size * 4
