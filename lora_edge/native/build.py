@@ -26,7 +26,40 @@ def cache_dir() -> Path:
 
 
 def _flags(march: str) -> list[str]:
-    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-march={march}"]
+    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-march={target_march(march)}"]
+
+
+_ARM = ("aarch64", "arm64")
+_HWCAP_ASIMDDP = 1 << 20  # Linux's AT_HWCAP bit for the dot-product instructions (SDOT/UDOT)
+
+
+def target_march(march: str) -> str:
+    """The -march for ``march``: as given, except ``native`` on 64-bit ARM, which names the architecture from the CPU's
+    feature bits (the dot-product instructions where it has them: dot_neon.h's SDOT path), because GCC's own
+    ``-march=native`` there reads /proc/cpuinfo, which under emulation and in some containers describes another CPU."""
+    if march != "native" or platform.machine().lower() not in _ARM:
+        return march
+    return "armv8.2-a+dotprod" if _arm_dotprod() else "armv8-a"
+
+
+def _arm_dotprod() -> bool:
+    """Whether this 64-bit ARM CPU has the dot-product instructions: the kernel's HWCAP (what the CPU really offers,
+    emulated or not), else /proc/cpuinfo's ``asimddp``, else macOS's sysctl."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).getauxval(16) & _HWCAP_ASIMDDP)  # 16: AT_HWCAP
+    except (OSError, AttributeError):
+        pass
+    try:
+        return "asimddp" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        pass
+    try:
+        run = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True, check=False)
+        return run.stdout.strip() == "1"
+    except OSError:
+        return False
 
 
 def sources() -> list[Path]:
@@ -77,7 +110,7 @@ def build(ort_include: Path | None = None, cxx: str | None = None, march: str = 
         where = ort_include or os.environ.get("LORA_EDGE_ORT_INCLUDE") or BUNDLED_INCLUDE
         raise KernelError(f"{where} holds no {_HEADER}; give the include folder of an onnxruntime release >= 1.21 with --ort-include")
     out.parent.mkdir(parents=True, exist_ok=True)
-    progress(f"compiling {len(sources())} files of native/src for -march={march}")
+    progress(f"compiling {len(sources())} files of native/src for -march={target_march(march)}")
     return compile_library(out, include, march, cxx)
 
 

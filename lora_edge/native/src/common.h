@@ -14,8 +14,8 @@
 //
 // The files: one per operator (lora_delta.cc, lora_delta_q8.cc and their shared lora_delta.h; block_offset.cc;
 // matmul_q4.cc), the B product's tasks (branch.h), the inner loops by instruction set (dot_avx512vnni.h, dot_avx2.h,
-// dot_portable.h; dot.h picks among them), register.cc (the domain, the exported entry points) and contract.h (the
-// mirror of lora_edge/native/contract.py).
+// dot_neon.h, dot_portable.h; dot.h picks among them), register.cc (the domain, the exported entry points) and
+// contract.h (the mirror of lora_edge/native/contract.py).
 #pragma once
 
 // Every file includes ONNX Runtime's C++ API through here: its API pointer is set by RegisterCustomOps
@@ -43,13 +43,26 @@
 #if defined(LE_AVX2) || defined(LE_AVX512VNNI)
 #include <immintrin.h>
 #endif
+// LE_NEON: 64-bit ARM's AdvSIMD for the int8 products (dot_neon.h), with LE_NEON_DOTPROD where the target has SDOT
+// (-march=armv8.2-a+dotprod and later; build.py picks it from the CPU's feature bits).
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define LE_NEON 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define LE_NEON_DOTPROD 1
+#endif
+#endif
 
 namespace lora_edge {
 
 inline float half_to_float(uint16_t h) {
 #if defined(LE_AVX2)
   return _cvtsh_ss(h);
-#elif defined(__FLT16_MAX__)  // the compiler's own half type (aarch64, recent x86): a hardware conversion
+#elif defined(__aarch64__)  // ARM's half type (GCC before 13 has no _Float16 in C++): a hardware conversion
+  __fp16 f;
+  std::memcpy(&f, &h, 2);
+  return (float)f;
+#elif defined(__FLT16_MAX__)  // the compiler's own half type (recent x86): a hardware conversion
   _Float16 f;
   std::memcpy(&f, &h, 2);
   return (float)f;

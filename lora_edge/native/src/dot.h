@@ -1,11 +1,12 @@
-// The inner loops, each picking its instruction set at compile time (common.h's LE_AVX512VNNI and LE_AVX2): the
-// vector path covers what whole vectors do, dot_portable.h the rest (all of it without AVX2). The operators call
+// The inner loops, each picking its instruction set at compile time (common.h's LE_AVX512VNNI, LE_AVX2, LE_NEON): the
+// vector path covers what whole vectors do, dot_portable.h the rest (all of it without a vector path). The operators call
 // these, never an instruction set's own.
 #pragma once
 
 #include "common.h"
 #include "dot_avx2.h"
 #include "dot_avx512vnni.h"
+#include "dot_neon.h"
 #include "dot_portable.h"
 #include "matmul_q4.h"
 
@@ -52,6 +53,8 @@ void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
   avx512vnni::q4_group_rows<rows>(j, g, m0);
 #elif defined(LE_AVX2)
   avx2::q4_group_rows<rows>(j, g, m0);
+#elif defined(LE_NEON)
+  neon::q4_group_rows<rows>(j, g, m0);
 #else
   portable::q4_group_rows<rows>(j, g, m0);
 #endif
@@ -66,9 +69,11 @@ inline void x_times_a_q8x(const int8_t* xq, const float* d, const int32_t* qsum,
   r0 = avx512vnni::x_times_a_q8x(xq, d, qsum, a, t, nb, R);
 #elif defined(LE_AVX2)
   r0 = avx2::x_times_a_q8x(xq, d, a, t, nb, R);
+#elif defined(LE_NEON)
+  r0 = neon::x_times_a_q8x(xq, d, a, t, nb, R);
 #endif
   (void)qsum;
-  portable::x_times_a_q8x(xq, d, a, t, nb, R, r0);  // the rest (all of it without AVX2)
+  portable::x_times_a_q8x(xq, d, a, t, nb, R, r0);  // the rest (all of it without a vector path)
 }
 
 // q8x: y[n0:n1] += dt * (tq . B[:, n]) for one row and chunk: tq (4 rq) int8 ranks, B the chunk's (rq, c, 4) q8x bytes,
@@ -80,9 +85,11 @@ inline void t_times_b_q8x(const int8_t* tq, float dt, int32_t tsum, const uint8_
   n = avx512vnni::t_times_b_q8x(tq, dt, tsum, b, y, rq, c, n0, n1);
 #elif defined(LE_AVX2)
   n = avx2::t_times_b_q8x(tq, dt, b, y, rq, c, n0, n1);
+#elif defined(LE_NEON)
+  n = neon::t_times_b_q8x(tq, dt, b, y, rq, c, n0, n1);
 #endif
   (void)tsum;
-  portable::t_times_b_q8x(tq, dt, b, y, rq, c, n, n1);  // the rest (all of it without AVX2)
+  portable::t_times_b_q8x(tq, dt, b, y, rq, c, n, n1);  // the rest (all of it without a vector path)
 }
 
 }  // namespace lora_edge

@@ -1,5 +1,6 @@
-// The inner loops in plain C++: all of each product where the target has no AVX2 (other x86 levels, aarch64 and the
-// rest, where the compiler vectorises what it can), and the columns or ranks the vector paths leave over. They do
+// The inner loops in plain C++: all of each product without a vector path for it (the float products below AVX2, on
+// aarch64 and the rest, where the compiler vectorises what it can; the int8 ones without AVX2 or NEON), and the
+// columns or ranks the vector paths leave over. They do
 // the same arithmetic as those paths: exact integer dot products for the int8 codes, float32 otherwise.
 #pragma once
 
