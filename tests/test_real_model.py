@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import lora_edge
-from conftest import (QUESTION, QUESTIONS, REAL_ADAPTERS, REAL_TOL, Oracle, assert_kv_path_matches, has_trained_traits, real_gguf,
-                      sea_text)  # fmt: skip
+from conftest import (INT8_MAX_DPPL, QUALITY_ADAPTERS, QUESTION, QUESTIONS, REAL_ADAPTERS, REAL_TOL, Oracle, assert_kv_path_matches,
+                      has_trained_traits, real_gguf, sea_text)  # fmt: skip
 
 pytestmark = pytest.mark.real
 
@@ -28,7 +28,7 @@ def real(tmp_path_factory):
     gguf = real_gguf()
     out = tmp_path_factory.mktemp("real") / "pkg"
     export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, p) for n, p in REAL_ADAPTERS.items())))
-    return lora_edge.load(out), Oracle(gguf, REAL_ADAPTERS)
+    return lora_edge.load(out), Oracle(gguf, QUALITY_ADAPTERS)
 
 
 def _prompt_ids(model, n_words: int) -> list[int]:
@@ -86,9 +86,9 @@ def quantized(request, tmp_path_factory):
     gguf = real_gguf()
     kind = request.param
     weights = WeightType.INT8 if kind.endswith("int8") else WeightType.INT4
-    names = [kind.split("-")[1]] if kind.startswith("merge") else list(REAL_ADAPTERS)
+    names = [kind.split("-")[1]] if kind.startswith("merge") else list(QUALITY_ADAPTERS)
     out = tmp_path_factory.mktemp("q") / kind
-    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, REAL_ADAPTERS[n]) for n in names),
+    export(ExportConfig(base=gguf, output=out, adapters=tuple(AdapterSpec(n, QUALITY_ADAPTERS[n]) for n in names),
                         mode=Mode.MERGE if kind.startswith("merge") else Mode.BRANCH, quant=QuantConfig(weights=weights)))  # fmt: skip
     return kind, lora_edge.load(out)
 
@@ -103,6 +103,28 @@ def test_trained_behaviour_survives_quantization(quantized):
         else:
             for a in (None, "pirate", "shout"):
                 assert has_trained_traits(model.generate(q, adapter=a, max_new_tokens=30), a), (kind, a, q)
+
+
+@pytest.mark.parametrize("quantized", ["int8", "merge-shout-int8"], indirect=True)
+def test_default_int8_keeps_perplexity_within_1_percent(real, quantized):
+    """`lora-edge verify`'s perplexity figure (its text, its compare_logits) at the default int8 recipe, against PyTorch
+    + PEFT in float32, for no adapter and every adapter the package holds, robot (rank 16, rsLoRA) included."""
+    from importlib import resources
+
+    from lora_edge.compile.verify import compare_logits
+
+    kind, model = quantized
+    oracle = real[1]
+    text = resources.files("lora_edge").joinpath("data/verify_text.txt").read_text()
+    ids = np.asarray(model.tokenizer.encode(text, chat=False)[:1024])
+    merged = kind.startswith("merge")
+    rows = [kind.split("-")[1]] if merged else [None, *model.adapters]
+    assert merged or set(rows) == {None, *QUALITY_ADAPTERS}
+    dppl = {}
+    for a in rows:
+        got = model.forward(ids[None], adapter=None if merged else a)[0]
+        dppl[a] = compare_logits(oracle.logits(ids[None], a)[0], got, ids, margin=0.5)["ppl_increase"]
+    assert all(abs(d) <= INT8_MAX_DPPL for d in dppl.values()), dppl
 
 
 def test_real_profile_with_two_adapters_and_a_memory_limit(real, tmp_path):
