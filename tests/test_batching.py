@@ -57,9 +57,12 @@ def staggered(model, prompts, choices, new_tokens, joins) -> tuple[list[Row], li
     return rows, seen, peak
 
 
-def test_mixed_rows_are_each_the_request_alone(tiny_package):
+@pytest.mark.parametrize("first_length", [256, 8])
+def test_mixed_rows_are_each_the_request_alone(tiny_package, monkeypatch, first_length):
     """Every adapter kind of the tiny package (rank patterns, some modules only, lm_head, a strength, a blend) and the
-    base, joining at different steps and leaving at different lengths (a leaving row's place is taken by the last)."""
+    base, joining at different steps and leaving at different lengths (a leaving row's place is taken by the last);
+    with a cache that starts short, it grows while rows decode."""
+    monkeypatch.setattr("lora_edge.runtime.batching.FIRST_LENGTH", first_length)
     model = lora_edge.load(tiny_package, threads=1)
     assert model.manifest.graph.row_mask
     rng = np.random.default_rng(0)

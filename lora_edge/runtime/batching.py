@@ -2,11 +2,12 @@
 Rows join between steps (the joining rows' prompts prefilled in one call into their part of the cache) and leave
 when they are done, so a request never waits for another to finish.
 
-The KV cache is one array per layer and kind, (rows, kv heads, capacity, head size), bound as both past and present
+The KV cache is one array per layer and kind, (rows, kv heads, length, head size), bound as both past and present
 (GroupQueryAttention writes each row's new keys and values in place, at that row's own length, read from the
 attention mask). The rows in use are always the first ``n``: a step binds views of ``[:n]``, a prefill of ``[n:n + k]``,
-and a leaving row's place is taken by the last row (its cache copied up to its length). numpy's zeros are pages the
-system commits on first write, so capacity that is never used costs no memory.
+and a leaving row's place is taken by the last row (its cache copied up to its length). The length grows by doubling
+as the rows need it, up to the capacity: ONNX Runtime touches a row's whole slice, so a cache sized for the capacity
+would hold that much memory from the first token.
 
 Rows with different adapters share a call through the package's row mask: the adapters are stacked along the rank
 (adapters.blend.stack) and each row keeps its own adapter's columns (AdapterSet.bank)."""
@@ -24,6 +25,8 @@ from ..package.manifest import ROW_MASK, ROW_MASK_CHUNKS
 from .adapter_set import AdapterSet, label
 from .loop import fused_call
 from .sampling import GREEDY, Sampling
+
+FIRST_LENGTH = 256  # cache positions per row to start with
 
 if TYPE_CHECKING:
     from .decoder import DecoderModel
@@ -106,11 +109,11 @@ class Batch:
                                     "this one decodes one request at a time")  # fmt: skip
         self.model, self.size = model, rows
         self.capacity = min(capacity or model.max_length, model.max_length)
-        shape = (rows, model.num_kv_heads, self.capacity, model.head_dim)
-        self._cache = [np.zeros(shape, model.dtype) for _ in model._past_names]
         self._columns = np.arange(self.capacity, dtype=np.int64)
         self._chunked = any(s.lora_B_chunks for s in model.manifest.slots)
         self.rows: list[Row] = []
+        self._cache: list[np.ndarray] = []
+        self._grow(min(self.capacity, FIRST_LENGTH))
         self._io: ort.IOBinding | None = None  # the step's binding, remade when the rows change
         self._keep: list[ort.OrtValue] = []  # what that binding borrows
 
@@ -145,6 +148,7 @@ class Batch:
             return
         start, k = len(self.rows), len(joining)
         lens = np.array([len(r.prompt) for r in joining], np.int64)
+        self._fit(int(lens.max()))
         ids = np.zeros((k, int(lens.max())), np.int64)  # right-padded: each row's length travels in the attention mask
         for j, row in enumerate(joining):
             ids[j, : lens[j]] = row.prompt
@@ -162,6 +166,7 @@ class Batch:
         """One token for every row; returns the rows that finished (they have left)."""
         if not self.rows:
             return []
+        self._fit(max(r.length for r in self.rows) + 1)
         if self._io is None:
             self._io, self._keep = self._bind([r.key for r in self.rows], 0, len(self.rows))
         lens = np.array([r.length for r in self.rows], np.int64)
@@ -178,6 +183,22 @@ class Batch:
         self._leave([row])
 
     # -- internals ------------------------------------------------------------------------------
+    def _fit(self, length: int) -> None:
+        """A cache of at least ``length`` positions per row (doubling: a long answer regrows it a few times)."""
+        if length > self._cache[0].shape[2]:
+            self._grow(min(self.capacity, max(length, 2 * self._cache[0].shape[2])))
+
+    def _grow(self, length: int) -> None:
+        """The cache at ``length`` positions per row, the rows' keys and values copied over. ONNX Runtime writes
+        through a row's whole slice of the buffer, so the length in use, not the capacity, decides the memory."""
+        m = self.model
+        shape = (self.size, m.num_kv_heads, length, m.head_dim)
+        old, self._cache = self._cache, [np.zeros(shape, m.dtype) for _ in m._past_names]
+        used = max((r.length for r in self.rows), default=0)
+        for new, c in zip(self._cache, old):
+            new[: len(self.rows), :, :used] = c[: len(self.rows), :, :used]
+        self._io = None  # bound to the old arrays
+
     def _leave(self, done: list[Row]) -> list[Row]:
         for row in done:
             if row not in self.rows:
