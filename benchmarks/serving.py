@@ -14,7 +14,8 @@ In-process figures (no HTTP): one request with `generate_ids`, and a batch of 4 
 adapter against rows with 4 different choices (pirate, shout, the base, pirate at strength 0.5), the mixed-adapter cost.
 llama.cpp is measured where llama-cpp-python with its [server] extra is installed (--llama-python, a python that
 can import llama_cpp.server) and GGUFs are given (benchmarks/decode.py says how to make them): one model entry per
-adapter, its requests served one at a time as llama-cpp-python's server does.
+adapter (llama-cpp-python's server keeps one model loaded: a request for another alias reloads it), requests served
+one at a time as that server does.
 The client runs on the same cores as the server: the figures include what it costs, as they would on a device.
 """
 
@@ -124,7 +125,7 @@ def stream(client, model: str, question: str, tokens: int, extra: dict) -> tuple
             usage = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-    return usage, list(np.diff(stamps)), time.perf_counter() - start
+    return usage or len(stamps), list(np.diff(stamps)), time.perf_counter() - start  # (a server without usage: a chunk a token)
 
 
 def load_test(url: str, models: list[str], n: int, tokens: int, extra: dict, concurrent: bool) -> dict[str, float]:
@@ -214,7 +215,8 @@ def main() -> None:
         loras = dict((kv.split("=", 1)[0], Path(kv.split("=", 1)[1])) for kv in args.gguf_lora)
         proc, url = serve_llama(args.llama_python, args.gguf, loras, args.threads)
         try:
-            llama = over_http(url, [c if c in loras else "base" for c in models], args.streams, args.tokens, {"ignore_eos": True})
+            no_end = {"logit_bias": {"0": -100, "2": -100}}  # (it takes no min_tokens: SmolLM2's end tokens barred instead)
+            llama = over_http(url, [c if c in loras else "base" for c in models], args.streams, args.tokens, no_end)
         finally:
             proc.terminate()
             proc.wait()
