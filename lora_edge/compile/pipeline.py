@@ -44,6 +44,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda msg: None) -> ExportRe
     adapters = read_adapters(cfg, base, progress)
     if any(a.invocation_tokens for a in adapters) and not cfg.alora:
         cfg = dataclasses.replace(cfg, alora=True)  # an activated adapter needs the mask input
+    if base.spec.is_encoder and cfg.mixed_batches:  # (an encoder's call takes one adapter; its head's x is 2-D)
+        cfg = dataclasses.replace(cfg, mixed_batches=False)
     family = family_for(base.spec.architecture)
     slots = plan_slots(base, adapters, family, cfg.fused) if cfg.mode is Mode.BRANCH else {}
     weights = base_weights(cfg, base, adapters, slots)
