@@ -30,6 +30,8 @@ grid, that minimises the block's squared error, as llama.cpp's k-quants do), ``g
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +40,7 @@ from ...config import QuantAlgo, WeightType, ZeroPoint, check_block_size, module
 from ...errors import InputError
 
 SHRINK_GRID = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
-SEARCH_ELEMENTS = 1 << 12  # weights searched at a time: the search's float64 temporaries (x shrinks) stay in cache
+SEARCH_ELEMENTS = 1 << 14  # weights searched at a time: the search's float64 temporaries (x shrinks) stay in cache
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,10 @@ def _assemble(q, scale, zp, offset, bits, block, k, zero) -> QTensor:
     )
 
 
-def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, algo: QuantAlgo = QuantAlgo.SEARCH) -> QTensor:
-    """Quantize ``w`` (N, K) float, block by block (``rtn`` or ``search``); codes in MatMulNBits layout."""
+def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = ZeroPoint.INT, algo: QuantAlgo = QuantAlgo.SEARCH,
+             pool: Executor | None = None) -> QTensor:  # fmt: skip
+    """Quantize ``w`` (N, K) float, block by block (``rtn`` or ``search``); codes in MatMulNBits layout. ``pool``
+    searches chunks of rows side by side (rows are independent: the same result)."""
     check_params(bits, block)
     zero, algo = ZeroPoint.parse(zero, "zero point kind"), QuantAlgo.parse(algo, "block quantization algorithm")
     if algo is QuantAlgo.GPTQ:
@@ -132,8 +136,8 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, zero: ZeroPoint = Ze
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     grid = SHRINK_GRID if algo is QuantAlgo.SEARCH else (1.0,)
     rows = max(1, SEARCH_ELEMENTS // w.shape[1])
-    parts = [_search(_blocks(np.asarray(w[i : i + rows], dtype=np.float64), block), bits, zero, grid)
-             for i in range(0, w.shape[0], rows)]  # fmt: skip
+    parts = list((pool.map if pool else map)(lambda i: _search(_blocks(np.asarray(w[i : i + rows], dtype=np.float64), block),
+                                                               bits, zero, grid), range(0, w.shape[0], rows)))  # fmt: skip
     q, scale, zp, offset = (np.concatenate(p) for p in zip(*parts))
     return _assemble(q, scale, zp, offset, bits, block, w.shape[1], zero)
 
@@ -279,6 +283,16 @@ def pack_q4(qt: QTensor) -> np.ndarray:
 
 
 # -- applying a recipe to a model's weights --------------------------------------------------
+def _linear_type(m: str, qcfg) -> WeightType:
+    if module_matches(qcfg.float_modules, m):
+        return WeightType.FP32
+    if m == "lm_head" and qcfg.embeddings is None and qcfg.weights.bits:
+        return WeightType.INT8  # the output head is as sensitive as the embedding it often shares
+    if qcfg.weights is WeightType.INT4 and module_matches(qcfg.int8_modules, m):
+        return WeightType.INT8
+    return qcfg.weights
+
+
 def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None,
                      step=lambda done, total: None) -> tuple[dict, dict, dict]:  # fmt: skip
     """Return (weights with QTensor / float16 values per the recipe, tensors per weight type, bytes per part).
@@ -290,47 +304,52 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
     out = dict(weights)
     counts: dict[str, int] = {}
     sizes = {"embeddings": 0, "linear": 0, "other": 0}
-    factors: dict = {}  # the GPTQ factor of the latest Hessian
 
-    def store(key: str, wtype: WeightType, part: str) -> None:
+    def encode(key: str, wtype: WeightType, factor=None, pool=None):
         w = weights[key]
-        if wtype.bits:
-            module = key[: -len(".weight")]
-            zero = qcfg.zero_for(wtype)
-            if qcfg.algo is QuantAlgo.GPTQ and wtype.bits == 4 and hessians is not None and module in hessians:  # int8 needs no GPTQ
-                h = hessians[module]
-                if factors.get("of") is not h:  # projections of one input share their Hessian, and come one after another
-                    factors.update(of=h, factor=gptq_factor(h, qcfg.block))
-                qt = gptq(w, h, wtype.bits, qcfg.block, zero, factor=factors["factor"])
-            else:
-                qt = quantize(w, wtype.bits, qcfg.block, zero, QuantAlgo.SEARCH if qcfg.algo is QuantAlgo.GPTQ else qcfg.algo)
-            out[key] = qt
-            sizes[part] += qt.nbytes
-        elif wtype is WeightType.FP16:
-            out[key] = w.astype(np.float16)
-            sizes[part] += w.size * 2
-        else:
-            sizes[part] += w.size * 4
+        if not wtype.bits:
+            return w.astype(np.float16) if wtype is WeightType.FP16 else w
+        zero = qcfg.zero_for(wtype)
+        if factor is not None:
+            return gptq(w, hessians[key[: -len(".weight")]], wtype.bits, qcfg.block, zero, factor=factor)
+        algo = QuantAlgo.SEARCH if qcfg.algo is QuantAlgo.GPTQ else qcfg.algo
+        return quantize(w, wtype.bits, qcfg.block, zero, algo, pool)
+
+    def store(key: str, wtype: WeightType, part: str, value) -> None:
+        out[key] = value
+        sizes[part] += value.nbytes if isinstance(value, QTensor) else weights[key].size * (2 if wtype is WeightType.FP16 else 4)
         counts[wtype.value] = counts.get(wtype.value, 0) + 1
 
     emb = "model.embed_tokens.weight"
     if emb in weights:  # (encoders keep their embeddings in float32)
         progress(f"quantizing the embedding to {qcfg.embedding_type.value}")
-        store(emb, qcfg.embedding_type, "embeddings")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # the largest tensor: its rows side by side
+            store(emb, qcfg.embedding_type, "embeddings", encode(emb, qcfg.embedding_type, pool=pool))
     mods = [m for m in linear_modules if f"{m}.weight" in weights]
+    types = {m: _linear_type(m, qcfg) for m in mods}
     progress(f"quantizing {len(mods)} linear layers to {qcfg.weights.value} (block {qcfg.block}, {qcfg.algo})")
-    for i, m in enumerate(mods):
-        step(i, len(mods))
-        if module_matches(qcfg.float_modules, m):
-            wtype = WeightType.FP32
-        elif m == "lm_head" and qcfg.embeddings is None and qcfg.weights.bits:
-            wtype = WeightType.INT8  # the output head is as sensitive as the embedding it often shares
-        elif qcfg.weights is WeightType.INT4 and module_matches(qcfg.int8_modules, m):
-            wtype = WeightType.INT8
-        else:
-            wtype = qcfg.weights
-        store(f"{m}.weight", wtype, "linear")
-    step(len(mods), len(mods))
+    def uses_gptq(m: str) -> bool:
+        return qcfg.algo is QuantAlgo.GPTQ and types[m].bits == 4 and hessians is not None and m in hessians
+
+    groups: dict[int, list[str]] = {}  # projections of one input share their Hessian object: factored once
+    for m in mods:
+        groups.setdefault(id(hessians[m]) if uses_gptq(m) else id(m), []).append(m)
+
+    def run(group: list[str]) -> list:
+        factor = gptq_factor(hessians[group[0]], qcfg.block) if uses_gptq(group[0]) else None
+        return [encode(f"{m}.weight", types[m], factor) for m in group]
+
+    # The layers are independent, and numpy gives up the GIL in its loops: a group per core at a time. Each result
+    # is the one computed alone; they are stored in the modules' order, whatever finished first.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jobs = [(group, pool.submit(run, group)) for group in groups.values()]
+        done = 0
+        for job in as_completed([j for _, j in jobs]):
+            done += len(next(g for g, j in jobs if j is job))
+            step(done, len(mods))
+        for group, job in jobs:
+            for m, value in zip(group, job.result()):
+                store(f"{m}.weight", types[m], "linear", value)
     for key, w in weights.items():
         if key != emb and not any(key == f"{m}.weight" for m in mods):
             sizes["other"] += w.size * 4
