@@ -197,15 +197,15 @@ class DecoderModel(PackageModel):
         prompts = self._check_prompts(prompts, max_new_tokens, min_new_tokens)
         eos_ids = self._default_eos() if eos_ids is None else frozenset(eos_ids)
         rows = [Row(p, k, max_new_tokens, sampling, eos_ids, min_new_tokens, seed_row=i) for i, (p, k) in enumerate(zip(prompts, keys))]
-        batch = Batch(self, len(rows), max(len(p) for p in prompts) + max_new_tokens) if self._batchable(keys) else None
-        for i, row in enumerate(rows):
-            if batch is None:  # one at a time, as this package runs them
+        if self._batchable(keys):  # one batch: prefilled in one call, then a call per step
+            batch = Batch(self, len(rows), max(len(p) for p in prompts) + max_new_tokens)
+            batch.add(*rows)
+            while batch.rows:
+                batch.step()
+        else:  # one at a time, as this package runs them
+            for i, row in enumerate(rows):
                 (row.tokens, row.reason), = self._generate([row.prompt], row.key, max_new_tokens, min_new_tokens, eos_ids, None,
                                                            sampling, first_row=i)  # fmt: skip
-            else:
-                batch.add(row)
-        while batch is not None and batch.rows:
-            batch.step()
         return [(row.tokens, row.reason) for row in rows]
 
     def _batchable(self, keys: list) -> bool:
