@@ -7,9 +7,7 @@ script that pipes lines in reads only the answers, one after another, each ended
 from __future__ import annotations
 
 import importlib
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,60 +87,17 @@ class Conversation:
     def _answer(self, messages: list[dict], ids: list[int]) -> Iterator[str]:
         """Closing this iterator early (or an exception while it waits, such as Ctrl-C's KeyboardInterrupt) stops the
         generation at the next token; what was shown until then stays in the conversation as the answer."""
-        from ..runtime.decoder import Pieces
-
-        pieces, out, cancel = Pieces(self.model.tokenizer.decode, self.stops), queue.Queue(), threading.Event()
-        shown, count = [], [0]
-
-        def check(tokens: list[int]) -> bool:  # after every new token: hand on what is safe to show, end on a stop string
-            if cancel.is_set():
-                return True
-            count[0] += 1
-            piece, stopped = pieces.step(tokens)
-            if piece:
-                out.put(piece)
-            return stopped
-
-        def work() -> None:
-            try:
-                tokens, reason = self.model.generate_ids(ids, self.adapter, self.max_new_tokens, sampling=self.sampling,
-                                                         stop=check)  # fmt: skip
-                if reason != "stop":  # what was held back
-                    out.put(pieces.rest(tokens))
-                out.put(("end", reason))
-            except BaseException as exc:  # handed to the reader
-                out.put(exc)
-
-        start = time.perf_counter()
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        reason = "interrupted"
+        start, shown = time.perf_counter(), []
+        answer = self.model.generation(ids, self.adapter, self.max_new_tokens, sampling=self.sampling, stop=self.stops)
         try:
-            while True:
-                item = out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, tuple):  # ("end", why it ended)
-                    reason = item[1]
-                    break
-                if item:
-                    shown.append(item)
-                    yield item
+            for piece in answer:
+                shown.append(piece)
+                yield piece
         finally:
-            cancel.set()
-            _join(worker)
-            if reason != "interrupted" or shown:  # an answer stopped before its first word leaves no turn behind
+            answer.close()
+            if answer.reason != "interrupted" or shown:  # an answer stopped before its first word leaves no turn behind
                 self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
-            self.last = Answer(count[0], time.perf_counter() - start, reason)
-
-
-def _join(worker: threading.Thread) -> None:
-    """Wait for the worker to stop (within a token once cancelled), even through more Ctrl-Cs."""
-    while worker.is_alive():
-        try:
-            worker.join()
-        except KeyboardInterrupt:
-            pass
+            self.last = Answer(answer.produced, time.perf_counter() - start, answer.reason)
 
 
 class Terminal:

@@ -3,6 +3,7 @@ one greedy generation loop, in which a single prompt is a batch of one. No torch
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -55,6 +56,60 @@ class Pieces:
     def rest(self, tokens: list[int]) -> str:
         """What was held back, once generation ended without a stop string."""
         return self.decode(tokens)[self.sent :]
+
+
+class Generation:
+    """One answer generated in a worker thread, read as text pieces safe to show (:class:`Pieces`). :meth:`close`
+    ends it at its next token and waits for the worker (through further KeyboardInterrupts: a Ctrl-C must not
+    leave it running beside the next answer). ``produced``: the tokens shown so far; once the end has been read,
+    ``reason`` is "eos" | "stop" | "length" ("interrupted" until then)."""
+
+    def __init__(self, run: Callable[[Callable[[list[int]], bool]], tuple[list[int], str]], pieces: Pieces) -> None:
+        self._pieces, self._queue, self._gone = pieces, queue.Queue(), threading.Event()
+        self.produced, self.reason, self._ended = 0, "interrupted", False
+        self._worker = threading.Thread(target=self._work, args=(run,), daemon=True)
+        self._worker.start()
+
+    def _check(self, tokens: list[int]) -> bool:  # after every new token: hand on what is safe, end on a stop string
+        if self._gone.is_set():
+            return True
+        self.produced = len(tokens)
+        piece, stopped = self._pieces.step(tokens)
+        if piece:
+            self._queue.put(piece)
+        return stopped
+
+    def _work(self, run) -> None:
+        try:
+            tokens, reason = run(self._check)
+            if reason != "stop":  # what was held back
+                self._queue.put(self._pieces.rest(tokens))
+            self._queue.put(("end", reason))
+        except BaseException as exc:  # handed to the reader
+            self._queue.put(exc)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        while not self._ended:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if isinstance(item, tuple):
+                self._ended, self.reason = True, item[1]
+            elif item:
+                return item
+        raise StopIteration
+
+    def close(self) -> None:
+        self._gone.set()
+        while self._worker.is_alive():
+            try:
+                self._worker.join()
+            except KeyboardInterrupt:
+                pass
 
 
 @dataclass(frozen=True)
@@ -249,42 +304,26 @@ class DecoderModel(PackageModel):
         """Yield text pieces as they are generated (the loop runs in a worker thread); options as :meth:`generate`.
         Text that could begin a stop string is held back until it is known not to. A reader that stops early (closes
         the iterator, or drops it) ends the generation at its next token."""
-        import queue
-
-        q: queue.Queue = queue.Queue()
-        gone = threading.Event()
-        tok = self.tokenizer
-        ids = tok.encode(prompt, chat)
-        stops, options = tuple(stop), self._sampling(sampling)
-        pieces = Pieces(tok.decode, stops)
-
-        def check(_row: int, out: list[int]) -> bool:
-            if gone.is_set():
-                return True
-            piece, stopped = pieces.step(out)
-            if piece:
-                q.put(piece)
-            return stopped
-
-        def work() -> None:
-            try:
-                (out, reason), = self._generate([ids], self._adapters.key(adapter, scale), max_new_tokens, min_new_tokens,
-                                                None, None, options, check)  # fmt: skip
-                if reason != "stop":  # what was held back
-                    q.put(pieces.rest(out))
-                q.put(None)
-            except BaseException as exc:  # handed to the consumer
-                q.put(exc)
-
-        threading.Thread(target=work, daemon=True).start()
+        answer = self.generation(self.tokenizer.encode(prompt, chat), adapter, max_new_tokens, min_new_tokens, scale=scale,
+                                 sampling=self._sampling(sampling), stop=stop)  # fmt: skip
         try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                if item:
-                    yield item
+            yield from answer
         finally:
-            gone.set()
+            answer.close()
+
+    def generation(self, prompt_ids: Sequence[int], adapter: AdapterChoice = None, max_new_tokens: int = 64,
+                   min_new_tokens: int = 0, *, scale: float = 1.0, sampling: Sampling | None = None,
+                   stop: Sequence[str] = ()) -> Generation:  # fmt: skip
+        """Start generating from token ids in a worker thread: a :class:`Generation` to iterate over in text pieces
+        (what :meth:`stream` and ``lora-edge chat`` read)."""
+        key = self._adapters.key(adapter, scale)
+        tok = self.tokenizer
+
+        def run(check: Callable[[list[int]], bool]) -> tuple[list[int], str]:
+            return self._generate([prompt_ids], key, max_new_tokens, min_new_tokens, None, None, sampling,
+                                  lambda _row, out: check(out))[0]  # fmt: skip
+
+        return Generation(run, Pieces(tok.decode, tuple(stop)))
 
     def generate(self, prompt: Prompt | Sequence[Prompt], adapter: AdapterChoice = None, max_new_tokens: int = 64,
                  min_new_tokens: int = 0, chat: bool = True, return_result: bool = False, *, scale: float = 1.0,
