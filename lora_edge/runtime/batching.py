@@ -38,6 +38,11 @@ def banked(keys: Sequence[Hashable]) -> tuple[Hashable, ...]:
     return tuple(sorted({k for k in keys if k is not None}, key=label))
 
 
+def batches(model: "DecoderModel") -> bool:
+    """Whether ``model`` can decode requests in a :class:`Batch`: fused attention, on the CPU (the cache is numpy)."""
+    return model.fused_attention and model.device == "cpu"
+
+
 def shareable(adapters: AdapterSet, keys: Sequence[Hashable]) -> bool:
     """Whether rows of ``keys`` can share calls: one choice, or choices the package's row mask can mix (standard-op
     branches; not an activated adapter, DoRA, a replaced module or a trained bias)."""
@@ -104,7 +109,7 @@ class Batch:
     fused attention, on the CPU."""
 
     def __init__(self, model: "DecoderModel", rows: int, capacity: int | None = None) -> None:
-        if not model.fused_attention or model.device != "cpu":
+        if not batches(model):
             raise RuntimeInputError("batches of requests run on a package with fused attention on the CPU; "
                                     "this one decodes one request at a time")  # fmt: skip
         self.model, self.size = model, rows

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from ..errors import RuntimeInputError
 from .adapter_set import AdapterChoice
-from .batching import Batch, Row, shareable
+from .batching import Batch, Row, batches, shareable
 from .sampling import GREEDY, Sampling
 from .loop import FusedRows, PlainRows, activation_mask, bind_mask, decode_loop
 from .session import PackageModel
@@ -264,7 +264,7 @@ class DecoderModel(PackageModel):
         return [(row.tokens, row.reason) for row in rows]
 
     def _batchable(self, keys: list) -> bool:
-        return self.fused_attention and self.device == "cpu" and shareable(self._adapters, keys)
+        return batches(self) and shareable(self._adapters, keys)
 
     def _generate(self, prompts, adapter, max_new_tokens: int, min_new_tokens: int, eos_ids, on_token, sampling=None,
                   stop=None, first_row: int = 0) -> list[tuple[list[int], str]]:  # fmt: skip

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import LoraEdgeError
-from ..runtime.batching import Row, shareable
+from ..runtime.batching import Row, batches, shareable
 from ..runtime.decoder import Pieces
 from ..runtime.sampling import Sampling
 
@@ -59,7 +59,7 @@ class Scheduler:
 
     def __init__(self, model, max_queue: int, parallel: int = 4, context: int | None = None) -> None:
         self.model, self.max_queue = model, max_queue
-        self.batch = model.batch(parallel, context) if parallel > 1 and _batches(model) else None
+        self.batch = model.batch(parallel, context) if parallel > 1 and batches(model) else None
         self.context = self.batch.capacity if self.batch else min(context or model.max_length, model.max_length)
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -208,7 +208,3 @@ class Scheduler:
         if row.reason != "stop" and (rest := pieces.rest(row.tokens)):
             job.emit(("text", rest))
         job.emit(("done", row.reason, len(row.tokens)))
-
-
-def _batches(model) -> bool:
-    return model.fused_attention and model.device == "cpu"
