@@ -172,3 +172,17 @@ def test_pooled_bindings_keep_nested_and_interleaved_calls_apart(model):
     assert got == want_gen and len(inner) == 8
     assert all(np.array_equal(x, want_fwd) for x in inner)
     assert np.array_equal(model.forward(ids, None), model.forward(ids, None))  # and the base stays the base
+
+
+@pytest.mark.parametrize("adapter", [None, "all_r8_rslora"])
+def test_the_graph_computes_only_the_logits_asked_for(model, tiny_oracle, adapter):
+    """logits_to_keep: a prompt's pass makes the logits of its last positions only (generation asks for one), equal
+    to the oracle's there; 0, the default that verify and ONNX Runtime GenAI get, keeps every position."""
+    assert model.manifest.graph.logits_to_keep == "logits_to_keep"
+    ids = np.random.RandomState(3).randint(0, 300, (2, 11))
+    want = tiny_oracle.logits(ids, adapter)
+    for last, width in ((1, 1), (4, 4), (0, 11), (50, 11)):  # (more than the sequence: all of it)
+        got = model._forward(ids, adapter, None, None, None, False, None, last=last)
+        assert got.shape == (2, width, 320)
+        assert np.abs(got - want[:, 11 - width :]).max() <= FP32_TOL
+    assert np.abs(model.steps(adapter, 12, batch=2)(ids, 11) - want[:, -1]).max() <= FP32_TOL

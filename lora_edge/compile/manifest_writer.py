@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import __version__
 from ..config import ExportConfig, LoraDtype, Mode, QuantAlgo, QuantConfig, WeightType
 from ..native.contract import W8A8_BLOB, version_for
-from ..package.manifest import (ALORA_MASK, EMBEDDING, ROW_MASK, AdapterInfo, BaseInfo, BlobLayout, Chunks, GraphInfo, KernelInfo,
+from ..package.manifest import (ALORA_MASK, EMBEDDING, LOGITS_TO_KEEP, ROW_MASK, AdapterInfo, BaseInfo, BlobLayout, Chunks, GraphInfo, KernelInfo,
                                 Manifest, Quantization, SlotInfo, SlotPart, TensorIO)  # fmt: skip
 from ..recipes import recipe_of
 from .graph.builder import kernel_features
@@ -67,6 +67,7 @@ def graph_info(cfg: ExportConfig, model, graph_file: str, blob: tuple) -> GraphI
         lora_kernel=kernel,
         alora_mask=ALORA_MASK if cfg.alora else None,
         row_mask=ROW_MASK if cfg.mixed_batches else None,
+        logits_to_keep=LOGITS_TO_KEEP if LOGITS_TO_KEEP in initializers else None,
         inputs=tuple(TensorIO(i.name, dims(i)) for i in model.graph.input if i.name not in initializers),
         outputs=tuple(TensorIO(o.name, dims(o)) for o in model.graph.output),
     )

@@ -28,6 +28,9 @@ INVOCATION_TOKENS = "lora.alora_invocation_tokens"
 # of the adapters stacked along the rank; a chunked branch (one B per module) reads it as (batch, 1, 1, 1, rank)
 ROW_MASK = "lora.row_mask"
 ROW_MASK_CHUNKS = "lora.row_mask_chunks"
+# how many of the last positions get logits, an int64 (1,) input whose default 0 keeps them all (what verify and
+# ONNX Runtime GenAI read): generation asks for the last only, so a long prompt's (seq, vocab) logits never exist
+LOGITS_TO_KEEP = "logits_to_keep"
 CUSTOM_RECIPE = "custom"
 
 
@@ -148,6 +151,7 @@ class GraphInfo:
     lora_kernel: KernelInfo | None = None
     alora_mask: str | None = None  # activated LoRA: the (batch, seq, 1) input that switches the branches per position
     row_mask: str | None = None  # mixed-adapter batches: the (batch, 1, rank) input that picks each row's adapter
+    logits_to_keep: str | None = None  # the (1,) input that limits the logits to the last positions (LOGITS_TO_KEEP)
 
     @property
     def fused(self) -> bool:

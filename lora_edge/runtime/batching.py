@@ -164,7 +164,7 @@ class Batch:
         self._io = None
         for j, row in enumerate(joining):
             row.length = int(lens[j])
-            row.take(logits[j, lens[j] - 1])
+            row.take(logits[j])
         self._leave([row for row in joining if row.done])
 
     def step(self) -> list[Row]:
@@ -176,7 +176,7 @@ class Batch:
             self._io, self._keep = self._bind([r.key for r in self.rows], 0, len(self.rows))
         lens = np.array([r.length for r in self.rows], np.int64)
         ids = np.array([[r.pending] for r in self.rows], np.int64)
-        logits = self._call(self._io, ids, lens[:, None].copy(), lens + 1)[:, -1]
+        logits = self._call(self._io, ids, lens[:, None].copy(), lens + 1)
         for r, row in enumerate(self.rows):
             row.length += 1
             row.take(logits[r])

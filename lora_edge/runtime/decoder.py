@@ -15,7 +15,7 @@ from ..errors import RuntimeInputError
 from .adapter_set import AdapterChoice
 from .batching import Batch, Row, batches, shareable
 from .sampling import GREEDY, Sampling
-from .loop import FusedRows, PlainRows, activation_mask, bind_mask, decode_loop
+from .loop import FusedRows, PlainRows, activation_mask, bind_keep, bind_mask, decode_loop
 from .session import PackageModel
 
 Step = Callable[[np.ndarray, int], np.ndarray]
@@ -155,8 +155,10 @@ class DecoderModel(PackageModel):
         activation = activation_mask(ids, tokens)[0] if tokens else None
         return self._forward(ids, adapter, attention_mask, position_ids, past, return_past, activation)
 
-    def _forward(self, ids: np.ndarray, adapter, attention_mask, position_ids, past, return_past: bool, activation):
-        """``activation``: activated LoRA's (batch, seq) mask for this call, or None (the adapter applies everywhere)."""
+    def _forward(self, ids: np.ndarray, adapter, attention_mask, position_ids, past, return_past: bool, activation,
+                 last: int = 0):  # fmt: skip
+        """``activation``: activated LoRA's (batch, seq) mask for this call, or None (the adapter applies everywhere);
+        ``last``: logits for the last positions only, where the graph can (0: every position)."""
         b, s = ids.shape
         past = past if past is not None else self.empty_past(b)
         p = past[0].shape[2]
@@ -177,8 +179,9 @@ class DecoderModel(PackageModel):
             for name, value in zip(self._past_names, past):  # as OrtValues: the reset then drops them
                 io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, self.dtype)))
             mask = bind_mask(io, activation, self.dtype) if activation is not None else None
+            keep = bind_keep(self, io, last)
             outs = self._run(io)
-            del mask  # (the binding borrowed it until the run)
+            del mask, keep  # (the binding borrowed them until the run)
         return (outs[0], outs[1:]) if return_past else outs[0]
 
     # -- step functions -------------------------------------------------------------------
@@ -191,7 +194,7 @@ class DecoderModel(PackageModel):
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             positions = np.repeat(rows.columns[None, total - ids.shape[1] : total], batch, axis=0)
-            return rows.call(ids, positions, np.full(batch, total, np.int64))[:, -1]
+            return rows.call(ids, positions, np.full(batch, total, np.int64))
 
         return step
 
@@ -210,7 +213,7 @@ class DecoderModel(PackageModel):
             elif tokens:
                 activation = np.repeat(state["found"][:, None], ids.shape[1], axis=1).astype(np.float32)
             logits, state["past"] = self._forward(ids, adapter, np.ones((batch, total), np.int64), positions, state["past"],
-                                                  True, activation)  # fmt: skip
+                                                  True, activation, last=1)  # fmt: skip
             return logits[:, -1]
 
         return step

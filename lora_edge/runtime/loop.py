@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from ..package.manifest import ALORA_MASK
+from ..package.manifest import ALORA_MASK, LOGITS_TO_KEEP
 from .sampling import GREEDY, Sampling
 
 if TYPE_CHECKING:
@@ -97,25 +97,39 @@ class FusedRows:
                 row, self.found[r:r + 1] = activation_mask(ids[r : r + 1, : lens[r]], self.invocation)
                 mask[r, : lens[r]] = row[0]
             self.mask = bind_mask(self.io, mask, self.model.dtype)
-        logits = self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
-        return logits[np.arange(b), lens - 1]  # each row's last real token
+        return self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
 
     def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
         if self.invocation:
             self.mask = bind_mask(self.io, self.found[:, None], self.model.dtype)
-        return self.call(tokens, lens[:, None].copy(), lens + 1)[:, -1]
+        return self.call(tokens, lens[:, None].copy(), lens + 1)
 
 
 def fused_call(model: "DecoderModel", io: ort.IOBinding, ids: np.ndarray, positions: np.ndarray, total: np.ndarray,
                columns: np.ndarray) -> np.ndarray:  # fmt: skip
     """One call of a fused graph whose cache is bound (after "logits", its first output): ``ids`` (B, S) at
-    ``positions`` (B, S), row b holding ``total[b]`` tokens after it -> logits (B, S, vocab)."""
+    ``positions`` (B, S), row b holding ``total[b]`` tokens after it (its own tokens first, then padding) -> the
+    logits of each row's last token (B, vocab); the graph computes no more positions than that needs."""
+    last = total - 1 - positions[:, 0]  # where each row's last token is in this call
     io.bind_cpu_input("input_ids", ids)
     io.bind_cpu_input("attention_mask", (columns[None, : int(total.max())] < total[:, None]).astype(np.int64))
     io.bind_cpu_input("position_ids", positions)
+    keep = bind_keep(model, io, ids.shape[1] - int(last.min()))
     io.bind_output("logits")
     model.session.run_with_iobinding(io)
-    return io.get_outputs()[0].numpy()
+    del keep  # (the binding borrowed it until the run)
+    logits = io.get_outputs()[0].numpy()
+    return logits[np.arange(len(ids)), last - (ids.shape[1] - logits.shape[1])]
+
+
+def bind_keep(model: "DecoderModel", io: ort.IOBinding, last: int) -> ort.OrtValue | None:
+    """Ask the graph for the logits of the ``last`` positions only (0: all), where it can; the caller keeps the
+    returned value alive until the run. Bound on every call: a binding keeps what an earlier call bound."""
+    if model.manifest.graph.logits_to_keep is None:
+        return None
+    value = ort.OrtValue.ortvalue_from_numpy(np.array([last], np.int64))
+    io.bind_ortvalue_input(LOGITS_TO_KEEP, value)
+    return value
 
 
 def bind_mask(io: ort.IOBinding, mask: np.ndarray, dtype) -> ort.OrtValue:
