@@ -9,7 +9,8 @@ failed. Per package and adapter (and for none):
   greedy tokens identical;
 - int8 / int4: ONNX Runtime's ARM kernels round the int8 activations of MatMulNBits differently from its x86 ones, so
   logits are not compared with x86's; instead the verify figures against PyTorch + PEFT (lora_edge.compile.verify's
-  compare_logits, numpy only) must stay within the x86 package's: |Δppl| at most the x86 package's plus PPL_SLACK;
+  compare_logits, numpy only) must stay within the x86 package's: KL at most KL_RATIO times the x86 package's, and
+  |Δppl| at most the x86 package's plus PPL_SLACK;
 - packages on the native kernel (its own int4 MatMulQ4, no MatMulNBits) also: logits within the tolerance of x86's;
 - every package: adapters switch (each adapter's greedy answer differs from the others' and from no adapter's, and
   switching back gives identical tokens).
@@ -27,10 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-# How much worse than the x86 package (percentage points of perplexity against PyTorch) the arm64 run may be. ARM's
-# int8 activations are another rounding of the same values, so its |Δppl| should be about x86's; half a point still
-# separates that from a broken kernel or a lost adapter, which move perplexity by whole percents or more.
-PPL_SLACK = 0.5
+# How much further from PyTorch than the x86 package the arm64 run may be. ARM's int8 activations are another rounding
+# of the same values per block of weights: on the real int4 package its KL divergence is x86's within 15% (2.8e-3
+# against 3.2e-3 without an adapter, 5.0e-3 against 4.8e-3 with pirate), while ONNX Runtime's KleidiAI kernels, which
+# quantize a whole activation row at once, made it 5x (the runtime turns them off for such packages); a broken kernel
+# or a lost adapter is orders of magnitude. KL is over every position and the whole vocabulary; Δppl over the text's
+# tokens only moves more: on 127 predictions of the real text the same package moved by up to 1 point between the
+# two roundings (pirate +1.75% on x86, +2.72% on ARM), on the tiny model's 23 by a few tenths.
+KL_RATIO = 1.5
+PPL_SLACK = {"tiny": 0.5, "real": 1.5}
 # The native kernel's builds compute the same integer dot products; their float32 sums differ in order only, which can
 # move one of the ranks' int8 codes by one step: relative to the logits' scale, well under this.
 KERNEL_AGREEMENT = 1e-3
@@ -75,13 +81,13 @@ def check_case(case: dict, root: Path, model, label: str) -> dict:
                    f"{label} [{key}]: max|logits - x86| {diff:.2e} <= {case['tol']:g}; greedy {same}/{n} identical")  # fmt: skip
             continue
         f, x = compare_logits(ref[f"torch.{key}"], logits, ids, margin=0.5), case["x86_figures"][key]
-        bound = abs(x["ppl_increase"]) + PPL_SLACK
+        bound, kl_bound = abs(x["ppl_increase"]) + PPL_SLACK[case["model"]], KL_RATIO * x["kl"]
         if case.get("lora_kernel") == "native":  # no MatMulNBits: the kernel's integer arithmetic is x86's exactly
             report(diff <= case["tol"], f"{label} [{key}]: max|logits - x86| {diff:.2e} <= {case['tol']:g}")
-        report(abs(f["ppl_increase"]) <= bound,
-               f"{label} [{key}]: Δppl vs PyTorch {f['ppl_increase']:+.3f}% (x86 {x['ppl_increase']:+.3f}%, bound ±{bound:.3f}); "
-               f"KL {f['kl']:.2e} (x86 {x['kl']:.2e}); top1 {f['top1']:.1f}% (x86 {x['top1']:.1f}%); "
-               f"max|logits - x86| {diff:.2e}; greedy {same}/{n} as on x86")  # fmt: skip
+        report(abs(f["ppl_increase"]) <= bound and f["kl"] <= kl_bound,
+               f"{label} [{key}]: KL vs PyTorch {f['kl']:.2e} (x86 {x['kl']:.2e}, bound {kl_bound:.2e}); "
+               f"Δppl {f['ppl_increase']:+.3f}% (x86 {x['ppl_increase']:+.3f}%, bound ±{bound:.3f}); "
+               f"top1 {f['top1']:.1f}% (x86 {x['top1']:.1f}%); max|logits - x86| {diff:.2e}; greedy {same}/{n} as on x86")  # fmt: skip
     switching(label, model, prompt, answers, n)
     if case["model"] == "real":
         for a, toks in answers.items():

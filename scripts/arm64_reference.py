@@ -29,6 +29,10 @@ from conftest import ADAPTER_KINDS, FP32_TOL, QUESTION, REAL_ADAPTERS, REAL_TOL,
 TINY_ADAPTERS = ("qv_r4", "all_r8_rslora")
 GREEDY = {"tiny": 16, "real": 20}
 FORWARD_TOKENS = {"tiny": 24, "real": 48}  # the real vocabulary is 49152 wide: 48 positions are 9 MB per array
+# The real quantized package's figures are statistics over the text: 47 predictions left its Δppl to chance (the
+# same package read -1.5% or +0.9% on two roundings of its activations), 127 settle KL and Δppl. ~2.5 min a pass
+# under emulation.
+QUANTIZED_REAL_TOKENS = 128
 
 
 def cases(light: bool) -> list[dict]:
@@ -78,7 +82,8 @@ def reference(case: dict, pkg: Path, oracle: Oracle, adapters: list[str]) -> tup
         prompt = [5, 17, 42, 99, 7]
     else:
         text = (ROOT / "lora_edge" / "data" / "verify_text.txt").read_text()
-        ids = np.asarray(model.tokenizer.encode(text, chat=False)[: FORWARD_TOKENS[kind]], np.int64)
+        n = QUANTIZED_REAL_TOKENS if "weights" in case else FORWARD_TOKENS[kind]
+        ids = np.asarray(model.tokenizer.encode(text, chat=False)[:n], np.int64)
         prompt = model.tokenizer.encode(QUESTION, chat=True)
     arrays = {"ids": ids, "prompt": np.asarray(prompt, np.int64)}
     figures = {}

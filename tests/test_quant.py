@@ -143,11 +143,19 @@ def test_accuracy_level_4_stays_close(tiny_base, tiny_adapters, tmp_path):
     ids = np.random.RandomState(6).randint(0, 300, (1, 24))
     with torch.no_grad():
         want = quantized_reference(tiny_base, qcfg, ad)(torch.tensor(ids)).logits.numpy()
-    got = lora_edge.load(out).forward(ids, adapter="x")
+    model = lora_edge.load(out)
+    got = model.forward(ids, adapter="x")
     assert np.abs(got - want).max() <= 0.02 * (want.max() - want.min())
     part = np.partition(want, -2, -1)
     clear = part[..., -1] - part[..., -2] >= 0.5
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+    # the activations are rounded per block everywhere, as here: not by KleidiAI's per-row kernels on ARM (arm64.md)
+    from lora_edge.runtime.session import session_options
+
+    assert session_options(out, model.manifest, None, None).get_session_config_entry("mlas.disable_kleidiai") == "1"
+    fp32 = export(ExportConfig(base=tiny_base, output=tmp_path / "fp32")).manifest
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # float packages: ONNX Runtime's choice
+        session_options(tmp_path / "fp32", fp32, None, None).get_session_config_entry("mlas.disable_kleidiai")
 
 
 def test_adapter_files_do_not_depend_on_the_base_quantization(tiny_base, tiny_adapters, tmp_path):
