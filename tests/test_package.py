@@ -100,6 +100,28 @@ def test_adapter_from_another_base_is_refused(tiny_package, tmp_path):
         lora_edge.load(pkg)
 
 
+def test_shipped_adapters_are_read_when_first_chosen(tiny_package):
+    """Loading checks every shipped adapter file and keeps none of their tensors; the first call that chooses one (alone,
+    in a blend) reads it, and it gives what it gave when every adapter was read at load."""
+    import numpy as np
+
+    model = lora_edge.load(tiny_package)
+    shipped = set(model.manifest.adapter_files())
+    assert len(shipped) >= 3 and set(model.adapters) == shipped
+    assert not model._adapters._tensors
+    ids = np.arange(3, 12)[None]
+    first = model.forward(ids, adapter="qv_r4")
+    assert set(model._adapters._tensors) == {"qv_r4"}
+    blend = model.forward(ids, adapter={"qv_r4": 0.5, "all_r8_rslora": 0.5})
+    assert set(model._adapters._tensors) == {"qv_r4", "all_r8_rslora"}
+    eager = lora_edge.load(tiny_package)
+    for name in sorted(shipped):
+        eager.check_adapter(name)
+    assert len(eager._adapters._tensors) == len(shipped)
+    assert np.array_equal(first, eager.forward(ids, adapter="qv_r4"))
+    assert np.array_equal(blend, eager.forward(ids, adapter={"qv_r4": 0.5, "all_r8_rslora": 0.5}))
+
+
 def test_newer_schema_gets_a_clear_message(tiny_package, tmp_path):
     pkg = _copy(tiny_package, tmp_path)
     m = json.loads((pkg / "manifest.json").read_text())

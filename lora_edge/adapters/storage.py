@@ -107,6 +107,18 @@ class Storage:
     # -- device -----------------------------------------------------------------------------
     def read(self, path: Path, name: str) -> dict[str, np.ndarray]:
         """An .onnx_adapter file's tensors, checked against this base and layout."""
+        fmt = self._open(path, name)
+        # copied out while the file's reader lives: its parameters point into memory the reader owns
+        arrays = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+        del fmt
+        return arrays
+
+    def check_file(self, path: Path, name: str) -> None:
+        """What :meth:`read` checks, without keeping the tensors."""
+        self._open(path, name)  # (its reader and the file's memory go when it returns)
+
+    def _open(self, path: Path, name: str):
+        """The file's reader, once its base, layout and tensor shapes are this package's."""
         import onnxruntime as ort
 
         try:
@@ -120,11 +132,8 @@ class Storage:
         if layout not in (self.fingerprint, UNFINGERPRINTED):
             raise PackageError(f"{path} (adapter {name!r}) was compiled for another slot layout ({layout:08x}, this package's is "
                                f"{self.fingerprint:08x}); add it from its PEFT directory: lora-edge adapters add PKG {name}=DIR")  # fmt: skip
-        # copied out while the file's reader lives: its parameters point into memory the reader owns
-        arrays = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
-        del fmt
-        self.check(path, name, {k: a.shape for k, a in arrays.items()})
-        return arrays
+        self.check(path, name, {k: tuple(v.shape()) for k, v in fmt.get_parameters().items()})
+        return fmt
 
     def check(self, where: Path | str, name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Every tensor is a LoRA input of the graph, of a shape that fits it, and each slot's ranks agree."""

@@ -34,11 +34,19 @@ class AdapterSet:
         self._tensors: dict[str, dict[str, ort.OrtValue]] = {}
         self._invocations: dict[str, tuple[int, ...]] = {}  # activated adapters' invocation tokens
         self._combined: OrderedDict[Hashable, Any] = OrderedDict()  # blends and banks
+        self._shipped: dict[str, Path] = {}  # the package's own adapters not read yet
+        self._reading = threading.Lock()
         self.generation = 0  # changes whenever the set does: bindings made before are stale
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._tensors)
+        return sorted({*self._tensors, *self._shipped})
+
+    def ship(self, name: str, path: Path) -> None:
+        """One of the package's own adapter files, checked now and read when a call first chooses it: a package that
+        ships many adapters holds in memory the ones in use."""
+        self.storage.check_file(path, name)
+        self._shipped = {**self._shipped, name: path}
 
     # -- choosing ---------------------------------------------------------------------------
     def key(self, adapter: AdapterChoice, scale: float = 1.0) -> Hashable:
@@ -111,11 +119,27 @@ class AdapterSet:
 
     def _known(self, name: str) -> Tensors:
         tensors = self._tensors.get(name)
+        if tensors is None and name in self._shipped:
+            tensors = self._read_shipped(name)
         if tensors is None:
             if self.manifest.mode is Mode.MERGE and name in self.manifest.adapters:
                 raise RuntimeInputError(f"adapter {name!r} is merged into this package's weights; run without --adapter")
             raise RuntimeInputError(f"unknown adapter {name!r}; this package has: {', '.join(self.names) or 'none'}")
         return tensors
+
+    def _read_shipped(self, name: str) -> Tensors | None:
+        """Read a shipped adapter (once, whichever thread asks first). Nothing made before depends on it: the set's
+        generation stays, and other adapters' bindings and combinations with them stay valid."""
+        with self._reading:
+            if name in self._shipped:
+                tensors = dict(self.storage.read(self._shipped[name], name))
+                tokens = invocation_tokens(tensors)
+                values = self._values(tensors)
+                with self._lock:
+                    self._tensors = {**self._tensors, name: values}
+                    self._invocations = {**self._invocations, **({name: tokens} if tokens else {})}
+                    self._shipped = {k: v for k, v in self._shipped.items() if k != name}
+        return self._tensors.get(name)
 
     # -- changing ---------------------------------------------------------------------------
     def add(self, name: str, tensors: Mapping[str, np.ndarray | ort.OrtValue]) -> None:
@@ -142,17 +166,18 @@ class AdapterSet:
         self._known(name)
         with self._lock:
             self._tensors = {k: v for k, v in self._tensors.items() if k != name}  # new dicts: readers never see one change
+            self._shipped = {k: v for k, v in self._shipped.items() if k != name}
             self._invocations = {k: v for k, v in self._invocations.items() if k != name}
             self._changed()
 
     def _set(self, name: str, tensors: Mapping) -> None:
         tensors = dict(tensors)
-        tokens = tensors.pop(INVOCATION_TOKENS, None)
-        tokens = tuple(int(t) for t in (tokens.numpy() if isinstance(tokens, ort.OrtValue) else tokens)) if tokens is not None else None
+        tokens = invocation_tokens(tensors)
         values = self._values(tensors)
         with self._lock:
             self._tensors = {**self._tensors, name: values}
             self._invocations = {**{k: v for k, v in self._invocations.items() if k != name}, **({name: tokens} if tokens else {})}
+            self._shipped = {k: v for k, v in self._shipped.items() if k != name}  # (replaced before it was read)
             self._changed()
 
     def _changed(self) -> None:
@@ -163,6 +188,14 @@ class AdapterSet:
         return {k: v if isinstance(v, ort.OrtValue) and self.device == "cpu"
                 else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy() if isinstance(v, ort.OrtValue) else v), self.device, 0)
                 for k, v in tensors.items()}  # fmt: skip
+
+
+def invocation_tokens(tensors: dict) -> tuple[int, ...] | None:
+    """Take an activated adapter's invocation tokens out of its ``tensors`` (they are not a graph input)."""
+    tokens = tensors.pop(INVOCATION_TOKENS, None)
+    if tokens is None:
+        return None
+    return tuple(int(t) for t in (tokens.numpy() if isinstance(tokens, ort.OrtValue) else tokens))
 
 
 def label(key: Hashable) -> str:

@@ -55,12 +55,12 @@ class PackageModel:
         self._tokenizer: Tokenizer | None = None
         self._tok_lock = threading.Lock()
         self._pools = threading.local()
-        # the shipped adapters, each file checked against the base and the slot layout; on the first provider's
-        # device, so binding copies nothing
+        # the shipped adapters, each read when first chosen and checked against the base and the slot layout; on the
+        # first provider's device, so binding copies nothing
         self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device)
         for name, file in manifest.adapter_files().items():
-            self._adapters.load(name, root / file)
-        give_back_freed()  # what loading the session and the adapters' files freed
+            self._adapters.ship(name, root / file)
+        give_back_freed()  # what loading the session freed
 
     # -- facts ----------------------------------------------------------------------------
     @property
