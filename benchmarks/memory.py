@@ -45,6 +45,9 @@ if keep:  # the runtime as it was before it released what loading read
 from lora_edge.profile.sandbox import peak_mib, resident_parts, rss_of
 model = session.load(pkg, threads=1)
 ids = model.tokenizer.encode(%r, True)
+if total:  # every shipped adapter resident (the runtime reads one when first chosen)
+    for name in model.adapters:
+        model.check_adapter(name)
 loaded = rss_of() / 2**20
 extra = max(0, extra - len(model.adapters)) if total else extra
 if extra:  # copies of the adapter's file loaded beside it
