@@ -84,6 +84,60 @@ def test_stop_strings_end_the_text_and_are_not_returned(tiny_package):
     assert streamed == result.text
 
 
+def _sentencepiece_style():
+    """A small BPE with sentencepiece's Metaspace and byte fallback, whose decoder drops a text's leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    t.train_from_iterator(["Snow is frozen water. The capital of Italy is Rome. naïve café ❄️ 雪"] * 50,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=specials))  # fmt: skip
+    return t
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_streamed_pieces_are_the_whole_decoded_text(kind):
+    """Pieces decodes a few tokens per step; what it sends, joined, is the whole token list decoded at once up to the
+    first stop string: random ids, text cut anywhere (inside multi-byte characters), special tokens in between."""
+    import random
+
+    from conftest import real_gguf
+
+    from lora_edge.runtime.decoder import Pieces, stop_at
+
+    if kind == "byte-level":
+        from tokenizers import Tokenizer
+
+        from lora_edge.compile.models.gguf_tokenizer import tokenizer_files_from_gguf
+
+        tok = Tokenizer.from_str(tokenizer_files_from_gguf(real_gguf())["tokenizer.json"].decode())  # SmolLM2's
+    else:
+        tok = _sentencepiece_style()
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=True)
+
+    text = tok.encode("Snow ❄️ is frozen water — 雪は凍った水です. Ça va? naïve café 🙂 and the capital is Rome").ids
+    rng = random.Random(0)
+    for trial in range(200):
+        if trial % 2:
+            ids = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 50))]
+        else:
+            ids = text[: rng.randrange(1, len(text))] + [0, 1, 2] + text[:5]
+        stops = tuple(rng.sample(["is", "雪", "🙂", " c", "Rome", "xyz"], k=rng.randrange(0, 3)))
+        pieces, sent, stopped = Pieces(decode, stops), [], False
+        for i in range(1, len(ids) + 1):
+            piece, stopped = pieces.step(ids[:i])
+            sent.append(piece)
+            if stopped:
+                break
+        whole = decode(ids[:i])
+        cut = stop_at(whole, stops)
+        assert "".join(sent) + ("" if stopped else pieces.rest(ids[:i])) == (whole if cut is None else whole[:cut])
+
+
 def test_a_conversation_is_rendered_by_the_chat_template(tiny_package, tiny_base):
     from transformers import AutoTokenizer
 

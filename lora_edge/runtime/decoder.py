@@ -36,26 +36,35 @@ def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
 
 class Pieces:
     """The text of a growing token list as pieces safe to send: held back while it could still be the start of a stop
-    string, or ends in an incomplete UTF-8 character (what :meth:`DecoderModel.stream` and the server send)."""
+    string, or ends in an incomplete UTF-8 character (what :meth:`DecoderModel.stream` and the server send).
+
+    Each step decodes the last few tokens only, as vLLM's incremental detokenizer does: the tokens since the text was
+    last complete, after the tokens that made its last piece (their context: a sentencepiece decoder drops the
+    leading space of a text's first token, so a piece decoded alone could lose one). Decoding the whole answer per
+    token would cost a long answer time quadratic in its length."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
         self.decode, self.stops, self.sent = decode, stops, 0
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""  # the text of tokens[:read]
+        self.start = self.read = 0  # tokens[start:read]: the context the next tokens are decoded after
 
     def step(self, tokens: list[int]) -> tuple[str, bool]:
         """The new piece to send, and whether a stop string has appeared (the text ends before it)."""
-        text = self.decode(tokens)
-        cut = stop_at(text, self.stops)
-        if cut is None and text.endswith("\ufffd"):
-            return "", False
-        upto = cut if cut is not None else len(text) - self.hold
-        piece = text[self.sent : upto] if upto > self.sent else ""
+        before, after = self.decode(tokens[self.start : self.read]), self.decode(tokens[self.start :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # else: wait for the rest of the character
+            self.text += after[len(before) :]
+            self.start, self.read = self.read, len(tokens)
+        cut = stop_at(self.text, self.stops)
+        upto = cut if cut is not None else len(self.text) - self.hold
+        piece = self.text[self.sent : upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return piece, cut is not None
 
     def rest(self, tokens: list[int]) -> str:
         """What was held back, once generation ended without a stop string."""
-        return self.decode(tokens)[self.sent :]
+        before, after = self.decode(tokens[self.start : self.read]), self.decode(tokens[self.start :])
+        return (self.text + after[len(before) :])[self.sent :]
 
 
 class Generation:
