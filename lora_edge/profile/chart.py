@@ -39,7 +39,7 @@ def plot(report: ProfileReport, path: Path) -> None:
     ax = axes[0][1]
     labels = [f"{x.package}\n{x.threads} thr" for x in report.memory]
     bottom = [0.0] * len(report.memory)
-    for part in ("baseline_mib", "weights_mib", "adapters_mib", "kv_cache_mib"):
+    for part in ("baseline_mib", "weights_mib", "adapters_mib", "tokenizer_mib", "kv_cache_mib"):
         vals = [getattr(x, part) for x in report.memory]
         ax.bar(labels, vals, bottom=bottom, label=part.replace("_mib", "").replace("baseline", "runtime"))
         bottom = [b + v for b, v in zip(bottom, vals)]

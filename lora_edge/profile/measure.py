@@ -45,8 +45,10 @@ def measure(job: Job, tick: Tick) -> dict:
     t0 = time.perf_counter()
     model = load_model(job)
     load_s = time.perf_counter() - t0
-    loaded = rss_of() / MiB
+    # (the runtime reads a shipped adapter when a call first chooses one; every one of them runs here)
     adapters_bytes = sum(ortvalue_bytes(v) for a in model.adapters for v in model.check_adapter(a).values())
+    loaded = rss_of() / MiB
+    tokenizer = tokenizer_mib(model)
     ranks = {n: a.rank for n, a in model.manifest.adapters.items()}
     runs = []
     prompts = {n: prompt_ids(model, n) for n in w.prompt_tokens}  # tokenized once, not per adapter
@@ -80,7 +82,16 @@ def measure(job: Job, tick: Tick) -> dict:
         "peak_mib": peak_mib(), "weights_mib": max(0.0, loaded - baseline - adapters_mib), "adapters_mib": adapters_mib,
         "per_adapter_mib": adapters_mib / len(model.adapters) if model.adapters else 0.0,
         "mapped_mib": parts["mapped"], "anonymous_mib": parts["anonymous"], "libraries_mib": parts["libraries"],
-        "kv_cache_mib": kv / MiB}}  # fmt: skip
+        "kv_cache_mib": kv / MiB, "tokenizer_mib": tokenizer}}  # fmt: skip
+
+
+def tokenizer_mib(model: DecoderModel) -> float:
+    """What the tokenizer and the chat template's renderer hold once parsed (0 without tokenizer.json)."""
+    if not (model.root / "tokenizer.json").is_file():
+        return 0.0
+    before = rss_of()
+    model.tokenizer.encode("Hi", chat=True)
+    return max(0.0, (rss_of() - before) / MiB)
 
 
 def choice(label: str | None):

@@ -9,7 +9,7 @@ import io
 import math
 from dataclasses import asdict, dataclass, field
 
-SCHEMA = "lora-edge-profile/2"
+SCHEMA = "lora-edge-profile/3"
 
 
 @dataclass
@@ -87,6 +87,7 @@ class MemoryFigures:
     anonymous_mib: float
     libraries_mib: float
     kv_cache_mib: float  # at the longest prompt + new tokens
+    tokenizer_mib: float  # tokenizer.json parsed, and jinja2 for the chat template
     package_mib: float  # on disk
     limit_mib: int | None
     limit_method: str | None  # cgroup-v2 | cgroup-v1 | rss-watchdog
@@ -179,7 +180,7 @@ class ProfileReport:
                     row[k] = v
             m = mem.get((r.package, r.threads))
             for k in ("load_s", "baseline_mib", "loaded_mib", "peak_mib", "weights_mib", "adapters_mib", "per_adapter_mib", "mapped_mib",
-                      "anonymous_mib", "libraries_mib", "kv_cache_mib", "package_mib", "limit_mib"):
+                      "anonymous_mib", "libraries_mib", "kv_cache_mib", "tokenizer_mib", "package_mib", "limit_mib"):
                 row[k] = getattr(m, k) if m else None
             o = ops.get((r.package, r.adapter, r.threads))
             row["lora_pct"] = o.lora_pct if o else None

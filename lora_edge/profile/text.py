@@ -29,10 +29,11 @@ def render(report: ProfileReport) -> str:
                                _share(ops.get((r.package, r.adapter, r.threads)))]
                               for r in report.runs])]  # fmt: skip
     if report.memory:
-        lines += ["", _table(["package", "thr", "load s", "on disk MiB", "runtime MiB", "weights MiB", "adapters MiB", "KV cache MiB",
-                              "peak RSS MiB", "limit"],
+        lines += ["", _table(["package", "thr", "load s", "on disk MiB", "runtime MiB", "weights MiB", "adapters MiB", "tokenizer MiB",
+                              "KV cache MiB", "peak RSS MiB", "limit"],
                              [[x.package, x.threads, f"{x.load_s:.2f}", f"{x.package_mib:.1f}", f"{x.baseline_mib:.0f}",
-                               f"{x.weights_mib:.0f}", f"{x.adapters_mib:.1f}", f"{x.kv_cache_mib:.1f}", f"{x.peak_mib:.0f}",
+                               f"{x.weights_mib:.0f}", f"{x.adapters_mib:.1f}", f"{x.tokenizer_mib:.1f}", f"{x.kv_cache_mib:.1f}",
+                               f"{x.peak_mib:.0f}",
                                f"{x.limit_mib} MiB ({x.limit_method})" if x.limit_mib else "-"] for x in report.memory])]  # fmt: skip
         lines += ["", "resident after the runs: mapped = the package's own files; heap = prepacked weights, adapters, KV cache, "
                   "tokenizer; libraries = Python, onnxruntime, numpy",
