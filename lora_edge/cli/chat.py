@@ -7,6 +7,7 @@ script that pipes lines in reads only the answers, one after another, each ended
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ class Terminal:
 
     def loop(self, greeting: str) -> None:
         if self.interactive:
+            # Ctrl-C is how a person stops an answer; a chat started by a shell in the background inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 importlib.import_module("readline")  # importing it gives input() line editing and history
             except ImportError:  # not on every platform; input() still works without
