@@ -17,6 +17,9 @@ Rows:
 - "llama.cpp Q4_0 + LoRA": llama-cpp-python (built as benchmarks/decode.py's docstring says) with the same adapter
   converted by llama.cpp's convert_lora_to_gguf.py (--outtype f16) and the base by convert_hf_to_gguf.py +
   llama_model_quantize (Q4_0).
+- "llama.cpp, the package's GGUF + LoRA" (with --gguf-source): llama.cpp on the very GGUF the package was compiled
+  from (the demo's is Q4_1: 20 bytes per 32 weights, as lora-edge's int4 blocks with offsets, against Q4_0's 18), to
+  tell the weights' format from the runtime's own cost.
 - "per extra adapter": RSS after loading N more copies of the adapter file (`model.load_adapter`), per copy, against
   the file's size.
 - "base + N adapters vs N merged": one process with N adapters loaded generating with one of them, against N processes
@@ -42,6 +45,7 @@ total = sys.argv[6] == "total"  # extra counts every adapter loaded (the shipped
 from lora_edge.runtime import session
 if keep:  # the runtime as it was before it released what loading read
     session.drop_read_pages = session.give_back_freed = lambda *a: None
+    session.RowReadPages.enabled = False
 from lora_edge.profile.sandbox import peak_mib, resident_parts, rss_of
 model = session.load(pkg, threads=1)
 ids = model.tokenizer.encode(%r, True)
@@ -67,7 +71,8 @@ print(json.dumps({"peak_mib": peak_mib(), "loaded_mib": loaded, "tps": new / dt,
 """ % PROMPT
 
 CHILD_LLAMA_CPP = r"""
-import json, sys, time
+import importlib.util, json, sys, time
+from pathlib import Path
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
@@ -82,8 +87,12 @@ for _ in range(new - 1):
     llm.eval([out[-1]])
     out.append(int(np.argmax(last())))
 dt = time.perf_counter() - t
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"peak_mib": int(hwm) / 1024, "tps": new / dt, "tokens": out[:16]}))
+# lora-edge's own accounting, loaded by path: sandbox.py needs only the standard library, this Python has no onnxruntime
+spec = importlib.util.spec_from_file_location("sandbox", "lora_edge/profile/sandbox.py")
+sandbox = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+parts = sandbox.resident_parts(Path(model).parent)  # "mapped": the files in the GGUF's folder
+print(json.dumps({"peak_mib": sandbox.peak_mib(), "tps": new / dt, "tokens": out[:16], **parts}))
 """
 
 
@@ -108,6 +117,7 @@ def main() -> None:
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python (enables the llama.cpp row)")
     ap.add_argument("--gguf-q4", default=None, help="the base as GGUF Q4_0")
     ap.add_argument("--gguf-lora", default=None, help="the adapter as a GGUF LoRA (convert_lora_to_gguf.py)")
+    ap.add_argument("--gguf-source", default=None, help="the GGUF the package was compiled from (a second llama.cpp row)")
     args = ap.parse_args()
     new = str(args.new_tokens)
 
@@ -119,6 +129,9 @@ def main() -> None:
         if args.llama_python and args.gguf_q4:
             rows.setdefault("llama.cpp Q4_0 + LoRA", []).append(
                 child(CHILD_LLAMA_CPP, [args.gguf_q4, args.gguf_lora or "", new, ids], python=args.llama_python))
+        if args.llama_python and args.gguf_source:
+            rows.setdefault("llama.cpp, the package's GGUF + LoRA", []).append(
+                child(CHILD_LLAMA_CPP, [args.gguf_source, args.gguf_lora or "", new, ids], python=args.llama_python))
         if args.merged:
             rows.setdefault("lora-edge merged", []).append(child(CHILD_LORA_EDGE, [args.merged, "", new, "0", "0", "copies"]))
     extra = child(CHILD_LORA_EDGE, [args.package, args.adapter, new, "0", str(args.extra), "copies"])

@@ -222,3 +222,42 @@ def test_read_weights_are_dropped_and_still_read_back(tmp_path):
     assert int(view.sum(dtype=np.int64)) == checksum == int(data.sum(dtype=np.int64))
     del view
     mapped.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
+    """After a graph call, the runtime hands back the mappings the call read a few rows of (an embedding table) and
+    keeps those it read in full (a projection's weights); a dropped row reads back the same bytes."""
+    import mmap
+
+    from lora_edge.runtime.session import RowReadPages, file_mappings
+
+    rng = np.random.default_rng(0)
+    table, weight = (rng.integers(0, 255, 8 << 20, dtype=np.uint8) for _ in range(2))
+    (tmp_path / "model.onnx.data").write_bytes(table.tobytes() + weight.tobytes())
+    (tmp_path / "other.bin").write_bytes(table.tobytes())
+    views = []
+    for name, at in (("model.onnx.data", 0), ("model.onnx.data", 8 << 20), ("other.bin", 0)):  # as ONNX Runtime maps them
+        with open(tmp_path / name, "rb") as f:
+            views.append(np.frombuffer(mmap.mmap(f.fileno(), 8 << 20, offset=at, prot=mmap.PROT_READ), np.uint8).reshape(-1, 4096))
+    rows, full, other = views
+
+    def call(ids):  # what a graph call reads: a few rows of the table, all of the weight (and rows of another file)
+        other[ids].sum()
+        return [int(rows[i].sum(dtype=np.int64)) for i in ids], int(full.sum(dtype=np.int64))
+
+    def resident():  # MiB resident of the table's mapping, the weight's, the other file's
+        at = {s: r >> 20 for s, _, r, _ in file_mappings(tmp_path)}
+        return at[rows.ctypes.data], at[full.ctypes.data], at[other.ctypes.data] > 0
+
+    pages = RowReadPages(tmp_path, "model.onnx.data")
+    if pages.libc is None:
+        pytest.skip("no madvise in this C library")
+    first = call([3, 700, 1500])
+    pages.release()
+    assert resident() == (0, 8, True) and len(pages.ranges) == 1, resident()  # the table dropped, the weight kept
+    assert call([3, 700, 1500]) == first
+    assert first[0] == [int(table.reshape(-1, 4096)[i].sum(dtype=np.int64)) for i in (3, 700, 1500)]
+    call([10, 20])
+    pages.release()
+    assert resident() == (0, 8, True)

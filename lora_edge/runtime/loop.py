@@ -116,7 +116,7 @@ def fused_call(model: "DecoderModel", io: ort.IOBinding, ids: np.ndarray, positi
     io.bind_cpu_input("position_ids", positions)
     keep = bind_keep(model, io, ids.shape[1] - int(last.min()))
     io.bind_output("logits")
-    model.session.run_with_iobinding(io)
+    model.run_bound(io)
     del keep  # (the binding borrowed it until the run)
     logits = io.get_outputs()[0].numpy()
     return logits[np.arange(len(ids)), last - (ids.shape[1] - logits.shape[1])]

@@ -60,6 +60,7 @@ class PackageModel:
         self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device)
         for name, file in manifest.adapter_files().items():
             self._adapters.ship(name, root / file)
+        self._row_pages = RowReadPages(root, manifest.graph.file + ".data")
         give_back_freed()  # what loading the session freed
 
     # -- facts ----------------------------------------------------------------------------
@@ -139,10 +140,15 @@ class PackageModel:
             raise RuntimeInputError(f"input_ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         return ids
 
+    def run_bound(self, io: ort.IOBinding) -> None:
+        """One graph call on ``io``; then the package's pages that the call read a few rows of are handed back."""
+        self.session.run_with_iobinding(io)
+        self._row_pages.release()
+
     def _run(self, io: ort.IOBinding) -> list[np.ndarray]:
         for name in self._output_names:
             io.bind_output(name)
-        self.session.run_with_iobinding(io)
+        self.run_bound(io)
         return io.copy_outputs_to_cpu()
 
 
@@ -259,37 +265,64 @@ MADV_DONTNEED = 4
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ *(.*)$")
 
 
-def file_mappings(root: Path) -> list[tuple[int, int, int]]:
-    """(start, end, anonymous bytes) of this process's mappings of files under ``root``; [] where /proc is absent."""
+def file_mappings(root: Path, file: str | None = None) -> list[tuple[int, int, int, int]]:
+    """(start, end, resident bytes, anonymous bytes) of this process's mappings of files under ``root`` (of
+    ``root / file`` only, if given); [] where /proc is absent."""
     prefix = str(Path(root).resolve()) + os.sep
-    out: list[tuple[int, int, int]] = []
+    out: list[list[int]] = []
     mine = False
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
                 m = _MAPPING.match(line)
                 if m:
-                    mine = m.group(3).startswith(prefix)
+                    mine = m.group(3) == prefix + file if file else m.group(3).startswith(prefix)
                     if mine:
-                        out.append((int(m.group(1), 16), int(m.group(2), 16), 0))
-                elif mine and line.startswith("Anonymous:"):
-                    start, end, _ = out[-1]
-                    out[-1] = (start, end, int(line.split()[1]) * 1024)
+                        out.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0])
+                elif mine and line.startswith(("Rss:", "Anonymous:")):
+                    out[-1][2 if line.startswith("Rss:") else 3] = int(line.split()[1]) * 1024
     except OSError:
         return []
-    return out
+    return [(start, end, resident, anonymous) for start, end, resident, anonymous in out]
 
 
 def drop_read_pages(root: Path) -> None:
     """Let the kernel take back the resident pages of the package's mapped files; later reads fault them in again from
     the page cache. Only mappings with no private (copied-on-write) page: for those, dropping can lose nothing."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
+    libc = _madvise_libc()
+    if libc is None:
         return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for start, end, anonymous in file_mappings(root):
+    for start, end, _, anonymous in file_mappings(root):
         if anonymous == 0:
             libc.madvise(start, end - start, MADV_DONTNEED)
+
+
+class RowReadPages:
+    """The package's mapped tensors that a graph call reads a few rows of (the embedding tables: a row per token;
+    the rotary caches: a row per position), handed back after every call. Dropping them once after loading is not
+    enough: where the page cache holds the file in large folios (ext4 and others on recent kernels), a fault maps
+    the whole folio, hundreds of KiB per first-seen token, and the embedding creeps back towards its full size
+    (up to 16 MiB over 128 tokens of SmolLM2). After the first call, the mappings it left partly resident are
+    those: a tensor every call reads in full is wholly resident then, and is never dropped (a call would fault it
+    all back in). A dropped row costs a page fault when read again; the file still holds every byte. Only the
+    graph's weights file: the session keeps its mappings as long as it lives, so the addresses stay theirs (a
+    mapping that went away could leave its addresses to the heap, which MADV_DONTNEED would zero)."""
+
+    enabled = True
+
+    def __init__(self, root: Path, file: str) -> None:
+        self.root, self.file = root, file
+        self.ranges: list[tuple[int, int]] | None = None  # None: not yet found (before the first call)
+        self.libc = _madvise_libc() if self.enabled else None
+
+    def release(self) -> None:
+        if self.libc is None:
+            return
+        if self.ranges is None:
+            self.ranges = [(start, end) for start, end, resident, anonymous in file_mappings(self.root, self.file)
+                           if 0 < resident < end - start and anonymous == 0]  # fmt: skip
+        for start, end in self.ranges:
+            self.libc.madvise(start, end - start, MADV_DONTNEED)
 
 
 def give_back_freed() -> None:
@@ -297,6 +330,14 @@ def give_back_freed() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def _madvise_libc():
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def _libc():
