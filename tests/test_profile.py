@@ -236,19 +236,20 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
     table, weight = (rng.integers(0, 255, 8 << 20, dtype=np.uint8) for _ in range(2))
     (tmp_path / "model.onnx.data").write_bytes(table.tobytes() + weight.tobytes())
     (tmp_path / "other.bin").write_bytes(table.tobytes())
-    views = []
+    maps = []
     for name, at in (("model.onnx.data", 0), ("model.onnx.data", 8 << 20), ("other.bin", 0)):  # as ONNX Runtime maps them
         with open(tmp_path / name, "rb") as f:
-            views.append(np.frombuffer(mmap.mmap(f.fileno(), 8 << 20, offset=at, prot=mmap.PROT_READ), np.uint8).reshape(-1, 4096))
-    rows, full, other = views
+            maps.append(mmap.mmap(f.fileno(), 8 << 20, offset=at, prot=mmap.PROT_READ))
+    views = [np.frombuffer(m, np.uint8).reshape(-1, 4096) for m in maps]  # the table, the weight, the other file
+    addresses = [v.ctypes.data for v in views]
 
     def call(ids):  # what a graph call reads: a few rows of the table, all of the weight (and rows of another file)
-        other[ids].sum()
-        return [int(rows[i].sum(dtype=np.int64)) for i in ids], int(full.sum(dtype=np.int64))
+        views[2][ids].sum()
+        return [int(views[0][i].sum(dtype=np.int64)) for i in ids], int(views[1].sum(dtype=np.int64))
 
     def resident():  # MiB resident of the table's mapping, the weight's, the other file's
         at = {s: r >> 20 for s, _, r, _ in file_mappings(tmp_path)}
-        return at[rows.ctypes.data], at[full.ctypes.data], at[other.ctypes.data] > 0
+        return at[addresses[0]], at[addresses[1]], at[addresses[2]] > 0
 
     pages = RowReadPages(tmp_path, "model.onnx.data")
     if pages.libc is None:
@@ -261,3 +262,10 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
     call([10, 20])
     pages.release()
     assert resident() == (0, 8, True)
+
+    # the table's mapping goes away (a session rebuilt): its old range is never advised again
+    gone = pages.ranges[0]
+    views[0] = None
+    maps[0].close()
+    pages.release()
+    assert gone not in pages.ranges and pages.ranges == []

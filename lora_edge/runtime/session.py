@@ -312,17 +312,30 @@ class RowReadPages:
 
     def __init__(self, root: Path, file: str) -> None:
         self.root, self.file = root, file
+        self.path = os.path.join(str(Path(root).resolve()), file)
         self.ranges: list[tuple[int, int]] | None = None  # None: not yet found (before the first call)
         self.libc = _madvise_libc() if self.enabled else None
 
     def release(self) -> None:
         if self.libc is None:
             return
-        if self.ranges is None:
+        if self.ranges is None or not all(self._still_mapped(start, end) for start, end in self.ranges):
             self.ranges = [(start, end) for start, end, resident, anonymous in file_mappings(self.root, self.file)
                            if 0 < resident < end - start and anonymous == 0]  # fmt: skip
         for start, end in self.ranges:
-            self.libc.madvise(start, end - start, MADV_DONTNEED)
+            if self.libc is not None:
+                self.libc.madvise(start, end - start, MADV_DONTNEED)
+
+    def _still_mapped(self, start: int, end: int) -> bool:
+        """Whether [start, end) is still one mapping of the weights file: a session rebuilt under the model (ONNX
+        Runtime's ``set_providers``) maps it elsewhere and may leave these addresses to the heap. One readlink."""
+        try:
+            return os.readlink(f"/proc/self/map_files/{start:x}-{end:x}") == self.path
+        except PermissionError:  # (kernels before 4.3 keep map_files to CAP_SYS_ADMIN): nothing is dropped unchecked
+            self.libc = None
+            return False
+        except OSError:
+            return False
 
 
 def give_back_freed() -> None:
