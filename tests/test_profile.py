@@ -269,3 +269,24 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
     maps[0].close()
     pages.release()
     assert gone not in pages.ranges and pages.ranges == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_row_read_tensors_are_kept_where_their_mappings_cannot_be_checked(tmp_path, monkeypatch):
+    """Where /proc/self/map_files does not show the mappings smaps lists (qemu-user fakes only smaps), the runtime
+    cannot tell that a range is still the weights file's, so it drops nothing."""
+    import mmap
+
+    from lora_edge.runtime.session import RowReadPages, file_mappings
+
+    (tmp_path / "model.onnx.data").write_bytes(np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
+    with open(tmp_path / "model.onnx.data", "rb") as f:
+        table = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    rows = np.frombuffer(table, np.uint8).reshape(-1, 4096)
+    pages = RowReadPages(tmp_path, "model.onnx.data")
+    if pages.libc is None:
+        pytest.skip("no madvise in this C library")
+    monkeypatch.setattr("os.readlink", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
+    rows[[3, 700, 1500]].sum()
+    pages.release()
+    assert pages.libc is None and [r for _, _, r, _ in file_mappings(tmp_path)][0] > 0
