@@ -273,8 +273,8 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
 def test_row_read_tensors_are_kept_where_their_mappings_cannot_be_checked(tmp_path, monkeypatch):
-    """Where /proc/self/map_files does not show the mappings smaps lists (qemu-user fakes only smaps), the runtime
-    cannot tell that a range is still the weights file's, so it drops nothing."""
+    """Where /proc/self/map_files cannot confirm the mappings smaps lists, the runtime cannot tell that a range is
+    still the weights file's, so it drops nothing."""
     import mmap
 
     from lora_edge.runtime.session import RowReadPages, file_mappings

@@ -323,7 +323,7 @@ class RowReadPages:
             self.ranges = [(start, end) for start, end, resident, anonymous in file_mappings(self.root, self.file)
                            if 0 < resident < end - start and anonymous == 0]  # fmt: skip
             if not all(self._still_mapped(start, end) for start, end in self.ranges):
-                self.libc = None  # map_files does not show what smaps does (qemu-user fakes only the latter): unchecked
+                self.libc = None  # map_files cannot confirm what smaps listed: nothing is dropped unchecked
         for start, end in self.ranges:
             if self.libc is not None:
                 self.libc.madvise(start, end - start, MADV_DONTNEED)
