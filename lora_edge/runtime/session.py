@@ -324,9 +324,10 @@ class RowReadPages:
                            if 0 < resident < end - start and anonymous == 0]  # fmt: skip
             if not all(self._still_mapped(start, end) for start, end in self.ranges):
                 self.libc = None  # map_files cannot confirm what smaps listed: nothing is dropped unchecked
+        if self.libc is None:  # (_still_mapped turns it off where map_files may not be read)
+            return
         for start, end in self.ranges:
-            if self.libc is not None:
-                self.libc.madvise(start, end - start, MADV_DONTNEED)
+            self.libc.madvise(start, end - start, MADV_DONTNEED)
 
     def _still_mapped(self, start: int, end: int) -> bool:
         """Whether [start, end) is still one mapping of the weights file: a session rebuilt under the model (ONNX
