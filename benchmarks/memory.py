@@ -12,8 +12,8 @@ gets the same token ids) and generates 128 tokens greedily, forced to the full l
 
 Rows:
 - "lora-edge": the package + the adapter. "lora-edge, pages kept": the same with the runtime's release of the pages
-  ONNX Runtime read while loading, and of the embedding rows after each call, turned off (what the runtime did
-  before it dropped them), for the saving and the decode speed side by side.
+  loading read (the package's weights, the libraries' code, the C heap's free pages) and of the embedding rows
+  after each call turned off (runtime/pages.py's `enabled`), for the saving and the decode speed side by side.
 - "llama.cpp Q4_0 + LoRA": llama-cpp-python (built as benchmarks/decode.py's docstring says) with the same adapter
   converted by llama.cpp's convert_lora_to_gguf.py (--outtype f16) and the base by convert_hf_to_gguf.py +
   llama_model_quantize (Q4_0).
@@ -42,16 +42,16 @@ import json, os, sys, time
 from pathlib import Path
 pkg, adapter, new, keep, extra = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 total = sys.argv[6] == "total"  # extra counts every adapter loaded (the shipped ones too), not the copies
-from lora_edge.runtime import session
+from lora_edge.runtime import pages, session
 if keep:  # the runtime as it was before it released what loading and each call read
-    session.drop_read_pages = session.give_back_freed = lambda *a: None
-    session.RowReadPages.enabled = False
+    pages.enabled = False
 from lora_edge.profile.sandbox import peak_mib, resident_parts, rss_of
 model = session.load(pkg, threads=1)
 ids = model.tokenizer.encode(%r, True)
 if total:  # every shipped adapter resident (the runtime reads one when first chosen)
     for name in model.adapters:
         model.check_adapter(name)
+pages.after_loading()  # as each load_adapter ends: both ends of the per-adapter figure are measured alike
 loaded = rss_of() / 2**20
 extra = max(0, extra - len(model.adapters)) if total else extra
 if extra:  # copies of the adapter's file loaded beside it

@@ -207,7 +207,7 @@ def test_read_weights_are_dropped_and_still_read_back(tmp_path):
     import mmap
 
     from lora_edge.profile.sandbox import resident_parts
-    from lora_edge.runtime.session import drop_read_pages
+    from lora_edge.runtime.pages import drop_read_pages
 
     data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
     (tmp_path / "model.onnx.data").write_bytes(data.tobytes())
@@ -230,7 +230,7 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
     keeps those it read in full (a projection's weights); a dropped row reads back the same bytes."""
     import mmap
 
-    from lora_edge.runtime.session import RowReadPages, file_mappings
+    from lora_edge.runtime.pages import RowReadPages, file_mappings
 
     rng = np.random.default_rng(0)
     table, weight = (rng.integers(0, 255, 8 << 20, dtype=np.uint8) for _ in range(2))
@@ -248,7 +248,7 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
         return [int(views[0][i].sum(dtype=np.int64)) for i in ids], int(views[1].sum(dtype=np.int64))
 
     def resident():  # MiB resident of the table's mapping, the weight's, the other file's
-        at = {s: r >> 20 for s, _, r, _ in file_mappings(tmp_path)}
+        at = {m.start: m.resident >> 20 for m in file_mappings(tmp_path)}
         return at[addresses[0]], at[addresses[1]], at[addresses[2]] > 0
 
     pages = RowReadPages(tmp_path, "model.onnx.data")
@@ -277,7 +277,7 @@ def test_row_read_tensors_are_kept_where_their_mappings_cannot_be_checked(tmp_pa
     still the weights file's, so it drops nothing."""
     import mmap
 
-    from lora_edge.runtime.session import RowReadPages, file_mappings
+    from lora_edge.runtime.pages import RowReadPages, file_mappings
 
     (tmp_path / "model.onnx.data").write_bytes(np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
     with open(tmp_path / "model.onnx.data", "rb") as f:
@@ -289,4 +289,36 @@ def test_row_read_tensors_are_kept_where_their_mappings_cannot_be_checked(tmp_pa
     monkeypatch.setattr("os.readlink", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
     rows[[3, 700, 1500]].sum()
     pages.release()
-    assert pages.libc is None and [r for _, _, r, _ in file_mappings(tmp_path)][0] > 0
+    assert pages.libc is None and file_mappings(tmp_path)[0].resident > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_library_pages_are_dropped_and_run_again(tmp_path):
+    """What the runtime does after loading a package or its tokenizer: the read-only pages of the files this process
+    mapped (the libraries' code) are handed back and read back the same, writable ones are kept with their writes."""
+    import mmap
+
+    from lora_edge.runtime.pages import drop_library_pages, file_mappings
+
+    data = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8)
+    (tmp_path / "lib.so").write_bytes(data.tobytes())
+    (tmp_path / "rw.bin").write_bytes(data.tobytes())
+    with open(tmp_path / "lib.so", "rb") as f:
+        read_only = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    with open(tmp_path / "rw.bin", "r+b") as f:
+        written = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    checksum = int(np.frombuffer(read_only, np.uint8).sum(dtype=np.int64))
+    view = np.frombuffer(written, np.uint8)
+    view[::4096] = 7  # private copies of every page: dropping them would lose the writes
+    resident = {Path(m.path).name: m.resident >> 20 for m in file_mappings(tmp_path)}
+    assert resident == {"lib.so": 4, "rw.bin": 4}, resident
+    drop_library_pages()
+    resident = {Path(m.path).name: m.resident >> 20 for m in file_mappings(tmp_path)}
+    if resident["lib.so"] == 4:
+        pytest.skip("no madvise, or /proc/self/map_files cannot be read here")
+    assert resident == {"lib.so": 0, "rw.bin": 4}, resident
+    assert int(np.frombuffer(read_only, np.uint8).sum(dtype=np.int64)) == checksum
+    assert (view[::4096] == 7).all() and int(view[1]) == int(data[1])  # (numpy's dropped code ran again)
+    del view
+    written.close()
+    read_only.close()

@@ -29,6 +29,7 @@ from ..native.encode import encode
 from ..package.manifest import EMBEDDING
 from ..runtime import DecoderModel, load
 from ..runtime.adapter_set import parse_choice
+from ..runtime.pages import after_loading
 from .child import Job
 from .config import DATA, Workload
 from .report import Percentiles, Spread
@@ -41,6 +42,7 @@ OPS_MAX_NEW = 32  # tokens per generation under the profiler, which slows every 
 
 def measure(job: Job, tick: Tick) -> dict:
     w = Workload(**{**job["workload"], "prompt_tokens": tuple(job["workload"]["prompt_tokens"])})
+    after_loading()  # as loading the package will: the baseline is the runtime less what importing it read once
     baseline = rss_of() / MiB
     t0 = time.perf_counter()
     model = load_model(job)

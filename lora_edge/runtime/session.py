@@ -11,10 +11,7 @@ nothing mutable, so concurrent calls with different adapters are independent.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
-import re
 import threading
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -28,6 +25,7 @@ from ..errors import PackageError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
 from .adapter_set import AdapterChoice, AdapterSet
+from .pages import RowReadPages, after_loading
 from .tokenizer import Tokenizer
 
 AdapterTensors = Mapping[str, ort.OrtValue]
@@ -61,7 +59,7 @@ class PackageModel:
         for name, file in manifest.adapter_files().items():
             self._adapters.ship(name, root / file)
         self._row_pages = RowReadPages(root, manifest.graph.file + ".data")
-        give_back_freed()  # what loading the session freed
+        after_loading(root)
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -75,7 +73,7 @@ class PackageModel:
                 if not (self.root / "tokenizer.json").is_file():
                     raise RuntimeInputError(f"package {self.root} has no tokenizer.json; pass token ids instead of text")
                 self._tokenizer = Tokenizer(self.root)
-                give_back_freed()  # parsing tokenizer.json frees far more than the tokenizer keeps
+                after_loading()  # parsing tokenizer.json frees far more than the tokenizer keeps
             return self._tokenizer
 
     # -- adapters -------------------------------------------------------------------------
@@ -88,6 +86,7 @@ class PackageModel:
         """Load an adapter at run time: an .onnx_adapter file compiled for this package, or a PEFT adapter directory
         (adapter_config.json + adapter_model.safetensors, converted with numpy). Calls in flight are not disturbed."""
         self._adapters.load(name, Path(path))
+        after_loading()  # the code that read and converted it runs once per adapter
 
     def add_adapter(self, name: str, tensors: Mapping[str, np.ndarray | ort.OrtValue]) -> None:
         """Make ``tensors`` (graph input name -> array, as an adapter file holds them) usable as ``adapter=name``."""
@@ -174,6 +173,7 @@ def load(path, threads: int | None = None, providers: list[str] | None = None, v
     from .encoder import EncoderModel
 
     root = Path(path)
+    after_loading()  # what importing read once: the session is built beside less
     manifest = read_manifest(root, verify=verify)
     session = open_session(root, manifest, session_options(root, manifest, threads, profile_prefix), providers)
     check_graph(root, manifest, session)
@@ -251,115 +251,4 @@ def open_session(root: Path, manifest: Manifest, opts: ort.SessionOptions, provi
         session = ort.InferenceSession(str(graph_file), opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types
         raise PackageError(f"onnxruntime cannot load {graph_file}: {str(exc).splitlines()[0]}") from None
-    drop_read_pages(root)
     return session
-
-
-# -- resident memory ----------------------------------------------------------------------------
-# ONNX Runtime maps the package's external weights (model.onnx.data) and reads all of them while it loads: prepacking
-# copies each MatMulNBits weight into its own layout, constant folding copies what it folds. Those pages then stay
-# resident although most are never read again (the tied embedding's Gather touches only the rows of the tokens it
-# sees; with tied weights the whole embedding stays resident beside the head's prepacked copy of it). Dropping them
-# costs a page fault per first-seen row; the file still holds every byte.
-MADV_DONTNEED = 4
-_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ *(.*)$")
-
-
-def file_mappings(root: Path, file: str | None = None) -> list[tuple[int, int, int, int]]:
-    """(start, end, resident bytes, anonymous bytes) of this process's mappings of files under ``root`` (of
-    ``root / file`` only, if given); [] where /proc is absent."""
-    prefix = str(Path(root).resolve()) + os.sep
-    out: list[list[int]] = []
-    mine = False
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                m = _MAPPING.match(line)
-                if m:
-                    mine = m.group(3) == prefix + file if file else m.group(3).startswith(prefix)
-                    if mine:
-                        out.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0])
-                elif mine and line.startswith(("Rss:", "Anonymous:")):
-                    out[-1][2 if line.startswith("Rss:") else 3] = int(line.split()[1]) * 1024
-    except OSError:
-        return []
-    return [(start, end, resident, anonymous) for start, end, resident, anonymous in out]
-
-
-def drop_read_pages(root: Path) -> None:
-    """Let the kernel take back the resident pages of the package's mapped files; later reads fault them in again from
-    the page cache. Only mappings with no private (copied-on-write) page: for those, dropping can lose nothing."""
-    libc = _madvise_libc()
-    if libc is None:
-        return
-    for start, end, _, anonymous in file_mappings(root):
-        if anonymous == 0:
-            libc.madvise(start, end - start, MADV_DONTNEED)
-
-
-class RowReadPages:
-    """The package's mapped tensors that a graph call reads a few rows of (the embedding tables: a row per token;
-    the rotary caches: a row per position), handed back after every call. Dropping them once after loading is not
-    enough: where the page cache holds the file in large folios (ext4 and others on recent kernels), a fault maps
-    the whole folio, hundreds of KiB per first-seen token, and the embedding creeps back towards its full size
-    (up to 16 MiB over 128 tokens of SmolLM2). After the first call, the mappings it left partly resident are
-    those: a tensor every call reads in full is wholly resident then, and is never dropped (a call would fault it
-    all back in). A dropped row costs a page fault when read again; the file still holds every byte. Only the
-    graph's weights file: the session keeps its mappings as long as it lives, so the addresses stay theirs (a
-    mapping that went away could leave its addresses to the heap, which MADV_DONTNEED would zero)."""
-
-    enabled = True
-
-    def __init__(self, root: Path, file: str) -> None:
-        self.root, self.file = root, file
-        self.path = os.path.join(str(Path(root).resolve()), file)
-        self.ranges: list[tuple[int, int]] | None = None  # None: not yet found (before the first call)
-        self.libc = _madvise_libc() if self.enabled else None
-
-    def release(self) -> None:
-        if self.libc is None:
-            return
-        if self.ranges is None or not all(self._still_mapped(start, end) for start, end in self.ranges):
-            self.ranges = [(start, end) for start, end, resident, anonymous in file_mappings(self.root, self.file)
-                           if 0 < resident < end - start and anonymous == 0]  # fmt: skip
-            if not all(self._still_mapped(start, end) for start, end in self.ranges):
-                self.libc = None  # map_files cannot confirm what smaps listed: nothing is dropped unchecked
-        if self.libc is None:  # (_still_mapped turns it off where map_files may not be read)
-            return
-        for start, end in self.ranges:
-            self.libc.madvise(start, end - start, MADV_DONTNEED)
-
-    def _still_mapped(self, start: int, end: int) -> bool:
-        """Whether [start, end) is still one mapping of the weights file: a session rebuilt under the model (ONNX
-        Runtime's ``set_providers``) maps it elsewhere and may leave these addresses to the heap. One readlink."""
-        try:
-            return os.readlink(f"/proc/self/map_files/{start:x}-{end:x}") == self.path
-        except PermissionError:  # (kernels before 4.3 keep map_files to CAP_SYS_ADMIN): nothing is dropped unchecked
-            self.libc = None
-            return False
-        except OSError:
-            return False
-
-
-def give_back_freed() -> None:
-    """Return the C heap's free pages to the system (glibc keeps what large loads freed, inside its heap, resident)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _madvise_libc():
-    libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
-        return None
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def _libc():
-    if not os.path.exists("/proc/self/smaps"):  # Linux only: elsewhere the C library differs and nothing is dropped
-        return None
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
