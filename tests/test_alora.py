@@ -93,6 +93,28 @@ def test_greedy_generation_matches_peft(packages, peft, attention):
     assert rows == [model.generate_ids(p, "act", 6, 6) for p in (prompt, PREFIX, [*INVOKE, 5])]
 
 
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_a_prompt_prefilled_in_chunks_keeps_the_activation(packages, peft, monkeypatch, chunk):
+    """Prefilled a few tokens a call, the invocation split across calls: the mask found over the whole prompt is
+    bound a call's columns at a time, and generation is PEFT's."""
+    import torch
+
+    from lora_edge.runtime.loop import FusedRows
+
+    monkeypatch.setattr("lora_edge.runtime.loop.PREFILL_CHUNK", chunk)
+    model = lora_edge.load(packages["fused"])
+    prompt = [*PREFIX, *REST]  # the invocation at columns 6-8: across chunks of 2 and of 4
+    key = model._adapters.key("act")
+    rows = FusedRows(model, model._binding(key), 1, len(prompt) + 1, model._adapters.invocation(key))
+    got = rows.prefill(np.asarray([prompt]), np.asarray([len(prompt)]))
+    assert np.abs(got - _peft_logits(peft, prompt)[:, -1]).max() <= FP32_TOL
+    with torch.no_grad():
+        want = peft.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt) :].tolist()  # fmt: skip
+    assert model.generate_ids(prompt, "act", 12, 12)[0] == want
+    assert model.generate_ids(PREFIX, "act", 12, 12)[0] == model.generate_ids(PREFIX, None, 12, 12)[0]  # never invoked
+
+
 def test_it_cannot_blend_merge_or_run_on_the_native_kernel(packages, tiny_base, alora, tmp_path):
     model = lora_edge.load(packages["fused"])
     with pytest.raises(RuntimeInputError, match="cannot be blended"):

@@ -57,12 +57,14 @@ def staggered(model, prompts, choices, new_tokens, joins) -> tuple[list[Row], li
     return rows, seen, peak
 
 
-@pytest.mark.parametrize("first_length", [256, 8])
-def test_mixed_rows_are_each_the_request_alone(tiny_package, monkeypatch, first_length):
+@pytest.mark.parametrize("first_length, chunk", [(256, 128), (8, 3)])
+def test_mixed_rows_are_each_the_request_alone(tiny_package, monkeypatch, first_length, chunk):
     """Every adapter kind of the tiny package (rank patterns, some modules only, lm_head, a strength, a blend) and the
     base, joining at different steps and leaving at different lengths (a leaving row's place is taken by the last);
-    with a cache that starts short, it grows while rows decode."""
+    with a cache that starts short, it grows while rows decode. With chunks of 3 tokens, a row joining alone and
+    each request alone are prefilled in chunks, rows joining together (of different lengths) in one call."""
     monkeypatch.setattr("lora_edge.runtime.batching.FIRST_LENGTH", first_length)
+    monkeypatch.setattr("lora_edge.runtime.loop.PREFILL_CHUNK", chunk)
     model = lora_edge.load(tiny_package, threads=1)
     assert model.manifest.graph.row_mask
     rng = np.random.default_rng(0)

@@ -186,3 +186,17 @@ def test_the_graph_computes_only_the_logits_asked_for(model, tiny_oracle, adapte
         assert got.shape == (2, width, 320)
         assert np.abs(got - want[:, 11 - width :]).max() <= FP32_TOL
     assert np.abs(model.steps(adapter, 12, batch=2)(ids, 11) - want[:, -1]).max() <= FP32_TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("adapter", [None, "all_r8_rslora"])
+def test_a_prompt_prefilled_in_chunks_matches_oracle(model, tiny_oracle, monkeypatch, adapter, chunk):
+    """A long prompt is prefilled PREFILL_CHUNK tokens a call, each call attending to the cache the earlier ones
+    wrote (here chunks of 1 and 3 tokens on an 11-token prompt): the same last logits and greedy tokens as
+    PyTorch + PEFT on the whole prompt."""
+    monkeypatch.setattr("lora_edge.runtime.loop.PREFILL_CHUNK", chunk)
+    prompt = [*PROMPT_IDS, 250, 11, 3, 64, 8, 31]
+    step = model.steps(adapter, len(prompt) + 1)
+    got = step(np.asarray([prompt]), len(prompt))[0]
+    assert np.abs(got - tiny_oracle.logits(np.asarray([prompt]), adapter)[0, -1]).max() <= FP32_TOL
+    assert model.generate_ids(prompt, adapter, 12, 12)[0] == tiny_oracle.greedy(prompt, adapter, 12)

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from ..errors import RuntimeInputError
 from ..package.manifest import ROW_MASK, ROW_MASK_CHUNKS
 from .adapter_set import AdapterSet, label
-from .loop import fused_call
+from .loop import fused_call, prefill
 from .sampling import GREEDY, Sampling
 
 FIRST_LENGTH = 256  # cache positions per row to start with
@@ -158,7 +158,7 @@ class Batch:
         for j, row in enumerate(joining):
             ids[j, : lens[j]] = row.prompt
         io, keep = self._bind([r.key for r in joining], start, start + k)
-        logits = self._call(io, ids, np.repeat(self._columns[None, : ids.shape[1]], k, axis=0), lens)
+        logits = prefill(lambda *call: self._call(io, *call), ids, 0, lens, self._columns, self.model.device)
         del keep
         self.rows.extend(joining)
         self._io = None

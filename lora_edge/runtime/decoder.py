@@ -15,7 +15,7 @@ from ..errors import RuntimeInputError
 from .adapter_set import AdapterChoice
 from .batching import Batch, Row, batches, shareable
 from .sampling import GREEDY, Sampling
-from .loop import FusedRows, PlainRows, activation_mask, bind_keep, bind_mask, decode_loop
+from .loop import FusedRows, PlainRows, activation_mask, bind_keep, bind_mask, decode_loop, prefill
 from .session import PackageModel
 
 Step = Callable[[np.ndarray, int], np.ndarray]
@@ -202,8 +202,7 @@ class DecoderModel(PackageModel):
         rows = FusedRows(self, self.binding(adapter), batch, capacity)
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
-            positions = np.repeat(rows.columns[None, total - ids.shape[1] : total], batch, axis=0)
-            return rows.call(ids, positions, np.full(batch, total, np.int64))
+            return prefill(rows.call, ids, total - ids.shape[1], np.full(batch, total, np.int64), rows.columns, self.device)
 
         return step
 

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from .decoder import DecoderModel, Step
 
 StopCheck = Callable[[int, list[int]], bool]  # (row, its tokens so far) -> whether a stop string has appeared
+Call = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (ids, positions, total) -> last logits
+
+# A long prompt is prefilled in calls of at most this many tokens: a call's activations grow with its tokens, and
+# ONNX Runtime's arena keeps what the largest call took for the session's life. On SmolLM2 int4 a 512-token prompt
+# peaked 20-34 MiB lower in chunks of 128, and prefilled faster (attention's per-call cost grows with its square).
+PREFILL_CHUNK = 128
 
 
 class Rows(Protocol):
@@ -90,19 +96,45 @@ class FusedRows:
         return fused_call(self.model, self.io, ids, positions, total, self.columns)
 
     def prefill(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        bind = self._mask_binder(ids, lens) if self.invocation else None
+        return prefill(self.call, ids, 0, lens, self.columns, self.model.device, bind)
+
+    def _mask_binder(self, ids: np.ndarray, lens: np.ndarray) -> Callable[[int, int], None]:
+        """Activated LoRA: the prompt's mask, found over all of it, bound a prefill call's columns at a time."""
         b, width = ids.shape
-        if self.invocation:
-            mask = np.zeros((b, width), np.float32)
-            for r in range(b):  # each row's own tokens, not its padding
-                row, self.found[r:r + 1] = activation_mask(ids[r : r + 1, : lens[r]], self.invocation)
-                mask[r, : lens[r]] = row[0]
-            self.mask = bind_mask(self.io, mask, self.model.dtype)
-        return self.call(ids, np.repeat(self.columns[None, :width], b, axis=0), lens)
+        mask = np.zeros((b, width), np.float32)
+        for r in range(b):  # each row's own tokens, not its padding
+            row, self.found[r:r + 1] = activation_mask(ids[r : r + 1, : lens[r]], self.invocation)
+            mask[r, : lens[r]] = row[0]
+
+        def bind(start: int, end: int) -> None:
+            self.mask = bind_mask(self.io, mask[:, start:end], self.model.dtype)
+
+        return bind
 
     def next(self, tokens: np.ndarray, lens: np.ndarray) -> np.ndarray:
         if self.invocation:
             self.mask = bind_mask(self.io, self.found[:, None], self.model.dtype)
         return self.call(tokens, lens[:, None].copy(), lens + 1)
+
+
+def prefill(call: Call, ids: np.ndarray, first: int, total: np.ndarray, columns: np.ndarray, device: str,
+            bind: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
+    """Prefill ``ids`` (B, S), placed at columns [first, first + S) of rows holding ``total[b]`` tokens after it, in
+    calls of at most PREFILL_CHUNK tokens -> the logits of each row's last token. ``bind(start, end)``, before
+    each call, binds the inputs that go with those columns (an activated adapter's mask). In chunks only where
+    every row holds all S tokens (rows of one length): GroupQueryAttention takes a call's tokens to end at each
+    row's total, so a chunk past a shorter row's end would place the longer rows' keys wrongly. And only on the
+    CPU, where it is tested; on CUDA a prompt stays one call."""
+    b, width = ids.shape
+    size = PREFILL_CHUNK if device == "cpu" and (total == first + width).all() else width
+    for start in range(0, width, size):
+        end = min(width, start + size)
+        if bind is not None:
+            bind(start, end)
+        positions = np.repeat(columns[None, first + start : first + end], b, axis=0)
+        logits = call(ids[:, start:end], positions, np.minimum(total, first + end))
+    return logits
 
 
 def fused_call(model: "DecoderModel", io: ort.IOBinding, ids: np.ndarray, positions: np.ndarray, total: np.ndarray,
