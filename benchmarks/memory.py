@@ -170,7 +170,7 @@ def main() -> None:
     what = f"the first tokens of {args.prompt_file.name}" if args.prompt_tokens else f"{PROMPT!r} in the chat template"
     print(f"prompt: {what} ({first['prompt_tokens']} tokens), {args.new_tokens} new tokens, 1 thread, "
           f"median of {args.rounds} fresh processes per row\n")
-    print("| config | peak RSS MiB | vs llama.cpp | decode tok/s | mapped weights MiB | heap MiB | libraries MiB |")
+    print("| config | peak RSS MiB | vs llama.cpp | tok/s, prefill included | mapped weights MiB | heap MiB | libraries MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     ref = med("llama.cpp Q4_0 + LoRA", "peak_mib") if "llama.cpp Q4_0 + LoRA" in rows else None
     for name in rows:
