@@ -20,7 +20,7 @@ import ctypes
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 MADV_DONTNEED = 4
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ *(.*)$")
@@ -73,30 +73,30 @@ def after_loading(root: Path | None = None) -> None:
 def drop_read_pages(root: Path) -> None:
     """Let the kernel take back the resident pages of the package's mapped files (ONNX Runtime maps them writable
     and private, and never writes them: a written page would be anonymous, and is kept)."""
-    libc = _madvise_libc()
-    if libc is None:
-        return
-    for m in file_mappings(root):
-        if m.anonymous == 0:
-            libc.madvise(m.start, m.end - m.start, MADV_DONTNEED)
+    _drop(m for m in file_mappings(root) if m.anonymous == 0)
 
 
 def drop_library_pages() -> None:
     """Let the kernel take back the resident pages of every read-only file mapping (the libraries' code and
-    constants) that holds no private page; what a later call runs faults back in. Each range is confirmed to
-    be still that file's mapping just before it is advised (another thread may have unmapped it since smaps
-    was read); where that cannot be confirmed, it is left."""
+    constants) that holds no private page; what a later call runs faults back in."""
+    # (/dev: devices' mappings are the drivers', not files')
+    _drop(m for m in mappings() if m.path.startswith("/") and not m.path.startswith("/dev/") and "w" not in m.perms
+          and m.anonymous == 0 and m.resident)  # fmt: skip
+
+
+def _drop(chosen: Iterable[Mapping]) -> None:
+    """Advise each of ``chosen`` away, once a readlink confirms it is still its file's mapping (another thread may
+    have unmapped it since smaps was read, leaving its addresses to the heap, which MADV_DONTNEED would zero);
+    where that cannot be confirmed, nothing is dropped."""
     libc = _madvise_libc()
     if libc is None:
         return
-    for m in mappings():
-        # (/dev: devices' mappings are the drivers', not files')
-        if m.path.startswith("/") and not m.path.startswith("/dev/") and "w" not in m.perms and m.anonymous == 0 and m.resident:
-            try:
-                if still_mapped(m.start, m.end, m.path):
-                    libc.madvise(m.start, m.end - m.start, MADV_DONTNEED)
-            except PermissionError:  # nothing can be confirmed: nothing is dropped
-                return
+    for m in chosen:
+        try:
+            if still_mapped(m.start, m.end, m.path):
+                libc.madvise(m.start, m.end - m.start, MADV_DONTNEED)
+        except PermissionError:
+            return
 
 
 def still_mapped(start: int, end: int, path: str) -> bool:
