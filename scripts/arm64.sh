@@ -178,8 +178,8 @@ run_checks() {  # the packages (scripts/arm64_check.py), one PASS/FAIL line per 
 }
 
 operator_tests() {  # tests/test_native.py's operator tests, against each build (no torch: the operators alone)
-  local sel='(operator or block_offset or chunked_delta or matmul_q4 or branch_node or q8x) and not package and not real and not paths'
-  local light='matmul_q4_matches or (q8x_branch_node and rows1)'
+  local sel='(operator or block_offset or chunked_delta or matmul_q4 or matmul_q8 or branch_node or q8x) and not package and not real and not paths'
+  local light='matmul_q4_matches or matmul_q8_matches or (q8x_branch_node and rows1)'
   [ $LIGHT = 1 ] && sel=$light
   for m in "${MARCHES[@]}"; do
     for cpu in max cortex-a72; do
@@ -211,7 +211,7 @@ native_build() {  # the kernel compiled in the root by build.py (what `lora-edge
   say "lora-edge build-kernel in the arm64 root (compiled there, under emulation: slow), then its operator tests"
   if in_root sh -c "cd $SRC && LORA_EDGE_CACHE=/tmp/lora-edge-cache lora-edge build-kernel --force && \
        LORA_EDGE_CACHE=/tmp/lora-edge-cache python -m pytest -q -p no:cacheprovider tests/test_native.py \
-       -k 'matmul_q4_matches or (q8x_branch_node and rows1)'" >>"$log" 2>&1; then
+       -k 'matmul_q4_matches or matmul_q8_matches or (q8x_branch_node and rows1)'" >>"$log" 2>&1; then
     result PASS "kernel built in the root by lora-edge build-kernel, operator tests: $(tail -1 "$log")"
   else
     result FAIL "kernel built in the root by lora-edge build-kernel, operator tests: $(tail -1 "$log") (see $log)"

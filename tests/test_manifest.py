@@ -51,7 +51,7 @@ def test_the_manifest_round_trips_through_its_type(fastest_package):
     manifest = read_manifest(fastest_package)
     assert manifest.to_json() == data and Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.schema_version == SCHEMA_VERSION and manifest.recipe == "custom"  # rtn: not the recipe's gptq
-    assert manifest.kernel.features == ("lora_delta_q8", "matmul_q4", "w8a8") and manifest.kernel.version == 5
+    assert manifest.kernel.features == ("lora_delta_q8", "matmul_q4", "matmul_q8", "w8a8") and manifest.kernel.version == 6
 
 
 def test_a_recipe_export_records_the_recipe(tiny_base, tiny_adapters, tmp_path):
@@ -94,7 +94,7 @@ def test_schema_1_packages_still_read(fastest_package):
     del data["recipe"]
     del data["graph"]["lora_kernel"]["features"]
     old = Manifest.from_json(data)
-    assert old.recipe == "custom" and old.kernel.features == () and old.kernel.version == 5
+    assert old.recipe == "custom" and old.kernel.features == () and old.kernel.version == 6
 
 
 def test_every_file_of_a_package_has_the_same_readable_mode(fastest_package):

@@ -485,22 +485,24 @@ def _q4_weight(n: int, k: int, seed: int):
     return quantize(np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05, 4, 32, zero="float", algo="rtn")
 
 
-def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
-    """MatMulQ4's arithmetic in float64: x quantized per block of 32 to symmetric int8 (d = max|x| / 127,
-    the codes rounded half to even from x * (127 / max|x|) in float32, as the kernel forms them), the
-    integer dot products with the codes, the implied zero point 8 taken off through the int8 sums, and the
-    offsets times x's exact block sums."""
-    from lora_edge.compile.quant.blocks import unpack
-
+def _x_codes(x: np.ndarray, nb: int) -> tuple:
+    """x's rows quantized per block of 32 to symmetric int8 as the kernel's products take them (d = max|x| / 127, the
+    codes rounded half to even from x * (127 / max|x|) in float32): (x zero-padded (m, nb, 32), codes, d) in float64."""
     m, k = x.reshape(-1, x.shape[-1]).shape
-    nb = qt.n_blocks
     xs = np.zeros((m, nb * 32), np.float32)
     xs[:, :k] = x.reshape(m, k)
     xs = xs.reshape(m, nb, 32)
     peak = np.abs(xs).max(-1)
     inv = np.where(peak > 0, np.float32(127) / np.where(peak > 0, peak, 1), np.float32(0)).astype(np.float32)
-    xq = np.rint(xs * inv[..., None]).astype(np.float64)  # (m, nb, 32)
-    d = (peak / np.float32(127)).astype(np.float64)
+    return xs, np.rint(xs * inv[..., None]).astype(np.float64), (peak / np.float32(127)).astype(np.float64)
+
+
+def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
+    """MatMulQ4's arithmetic in float64: x's int8 codes (_x_codes), the integer dot products with the codes, the
+    implied zero point 8 taken off through the int8 sums, and the offsets times x's exact block sums."""
+    from lora_edge.compile.quant.blocks import unpack
+
+    xs, xq, d = _x_codes(x, qt.n_blocks)
     q = unpack(qt.codes, 4, 32).astype(np.float64)  # (N, nb, 32)
     dots = np.einsum("mbk,nbk->mnb", xq, q)
     s, o = qt.scales.astype(np.float64), qt.offsets.astype(np.float64)  # (N, nb)
@@ -580,6 +582,86 @@ def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
         _check_q4(lib, k, n, rows)
 
 
+# -- MatMulQ8: the output head on its Q8_0 table (kernel v6) -------------------------------------------
+def _q8_table(n: int, k: int, seed: int):
+    from lora_edge.compile.quant.blocks import quantize_q8_0
+
+    w = np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05
+    w[0, :8] = 0.0  # an all-zero start of a row: a block whose scale may be 0
+    w[n // 2, :] *= 40  # a row far larger than the rest: codes up to +-127 with x's codes up to +-127
+    return quantize_q8_0(w)
+
+
+def _q8_ref(x: np.ndarray, qt) -> np.ndarray:
+    """MatMulQ8's arithmetic in float64: x's int8 codes (_x_codes), the integer dot products with the signed codes
+    (code - 128), each block's scaled by x's and the table's block scales."""
+    _, xq, d = _x_codes(x, qt.n_blocks)
+    q = qt.codes.astype(np.float64) - 128  # (N, nb, 32)
+    dots = np.einsum("mbk,nbk->mnb", xq, q)
+    y = np.einsum("nb,mnb->mn", qt.scales.astype(np.float64), dots * d[:, None, :])
+    return y.reshape(*x.shape[:-1], qt.n)
+
+
+def _q8_session(kernel, qt, threads: int = 1):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMulQ8", ["x", "codes", "scales"], ["y"], domain="lora_edge", K=qt.k, N=qt.n)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    return _one_node_session(kernel, node, ins, threads, {"codes": qt.codes, "scales": qt.scales})
+
+
+# (K, N, rows): SmolLM2's head (K = 576: 18 blocks, an even count), K off the block (a short last block; an odd
+# count), N off every tile and task, decode and prompt rows
+Q8_CASES = [(576, 1000, (1, 1)), (100, 37, (1, 3)), (32, 1, (4,)), (544, 300, (2, 5)), (70, 600, (1, 2))]
+
+
+def _check_q8(kernel, k: int, n: int, rows: tuple) -> None:
+    """MatMulQ8 against its arithmetic in float64 (float32 sums over blocks: 1e-6 of the largest output), and
+    x @ W_hat.T up to int8 activations (~0.5% of the largest output)."""
+    from lora_edge.compile.quant.blocks import dequantize
+
+    qt = _q8_table(n, k, k + n)
+    x = np.random.RandomState(k * n).randn(*rows, k).astype(np.float32)
+    x.reshape(-1, k)[0, :32] = 0.0  # a block of x that is all zeros (d = 0)
+    want = _q8_ref(x, qt)
+    scale = np.abs(want).max()
+    for threads in (1, 2):
+        got = _q8_session(kernel, qt, threads).run(None, {"x": x})[0]
+        assert got.shape == (*rows, n)
+        assert np.abs(got - want).max() <= 1e-6 * scale
+    assert np.abs(got - x.astype(np.float64) @ dequantize(qt).astype(np.float64).T).max() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("k,n,rows", Q8_CASES)
+def test_matmul_q8_matches_its_arithmetic(kernel, k, n, rows):
+    _check_q8(kernel, k, n, rows)
+
+
+@pytest.mark.skipif(not OTHER_PATHS, reason="no other code paths known for this machine")
+@pytest.mark.parametrize("march", OTHER_PATHS or ["none"])
+def test_matmul_q8_other_paths(tmp_path, march):
+    """The kernel built for the other paths (OTHER_PATHS): the same results."""
+    from lora_edge.native.build import compile_library, find_ort_include
+
+    lib = compile_library(tmp_path / f"k-{march}.so", find_ort_include(), march)
+    for k, n, rows in Q8_CASES[1:]:
+        _check_q8(lib, k, n, rows)
+
+
+def test_quantize_q8_0_gives_a_q8_0_table_back_exactly():
+    """A table that is already Q8_0 (a GGUF's token embedding, dequantized) comes back with the same codes and scales."""
+    from lora_edge.compile.quant.blocks import dequantize, quantize_q8_0
+
+    rng = np.random.RandomState(3)
+    d = (np.abs(rng.randn(40, 3)) * 0.01 + 1e-4).astype(np.float16)
+    codes = rng.randint(-127, 128, (40, 3, 32))
+    codes[:, :, 0] = rng.choice([-127, 127], (40, 3))  # Q8_0's peak code
+    w = (codes * d[..., None].astype(np.float32)).reshape(40, 96).astype(np.float32)
+    qt = quantize_q8_0(w)
+    assert (qt.codes.astype(int) - 128 == codes).all() and (qt.scales == d).all()
+    assert np.array_equal(dequantize(qt), w)
+
+
 @pytest.mark.parametrize("k,c,modules", [(576, 192, [0, 0, 0, 1, 2]), (576, 1536, [0, 1]), (40, 24, [1, 0])])
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 17)])
@@ -641,13 +723,7 @@ def _q8x_emulated(x, a, b, modules, rank):
     qb, sb = quantize_int8(b, -1)
     m, k = x.reshape(-1, x.shape[-1]).shape
     nb = -(-k // 32)
-    xs = np.zeros((m, nb * 32), np.float32)
-    xs[:, :k] = x.reshape(m, k)
-    xs = xs.reshape(m, nb, 32)
-    peak = np.abs(xs).max(-1)
-    inv = np.where(peak > 0, np.float32(127) / np.where(peak > 0, peak, 1), np.float32(0)).astype(np.float32)
-    xq = np.rint(xs * inv[..., None]).astype(np.float64)
-    d = (peak / np.float32(127)).astype(np.float64)
+    _, xq, d = _x_codes(x, nb)
     t = np.einsum("mb,mbr->mr", d, np.einsum("mbk,bkr->mbr", xq, np.pad(qa, ((0, nb * 32 - k), (0, 0))).reshape(nb, 32, -1)))
     out, exact = [], []
     t_exact = x.reshape(m, k).astype(np.float64) @ (qa * sa.astype(np.float64))
@@ -791,11 +867,11 @@ def test_matmul_q4_rejects_a_mismatched_weight(kernel):
 
 
 @pytest.mark.parametrize("mode", ["merge", "branch"])
-def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype):
+def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype, monkeypatch):
     """At accuracy level 4 (the default) a native int4 package runs every int4 projection as one MatMulQ4,
     or, with a branch, as the branch's own node taking the packed weight (no BlockOffset, no second node),
-    and records kernel v4. Against the onnx-kernel
-    package (MatMulNBits, which quantizes x to int8 the same way): the float32 sums differ in order, so
+    and its int8 head as MatMulQ8 on the embedding's own Q8_0 table; it records kernel v6. Against the onnx-kernel
+    package with the same Q8_0 table (MatMulNBits, which quantizes x to int8 the same way): the float32 sums differ in order, so
     most logits agree to float32 precision (median bound 1e-5), but where an activation lands within an
     ulp of a rounding boundary its int8 code flips, which moves that position's logits by up to ~0.1 on
     this tiny model (observed 0.036 on logits up to 2.2; bound 0.1, while a wrong weight or a lost offset
@@ -807,6 +883,7 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
     qcfg = QuantConfig(weights=WeightType.INT4)
     ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
     pkgs = {}
+    monkeypatch.setattr("lora_edge.compile.pipeline.q8_tables", lambda cfg: True)  # the onnx package's head too
     for kind in ("onnx", "native"):
         pkgs[kind] = tmp_path / kind
         export(ExportConfig(base=tiny_base, output=pkgs[kind], adapters=ad, quant=qcfg, mode=Mode(mode), lora_kernel=kind,
@@ -816,12 +893,14 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
     fused = [n for n in graph.node if n.op_type.startswith("LoraDelta") and n.input[-1].endswith(".q4x")]
     hf = json.loads((pkgs["native"] / "config.json").read_text())
     n_linear = 4 * hf["num_hidden_layers"]  # q/k/v, o, gate/up and down of each layer
-    tied = hf.get("tie_word_embeddings", True)  # a tied head is the int8 embedding table's MatMulNBits
-    assert nodes.count("MatMulQ4") + len(fused) == n_linear + (not tied) and "BlockOffset" not in nodes
-    assert nodes.count("MatMulNBits") == int(tied)
+    assert nodes.count("MatMulQ4") + len(fused) == n_linear and "BlockOffset" not in nodes
+    # the int8 head: MatMulQ8 on the Q8_0 table the embedding's rows are gathered from (one copy, none prepacked)
+    (head,) = [n for n in graph.node if n.op_type == "MatMulQ8"]
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    assert "MatMulNBits" not in nodes and set(head.input[1:]) <= gathered
     if mode == "branch":  # every adapted projection is one node: the branch's, taking the packed weight
         assert len(fused) == sum(n.startswith("LoraDelta") for n in nodes) == n_linear
-    assert read_manifest(pkgs["native"]).kernel.version == 4
+    assert read_manifest(pkgs["native"]).kernel.version == 6
     onnx_m, native_m = lora_edge.load(pkgs["onnx"]), lora_edge.load(pkgs["native"])
     ids = np.random.RandomState(6).randint(0, 300, (2, 11))
     diff = np.abs(native_m.forward(ids) - onnx_m.forward(ids))

@@ -107,9 +107,17 @@ def quantize(cfg: ExportConfig, base: BaseModel, hf_model, weights: dict, slots:
         return weights, quantization_record(q, {"fp32": len(base.linear_modules) + 1}, None, True)
     hessians = calibrate(base, hf_model, q, progress) if q.algo is QuantAlgo.GPTQ and q.weights is WeightType.INT4 else None
     with counting(progress, "layers quantized") as step:
-        weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians, step)
+        weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians, step, q8_tables(cfg))
     weights.update(replaced_weights(base, slots))  # a module adapters may replace stays float: its weight is an input
     return weights, quantization_record(q, counts, sizes, "model.embed_tokens.weight" in base.weights)
+
+
+def q8_tables(cfg: ExportConfig) -> bool:
+    """Whether the int8 head (and the embedding it shares) is a Q8_0 table for the native kernel's MatMulQ8: in int4
+    recipes at accuracy level 4, where MatMulNBits would prepack a second copy of it (MatMulQ8 quantizes activations
+    per block as MatMulNBits does there)."""
+    q = cfg.quant
+    return cfg.native and q.weights is WeightType.INT4 and q.accuracy_level == 4
 
 
 def calibrate(base: BaseModel, hf_model, q, progress: Progress) -> dict | None:

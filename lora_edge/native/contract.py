@@ -8,7 +8,7 @@ import enum
 from typing import Iterable
 
 DOMAIN = "lora_edge"  # the ONNX domain of the kernel's operators
-KERNEL_VERSION = 5  # the newest contract this lora-edge's kernel implements
+KERNEL_VERSION = 6  # the newest contract this lora-edge's kernel implements
 MIN_ORT = (1, 21)  # the ONNX Runtime C API the kernel is built against (ABI-stable: later runtimes load it)
 
 
@@ -22,6 +22,7 @@ class Op(_Name):
     LORA_DELTA_Q8 = "LoraDeltaQ8"  # the same with int8 A/B and float32 scales (2-D, or the q8x blob)
     BLOCK_OFFSET = "BlockOffset"  # int4's float-offset correction: blocksum(x) @ offsets, added onto an addend
     MATMUL_Q4 = "MatMulQ4"  # the int4 projection on the kernel's packed layout
+    MATMUL_Q8 = "MatMulQ8"  # an int8 projection in Q8_0 blocks (the output head), read in MatMulNBits' 8-bit layout
 
 
 class Feature(_Name):
@@ -32,6 +33,7 @@ class Feature(_Name):
     BLOCK_OFFSET = "block_offset"  # the float-offset correction: a BlockOffset node or a branch's `offsets` input
     MATMUL_Q4 = "matmul_q4"  # MatMulQ4, or a branch node taking the packed int4 weight (computing the projection)
     W8A8 = "w8a8"  # LoraDeltaQ8 in the q8x order, reading its part of the w8a8 blob, int8 activations
+    MATMUL_Q8 = "matmul_q8"  # MatMulQ8: the output head on the embedding's own Q8_0 table
 
 
 # The kernel version that first implements each feature: a package needs the largest of its features'.
@@ -41,6 +43,7 @@ FEATURE_VERSION = {
     Feature.BLOCK_OFFSET: 3,
     Feature.MATMUL_Q4: 4,
     Feature.W8A8: 5,
+    Feature.MATMUL_Q8: 6,
 }
 MIN_PACKAGE_VERSION = 2  # the oldest contract a package records
 

@@ -47,7 +47,10 @@ def quantized_rows(g: GraphBuilder, store: WeightStore, options: GraphOptions, n
     else:
         packed = g.op("Gather", [v.zero_points, ids], axis=0)  # (B, S, ceil(nb * bits / 8)) uint8
         zp = g.op("Unsqueeze", [_unpack(g, options, packed, qt.bits, nb), g.const([-1])])  # (B, S, nb, 1)
-    scale = g.op("Unsqueeze", [g.op("Gather", [v.scales, ids], axis=0), g.const([-1])])  # (B, S, nb, 1)
+    scale = g.op("Gather", [v.scales, ids], axis=0)  # (B, S, nb)
+    if v.half_scales:
+        scale = g.op("Cast", [scale], to=options.onnx_ct)
+    scale = g.op("Unsqueeze", [scale, g.const([-1])])  # (B, S, nb, 1)
     rows = g.op("Mul", [g.op("Sub", [q, zp]), scale])  # (B, S, nb, block)
     if v.offsets is not None:
         rows = g.op("Add", [rows, g.op("Unsqueeze", [g.op("Gather", [v.offsets, ids], axis=0), g.const([-1])])])

@@ -4,7 +4,8 @@
 - :class:`NBitsProjection`: ONNX Runtime's MatMulNBits (int4/int8 blocks, with int, implied or float zero points),
   plus the float-offset correction blocksum(x) @ offsets.T in standard ops;
 - :class:`NativeNBitsProjection`: the same, its correction left to the native kernel (an :class:`OffsetTerm`);
-- :class:`Q4Projection`: the native kernel's own int4 product (a :class:`PackedTerm`, offsets included).
+- :class:`Q4Projection`: the native kernel's own int4 product (a :class:`PackedTerm`, offsets included);
+- :class:`Q8Projection`: the native kernel's MatMulQ8 on a Q8_0 table where it lies (the output head).
 
 :class:`Projections` holds the ones the options allow and picks one per weight.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..models.spec import Slot
-from ..quant.blocks import QTensor, packs_q4
+from ...native.contract import DOMAIN, Feature, Op
+from ..quant.blocks import QTensor, packs_q4, packs_q8
 from .builder import GraphBuilder
 from .options import GraphOptions
 from .terms import OffsetTerm, PackedTerm, Term
@@ -83,6 +85,19 @@ class Q4Projection:
         return [PackedTerm(x, self.store.packed(weight, qt), qt.k, qt.n)]
 
 
+class Q8Projection:
+    """The native kernel's MatMulQ8 on a Q8_0 table (quantize_q8_0), read from the initializers the embedding's rows
+    are gathered from: one mapped copy, none prepacked."""
+
+    def __init__(self, g: GraphBuilder, store: WeightStore) -> None:
+        self.g, self.store = g, store
+
+    def terms(self, x: str, weight: str, qt: QTensor) -> list[Term]:
+        v = self.store.quantized(weight, qt)
+        self.g.need(Feature.MATMUL_Q8)
+        return [self.g.op(Op.MATMUL_Q8, [x, v.codes, v.scales], domain=DOMAIN, K=qt.k, N=qt.n)]
+
+
 class Projections:
     def __init__(self, g: GraphBuilder, options: GraphOptions, store: WeightStore, slots: dict[str, Slot]) -> None:
         self.g, self.slots = g, slots
@@ -90,6 +105,7 @@ class Projections:
         self.nbits = (NativeNBitsProjection if options.native else NBitsProjection)(g, store, options.accuracy_level)
         # MatMulQ4 computes as MatMulNBits does at accuracy level 4 (int8 activations): the same numbers
         self.q4 = Q4Projection(store) if options.native and options.accuracy_level == 4 else None
+        self.q8 = Q8Projection(g, store) if options.native else None
 
     def terms(self, x: str, name: str, w: np.ndarray | QTensor) -> list[Term]:
         """The terms of module ``name``'s projection of ``x``."""
@@ -104,4 +120,6 @@ class Projections:
         # not the embedding table: the graph gathers and dequantizes its rows from MatMulNBits' layout
         if self.q4 is not None and packs_q4(qt) and weight != EMBED_WEIGHT:
             return self.q4.terms(x, weight, qt)
+        if self.q8 is not None and packs_q8(qt):
+            return self.q8.terms(x, weight, qt)
         return self.nbits.terms(x, weight, qt)

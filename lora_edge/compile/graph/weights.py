@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...package.manifest import EMBEDDING
-from ..quant.blocks import QTensor, pack_q4
+from ..quant.blocks import QTensor, pack_q4, packs_q8
 from .builder import GraphBuilder
 from .options import GraphOptions
 
@@ -19,10 +19,11 @@ class QuantWeight(NamedTuple):
     """The values of a block-quantized weight in MatMulNBits' layout (see lora_edge.compile.quant.blocks)."""
 
     codes: str  # (N, n_blocks, block*bits/8) uint8
-    scales: str  # (N, n_blocks), in the compute dtype
+    scales: str  # (N, n_blocks), in the compute dtype; float16 in a Q8_0 table (half_scales)
     zero_points: str | None  # (N, ceil(n_blocks*bits/8)) uint8, zero="int" only
     offsets: str | None  # (N, n_blocks): the embedding's, whose rows are gathered
     offsets_t: str | None  # (n_blocks, N): another weight's, the right operand of the correction's MatMul
+    half_scales: bool = False  # a Q8_0 table: MatMulQ8 reads the float16 scales, gathered rows are cast after the Gather
 
 
 class WeightStore:
@@ -45,7 +46,8 @@ class WeightStore:
         g, ct = self.g, self.options.onnx_ct
         codes = g.weight(f"{name}.q{qt.bits}", qt.codes)
         scales = g.weight(f"{name}.scales", qt.scales)
-        if qt.scales.dtype != self.options.ct:  # float16 on disk with float offsets
+        half_scales = packs_q8(qt) and self.options.native  # MatMulQ8's (a whole cast would be a float32 heap copy)
+        if qt.scales.dtype != self.options.ct and not half_scales:  # float16 on disk with float offsets
             scales = g.op("Cast", [scales], to=ct)
         zero_points = g.weight(f"{name}.zero_points", qt.zero_points) if qt.zero_points is not None else None
         offsets = offsets_t = None
@@ -55,7 +57,7 @@ class WeightStore:
             offsets_t = g.weight(f"{name}.offsets.T", np.ascontiguousarray(qt.offsets.T))
             if not self.options.native:  # the native kernel reads them as float16
                 offsets_t = g.op("Cast", [offsets_t], to=ct)
-        self._quantized[name] = QuantWeight(codes, scales, zero_points, offsets, offsets_t)
+        self._quantized[name] = QuantWeight(codes, scales, zero_points, offsets, offsets_t, half_scales)
         return self._quantized[name]
 
     def packed(self, name: str, qt: QTensor) -> str:

@@ -48,7 +48,7 @@ class QTensor:
     """A quantized (N, K) weight in MatMulNBits layout."""
 
     codes: np.ndarray  # (N, n_blocks, block*bits/8) uint8
-    scales: np.ndarray  # (N, n_blocks) float32, or float16 with zero="float"
+    scales: np.ndarray  # (N, n_blocks) float32, or float16 with zero="float" and in Q8_0 tables (quantize_q8_0)
     zero_points: np.ndarray | None  # (N, ceil(n_blocks*bits/8)) uint8 with zero="int"
     bits: int
     block: int
@@ -263,6 +263,27 @@ def dequantize(qt: QTensor) -> np.ndarray:
 
 
 Q4_GROUP, Q4_BLOCK = 16, 32  # pack_q4's layout: output columns per group, K per block
+Q8_BLOCK = 32
+
+
+def quantize_q8_0(w: np.ndarray) -> QTensor:
+    """llama.cpp's Q8_0: blocks of 32 along K, d = max|v| / 127 stored in float16, codes rint(v / d) in [-127, 127],
+    kept in MatMulNBits' 8-bit layout (code + 128, its implied zero point 128) with the float16 scales: what the
+    native kernel's MatMulQ8 reads where it lies, and what the graph gathers embedding rows from. A Q8_0 GGUF table
+    (SmolLM2's token embedding) comes back exactly."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    v = _blocks(np.asarray(w, dtype=np.float32), Q8_BLOCK)  # (N, nb, 32)
+    d = (np.abs(v).max(-1).astype(np.float64) / 127).astype(np.float16)
+    inv = np.where(d == 0, 0.0, 1.0 / np.where(d == 0, 1.0, d.astype(np.float64))).astype(np.float32)
+    codes = np.clip(np.rint(v * inv[..., None]), -127, 127) + 128
+    return QTensor(codes=codes.astype(np.uint8), scales=d, zero_points=None, bits=8, block=Q8_BLOCK, k=w.shape[1])
+
+
+def packs_q8(qt: QTensor) -> bool:
+    """Whether the native kernel's MatMulQ8 runs ``qt``: a Q8_0 table (quantize_q8_0)."""
+    return (qt.bits == 8 and qt.block == Q8_BLOCK and qt.zero_points is None and qt.offsets is None
+            and qt.scales.dtype == np.float16)
 
 
 def packs_q4(qt: QTensor) -> bool:
@@ -309,11 +330,12 @@ def _linear_type(m: str, qcfg) -> WeightType:
 
 
 def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: None, hessians: dict | None = None,
-                     step=lambda done, total: None) -> tuple[dict, dict, dict]:  # fmt: skip
+                     step=lambda done, total: None, q8_tables: bool = False) -> tuple[dict, dict, dict]:  # fmt: skip
     """Return (weights with QTensor / float16 values per the recipe, tensors per weight type, bytes per part).
 
     Only base weights are touched: the linear layers and the token embedding (a tied lm_head uses
-    the embedding's codes). Norm weights stay float32; LoRA A/B never pass through here.
+    the embedding's codes). Norm weights stay float32; LoRA A/B never pass through here. ``q8_tables``: the int8
+    embedding and lm_head as Q8_0 tables (quantize_q8_0), for the native kernel's MatMulQ8.
     """
 
     out = dict(weights)
@@ -324,6 +346,8 @@ def quantize_weights(weights: dict, linear_modules, qcfg, progress=lambda m: Non
         w = weights[key]
         if not wtype.bits:
             return w.astype(np.float16) if wtype is WeightType.FP16 else w
+        if q8_tables and wtype is WeightType.INT8 and key in (emb, "lm_head.weight"):
+            return quantize_q8_0(w)
         zero = qcfg.zero_for(wtype)
         if factor is not None:
             return gptq(w, hessians[key[: -len(".weight")]], wtype.bits, qcfg.block, zero, factor=factor)

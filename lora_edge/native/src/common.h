@@ -163,6 +163,19 @@ inline int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_
   }
 }
 
+// A product's x (..., K) and its output (..., N): M, the rows (the product of x's leading dimensions), and y. Thrown
+// unless x's last dimension is the node's K > 0 and N > 0.
+inline float* product_output(Ort::KernelContext& ctx, const Ort::ConstValue& x, int64_t K, int64_t N, const char* op,
+                             int64_t& M) {
+  auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.empty() || shape.back() != K || K <= 0 || N <= 0)
+    ORT_CXX_API_THROW(std::string(op) + ": x must be (..., K) with the node's K > 0 and N > 0", ORT_INVALID_ARGUMENT);
+  M = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
+  shape.back() = N;
+  return ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+}
+
 // What every lora_edge operator declares alike: a CPU kernel with one float32 output.
 template <class Op, class Kernel>
 struct CpuOpBase : Ort::CustomOpBase<Op, Kernel> {
@@ -177,5 +190,6 @@ const OrtCustomOp* lora_delta_op();  // lora_delta.cc
 const OrtCustomOp* lora_delta_q8_op();  // lora_delta_q8.cc
 const OrtCustomOp* block_offset_op();  // block_offset.cc
 const OrtCustomOp* matmul_q4_op();  // matmul_q4.cc
+const OrtCustomOp* matmul_q8_op();  // matmul_q8.cc
 
 }  // namespace lora_edge

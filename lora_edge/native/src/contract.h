@@ -8,13 +8,14 @@
 namespace lora_edge::contract {
 
 constexpr const char* kDomain = "lora_edge";  // DOMAIN: the ONNX domain of the operators
-constexpr int kKernelVersion = 5;  // KERNEL_VERSION: the newest contract this kernel implements
+constexpr int kKernelVersion = 6;  // KERNEL_VERSION: the newest contract this kernel implements
 
 // Op: the operators' names in that domain.
 constexpr const char* kLoraDelta = "LoraDelta";
 constexpr const char* kLoraDeltaQ8 = "LoraDeltaQ8";
 constexpr const char* kBlockOffset = "BlockOffset";
 constexpr const char* kMatMulQ4 = "MatMulQ4";
+constexpr const char* kMatMulQ8 = "MatMulQ8";
 
 constexpr int64_t kQ8xWidth = 16;  // Q8X_WIDTH: a q8x B's chunk width is a multiple of this (one vector of columns)
 constexpr int64_t kQ8xKBlock = 32;  // Q8X_K_BLOCK: a q8x A's rows are zero-padded to a multiple of this

@@ -9,6 +9,7 @@
 #include "dot_neon.h"
 #include "dot_portable.h"
 #include "matmul_q4.h"
+#include "matmul_q8.h"
 
 namespace lora_edge {
 
@@ -90,6 +91,23 @@ inline void t_times_b_q8x(const int8_t* tq, float dt, int32_t tsum, const uint8_
 #endif
   (void)tsum;
   portable::t_times_b_q8x(tq, dt, b, y, rq, c, n, n1);  // the rest (all of it without a vector path)
+}
+
+// MatMulQ8: one row of x (codes xq, block scales d, code sums qsum) against one column's codes (nb blocks of 32, the
+// signed code + 128) and float16 block scales s: the sum over blocks of d_b s_b (xq_b . (codes_b - 128)).
+inline float q8_dot(const uint8_t* w, const uint16_t* s, const int8_t* xq, const float* d, const int32_t* qsum, int64_t nb) {
+#if defined(LE_AVX512VNNI)
+  return avx512vnni::q8_dot(w, s, xq, d, qsum, nb);
+#elif defined(LE_AVX2)
+  (void)qsum;
+  return avx2::q8_dot(w, s, xq, d, nb);
+#elif defined(LE_NEON)
+  (void)qsum;
+  return neon::q8_dot(w, s, xq, d, nb);
+#else
+  (void)qsum;
+  return portable::q8_dot(w, s, xq, d, nb);
+#endif
 }
 
 }  // namespace lora_edge

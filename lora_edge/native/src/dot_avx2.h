@@ -176,5 +176,23 @@ inline int64_t t_times_b_q8x(const int8_t* tq, float dt, const uint8_t* b, float
   return n;
 }
 
+// MatMulQ8: one row of x against one column (matmul_q8.h), a block of 32 per vector. maddubs multiplies u8 by s8 and
+// saturates each pair's sum to int16, so the signs move onto x: |w| (at most 128) times x * sign(w) (|x| <= 127),
+// whose pairs stay within 2 * 128 * 127 = 32512.
+inline float q8_dot(const uint8_t* w, const uint16_t* s, const int8_t* xq, const float* d, int64_t nb) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + b * 32)), flip);  // the signed codes
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + b * 32));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(d[b] * _cvtsh_ss(s[b])), acc);
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 }  // namespace lora_edge::avx2
 #endif

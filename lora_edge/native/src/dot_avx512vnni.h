@@ -124,5 +124,29 @@ inline int64_t t_times_b_q8x(const int8_t* tq, float dt, int32_t tsum, const uin
   return n;
 }
 
+// MatMulQ8: one row of x against one column (matmul_q8.h), two blocks of 32 per vpdpbusd: lanes 0-7 hold the first
+// block's 4-product sums, lanes 8-15 the second's, each scaled by its block's d_b s_b (16 blocks' at a time, spread
+// over the lanes by one permute); the codes' +128 comes back out as 128 d_b s_b times x's code sum, per block.
+inline float q8_dot(const uint8_t* w, const uint16_t* s, const int8_t* xq, const float* d, const int32_t* qsum, int64_t nb) {
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const int64_t n = std::min<int64_t>(16, nb - b0);
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    const __m256i halfs = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16((__mmask32)m, s + b0));
+    const __m512 ds = _mm512_mul_ps(_mm512_cvtph_ps(halfs), _mm512_maskz_loadu_ps(m, d + b0));
+    const __m512 bias = _mm512_cvtepi32_ps(_mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, qsum + b0), 7));
+    acc = _mm512_fnmadd_ps(ds, bias, acc);
+    for (int64_t p = 0; p < n; p += 2) {
+      const __mmask64 bytes = n - p >= 2 ? ~0ull : 0xffffffffull;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, w + (b0 + p) * 32),
+                                              _mm512_maskz_loadu_epi8(bytes, xq + (b0 + p) * 32));
+      const __m512 scale = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32((int)p)), ds);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 }  // namespace lora_edge::avx512vnni
 #endif

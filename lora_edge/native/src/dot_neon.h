@@ -130,5 +130,16 @@ inline int64_t t_times_b_q8x(const int8_t* tq, float dt, const uint8_t* b, float
   return n;
 }
 
+// MatMulQ8: one row of x against one column (matmul_q8.h), a block of 32 per two registers.
+inline float q8_dot(const uint8_t* w, const uint16_t* s, const int8_t* xq, const float* d, int64_t nb) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int32x4_t dot = dot4(dot4(vdupq_n_s32(0), unbias16(w + b * 32), vld1q_s8(xq + b * 32)), unbias16(w + b * 32 + 16),
+                               vld1q_s8(xq + b * 32 + 16));
+    acc += d[b] * half_to_float(s[b]) * (float)vaddvq_s32(dot);
+  }
+  return acc;
+}
+
 }  // namespace lora_edge::neon
 #endif

@@ -89,4 +89,15 @@ inline void t_times_b_q8x(const int8_t* tq, float dt, const uint8_t* b, float* y
   }
 }
 
+// MatMulQ8: one row of x against one column (matmul_q8.h), block by block.
+inline float q8_dot(const uint8_t* w, const uint16_t* s, const int8_t* xq, const float* d, int64_t nb) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t dot = 0;
+    for (int64_t k = 0; k < kQ4Block; ++k) dot += xq[b * kQ4Block + k] * unbias(w[b * kQ4Block + k]);
+    acc += d[b] * half_to_float(s[b]) * (float)dot;
+  }
+  return acc;
+}
+
 }  // namespace lora_edge::portable

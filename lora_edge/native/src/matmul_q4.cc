@@ -79,15 +79,8 @@ struct MatMulQ4Kernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     auto x = ctx.GetInput(0);
-    auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.empty() || xs.back() != K || K <= 0 || N <= 0)
-      ORT_CXX_API_THROW("MatMulQ4: x must be (..., K) with the node's K > 0 and N > 0", ORT_INVALID_ARGUMENT);
-    int64_t M = 1;
-    for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
-    std::vector<int64_t>& ys = xs;
-    ys.back() = N;
-    auto out = ctx.GetOutput(0, ys);
-    float* y = out.GetTensorMutableData<float>();
+    int64_t M;
+    float* y = product_output(ctx, x, K, N, "MatMulQ4", M);
     QuantizedRows& qx = workspace().x;
     Q4Job job = q4_job(ctx.GetInput(1), x.GetTensorData<float>(), qx, y, M, K, N, "MatMulQ4");
     if (M == 0) return;

@@ -31,6 +31,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, lora_edge::lora_delta_q8_op());
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, lora_edge::block_offset_op());
     if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, lora_edge::matmul_q4_op());
+    if (status == nullptr) status = api->CustomOpDomain_Add(the_domain, lora_edge::matmul_q8_op());
   });
   if (status != nullptr) return status;
   return api->AddCustomOpDomain(options, the_domain);
