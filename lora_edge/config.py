@@ -192,6 +192,13 @@ class QuantConfig:
         """Whether the recipe's linear weights carry float block offsets (a correction beside MatMulNBits)."""
         return bool(self.weights.bits) and self.zero_for(self.weights) is ZeroPoint.FLOAT
 
+    @property
+    def kernel_base_work(self) -> bool:
+        """Whether the native kernel runs part of a merged base: int4's float-offset correction, or the whole int4
+        product (MatMulQ4: blocks of 32 at accuracy level 4, with float offsets or symmetric)."""
+        return self.has_float_offsets or (self.weights is WeightType.INT4 and self.block == 32 and self.accuracy_level == 4
+                                          and self.zero_for(self.weights) is ZeroPoint.NONE)  # fmt: skip
+
     def zero_for(self, wtype: WeightType) -> ZeroPoint:
         if self.zero is not None:
             return self.zero
@@ -272,9 +279,9 @@ class ExportConfig:
             )
         if self.native and self.target is not Target.CPU:
             raise InputError(f"--lora-kernel native runs on the CPU execution provider; use it with --target cpu, not {self.target}")
-        if self.native and self.mode is not Mode.BRANCH and not self.quant.has_float_offsets:
-            raise InputError("--lora-kernel native runs LoRA branches and int4's float-offset correction; this merged "
-                             "export has neither (use --mode branch, or an int4 recipe with --zero float)")
+        if self.native and self.mode is not Mode.BRANCH and not self.quant.kernel_base_work:
+            raise InputError("--lora-kernel native runs LoRA branches and int4 products; this merged export has neither "
+                             "(use --mode branch, or an int4 recipe with --zero float)")
         if self.alora and self.native:
             raise InputError("activated LoRA (--alora, or an adapter with alora_invocation_tokens) runs on standard-op branches; "
                              "use --lora-kernel onnx")  # fmt: skip

@@ -479,10 +479,11 @@ def test_two_threads_give_the_same_tokens(native_package, native):
 
 
 # -- MatMulQ4: the int4 base projection (kernel v4) ---------------------------------------------------
-def _q4_weight(n: int, k: int, seed: int):
+def _q4_weight(n: int, k: int, seed: int, zero: str = "float"):
+    """Blocks with float offsets (records of 320 bytes), or symmetric ones (zero "none", llama.cpp's Q4_0: 288)."""
     from lora_edge.compile.quant.blocks import quantize
 
-    return quantize(np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05, 4, 32, zero="float", algo="rtn")
+    return quantize(np.random.RandomState(seed).randn(n, k).astype(np.float32) * 0.05, 4, 32, zero=zero, algo="rtn")
 
 
 def _x_codes(x: np.ndarray, nb: int) -> tuple:
@@ -499,15 +500,15 @@ def _x_codes(x: np.ndarray, nb: int) -> tuple:
 
 def _q4_ref(x: np.ndarray, qt) -> np.ndarray:
     """MatMulQ4's arithmetic in float64: x's int8 codes (_x_codes), the integer dot products with the codes, the
-    implied zero point 8 taken off through the int8 sums, and the offsets times x's exact block sums."""
+    implied zero point 8 taken off through the int8 sums, and the offsets (if any) times x's exact block sums."""
     from lora_edge.compile.quant.blocks import unpack
 
     xs, xq, d = _x_codes(x, qt.n_blocks)
     q = unpack(qt.codes, 4, 32).astype(np.float64)  # (N, nb, 32)
     dots = np.einsum("mbk,nbk->mnb", xq, q)
-    s, o = qt.scales.astype(np.float64), qt.offsets.astype(np.float64)  # (N, nb)
-    y = np.einsum("nb,mnb->mn", s, (dots - 8 * xq.sum(-1)[:, None, :]) * d[:, None, :])
-    y += xs.astype(np.float64).sum(-1) @ o.T
+    y = np.einsum("nb,mnb->mn", qt.scales.astype(np.float64), (dots - 8 * xq.sum(-1)[:, None, :]) * d[:, None, :])
+    if qt.offsets is not None:
+        y += xs.astype(np.float64).sum(-1) @ qt.offsets.astype(np.float64).T
     return y.reshape(*x.shape[:-1], qt.n)
 
 
@@ -524,13 +525,13 @@ def _q4_session(kernel, qt, threads: int = 1):
 Q4_CASES = [(576, 960, (1, 1)), (1536, 576, (1, 1)), (100, 37, (1, 3)), (64, 16, (1, 5)), (33, 20, (2, 65)), (32, 1, (4,))]
 
 
-def _check_q4(kernel, k: int, n: int, rows: tuple) -> None:
+def _check_q4(kernel, k: int, n: int, rows: tuple, zero: str = "float") -> None:
     """MatMulQ4 against its arithmetic in float64 (float32 sums over blocks: 1e-6 of the largest output,
     observed ~1e-7), and against ONNX Runtime's own MatMulNBits at accuracy level 4 plus the offsets'
     correction, which quantizes x the same way (observed ~4e-7 of the largest output; bound 1e-5)."""
     from lora_edge.compile.quant.blocks import dequantize
 
-    qt = _q4_weight(n, k, k + n)
+    qt = _q4_weight(n, k, k + n, zero)
     x = np.random.RandomState(k * n).randn(*rows, k).astype(np.float32)
     want = _q4_ref(x, qt)
     nbits = _nbits_session(kernel, qt).run(None, {"x": x})[0]
@@ -547,21 +548,26 @@ def _check_q4(kernel, k: int, n: int, rows: tuple) -> None:
 
 
 def _nbits_session(kernel, qt):
-    """MatMulNBits (accuracy level 4) + BlockOffset: what a native int4 package ran before kernel v4."""
+    """MatMulNBits (accuracy level 4) + BlockOffset: what a native int4 package ran before kernel v4 (symmetric blocks:
+    MatMulNBits alone, its implied zero point 8)."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["base"], domain="com.microsoft", K=qt.k, N=qt.n, bits=4,
-                              block_size=32, accuracy_level=4),
-             helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=32)]  # fmt: skip
-    inits = {"codes": qt.codes, "scales": qt.scales.astype(np.float32), "offsets": np.ascontiguousarray(qt.offsets.T)}
+    out = "base" if qt.offsets is not None else "y"
+    nodes = [helper.make_node("MatMulNBits", ["x", "codes", "scales"], [out], domain="com.microsoft", K=qt.k, N=qt.n, bits=4,
+                              block_size=32, accuracy_level=4)]  # fmt: skip
+    inits = {"codes": qt.codes, "scales": qt.scales.astype(np.float32)}
+    if qt.offsets is not None:
+        nodes.append(helper.make_node("BlockOffset", ["x", "offsets", "base"], ["y"], domain="lora_edge", block=32))
+        inits["offsets"] = np.ascontiguousarray(qt.offsets.T)
     return _one_node_session(kernel, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], 1, inits)
 
 
 @pytest.mark.parametrize("k,n,rows", Q4_CASES)
-def test_matmul_q4_matches_its_arithmetic_and_matmulnbits(kernel, k, n, rows):
+@pytest.mark.parametrize("zero", ["float", "none"])
+def test_matmul_q4_matches_its_arithmetic_and_matmulnbits(kernel, k, n, rows, zero):
     """Decode rows (1), prompt rows (65: tiles of 4 and a remainder), K off the block size and N off
-    the 16-column groups, on one thread and two."""
-    _check_q4(kernel, k, n, rows)
+    the 16-column groups, on one thread and two; records with float offsets and symmetric ones."""
+    _check_q4(kernel, k, n, rows, zero)
 
 
 # The kernel's other instruction-set paths, by machine: x86 without AVX-512 (AVX2) and without AVX2 (the portable C++);
@@ -579,7 +585,8 @@ def test_matmul_q4_avx2_and_portable_paths(tmp_path, march):
 
     lib = compile_library(tmp_path / f"k-{march}.so", find_ort_include(), march)
     for k, n, rows in Q4_CASES[2:]:
-        _check_q4(lib, k, n, rows)
+        for zero in ("float", "none"):
+            _check_q4(lib, k, n, rows, zero)
 
 
 # -- MatMulQ8: the output head on its Q8_0 table (kernel v6) -------------------------------------------
@@ -669,15 +676,16 @@ def test_quantize_q8_0_gives_a_q8_0_table_back_exactly():
 def test_branch_node_runs_its_int4_projection(kernel, k, c, modules, int8, rows, rank):
     """A branch node taking the packed int4 weight (its last input) computes projection + extra + delta in
     one node: in its B product's column tasks when the chunk width is a multiple of the 16-column groups
-    (192, 1536), in a pass of its own when not (24), and alone when no adapter is bound (rank 0). Bounds:
-    MatMulQ4's (1e-6 of the largest output) plus the delta's float32 sums (as for the other delta tests)."""
+    (192, 1536), in a pass of its own when not (24), and alone when no adapter is bound (rank 0); the float16
+    branches on records with float offsets, the int8 ones on symmetric records. Bounds: MatMulQ4's (1e-6 of the
+    largest output) plus the delta's float32 sums (as for the other delta tests)."""
     from onnx import TensorProto, helper
 
     from lora_edge.compile.quant.blocks import pack_q4
 
     rng = np.random.RandomState(k + c + int8 + rank)
     n = len(modules) * c
-    qt = _q4_weight(n, k, k + c)
+    qt = _q4_weight(n, k, k + c, "none" if int8 else "float")
     x = rng.randn(*rows, k).astype(np.float32)
     a, b = rng.randn(k, (max(modules) + 1) * rank), rng.randn(len(modules), rank, c)
     feed, a, b = _branch_feed(x, a, b, int8)
@@ -867,8 +875,10 @@ def test_matmul_q4_rejects_a_mismatched_weight(kernel):
 
 
 @pytest.mark.parametrize("mode", ["merge", "branch"])
-def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype, monkeypatch):
-    """At accuracy level 4 (the default) a native int4 package runs every int4 projection as one MatMulQ4,
+@pytest.mark.parametrize("zero", ["float", "none"])
+def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path, mode, lora_dtype, monkeypatch, zero):
+    """At accuracy level 4 (the default) a native int4 package, with float offsets or symmetric blocks (Q4_0), runs
+    every int4 projection as one MatMulQ4,
     or, with a branch, as the branch's own node taking the packed weight (no BlockOffset, no second node),
     and its int8 head as MatMulQ8 on the embedding's own Q8_0 table; it records kernel v6. Against the onnx-kernel
     package with the same Q8_0 table (MatMulNBits, which quantizes x to int8 the same way): the float32 sums differ in order, so
@@ -880,7 +890,7 @@ def test_int4_packages_run_matmul_q4(kernel, tiny_base, tiny_adapters, tmp_path,
     from lora_edge.config import AdapterSpec, ExportConfig, Mode, QuantConfig, WeightType
     from lora_edge.compile.pipeline import export
 
-    qcfg = QuantConfig(weights=WeightType.INT4)
+    qcfg = QuantConfig(weights=WeightType.INT4, zero=zero)
     ad = (AdapterSpec("x", tiny_adapters["all_r8_rslora"]),)
     pkgs = {}
     monkeypatch.setattr("lora_edge.compile.pipeline.q8_tables", lambda cfg: True)  # the onnx package's head too

@@ -94,8 +94,10 @@ def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
         return scale, zp, np.zeros_like(scale)
     if zero == ZeroPoint.NONE:  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
         # (as llama.cpp's Q4_0/Q8_0 do), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other
+        # Stored in float16, as GGUF's Q4_0 stores it (the native kernel's records hold float16; a Q4_0 GGUF's blocks
+        # come back exactly): rounded here so the codes are chosen against the stored values
         peak = np.where(-lo > hi, lo, hi)
-        scale = -peak * shrink / half
+        scale = (-peak * shrink / half).astype(np.float16).astype(np.float64)
         return scale, np.full(scale.shape, float(half)), np.zeros_like(scale)
     mid = (lo + hi) / 2
     lo, hi = mid - (mid - lo) * shrink, mid + (hi - mid) * shrink
@@ -287,27 +289,29 @@ def packs_q8(qt: QTensor) -> bool:
 
 
 def packs_q4(qt: QTensor) -> bool:
-    """Whether the native kernel's MatMulQ4 runs ``qt``: 4 bits, blocks of 32, float offsets (the int4 recipe)."""
-    return qt.bits == 4 and qt.block == Q4_BLOCK and qt.offsets is not None
+    """Whether the native kernel's MatMulQ4 runs ``qt``: 4 bits, blocks of 32, with float offsets (the int4 recipe)
+    or symmetric (zero "none", llama.cpp's Q4_0)."""
+    return qt.bits == 4 and qt.block == Q4_BLOCK and qt.zero_points is None
 
 
 def pack_q4(qt: QTensor) -> np.ndarray:
-    """``qt`` in the layout of the native kernel's MatMulQ4 (native/src/matmul_q4.h): (G, nb, 320) uint8, G = ceil(N / 16).
+    """``qt`` in the layout of the native kernel's MatMulQ4 (native/src/matmul_q4.h): (G, nb, 320) uint8, G = ceil(N / 16),
+    or (G, nb, 288) for symmetric blocks (no offsets).
 
     Per group of 16 output columns and block of 32 along K, one contiguous record: 256 bytes of codes, then the
-    16 columns' float16 scales and float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte
+    16 columns' float16 scales and (with float offsets) float16 offsets. The codes are 4 vectors of 64 bytes; in vector v, byte
     4 j + i holds column j's code at k = 8 v + i (low nibble) and k = 8 v + 4 + i (high nibble), so that a
     32-bit lane of a vector register holds 4 consecutive codes of one column. Padding columns are zero."""
     if not packs_q4(qt):
-        raise ValueError("pack_q4 takes 4-bit blocks of 32 with float offsets")
+        raise ValueError("pack_q4 takes 4-bit blocks of 32 with float offsets or none")
     n, nb = qt.n, qt.n_blocks
     groups = -(-n // Q4_GROUP)
     pad = groups * Q4_GROUP - n
     q = unpack(qt.codes, 4, Q4_BLOCK).astype(np.uint8)  # (N, nb, 32)
-    scales, offsets = qt.scales.astype(np.float16), qt.offsets.astype(np.float16)
+    params = [qt.scales.astype(np.float16)] + ([qt.offsets.astype(np.float16)] if qt.offsets is not None else [])
     if pad:
         q = np.pad(q, ((0, pad), (0, 0), (0, 0)))
-        scales, offsets = np.pad(scales, ((0, pad), (0, 0))), np.pad(offsets, ((0, pad), (0, 0)))
+        params = [np.pad(a, ((0, pad), (0, 0))) for a in params]
     q = q.reshape(groups, Q4_GROUP, nb, 4, 2, 4)  # (g, j, b, v, nibble, i): k = 8 v + 4 nibble + i
     q = q.transpose(0, 2, 3, 1, 5, 4)  # (g, b, v, j, i, nibble)
     codes = (q[..., 0] | (q[..., 1] << 4)).reshape(groups, nb, 256)
@@ -315,7 +319,7 @@ def pack_q4(qt: QTensor) -> np.ndarray:
     def per_block(a: np.ndarray) -> np.ndarray:  # (N, nb) float16 -> (g, nb, 32) bytes
         return a.reshape(groups, Q4_GROUP, nb).transpose(0, 2, 1).copy().view(np.uint8)
 
-    return np.ascontiguousarray(np.concatenate([codes, per_block(scales), per_block(offsets)], axis=-1))
+    return np.ascontiguousarray(np.concatenate([codes, *map(per_block, params)], axis=-1))
 
 
 # -- applying a recipe to a model's weights --------------------------------------------------

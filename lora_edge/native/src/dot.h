@@ -47,17 +47,17 @@ inline void block_sums(const float* x, float* s, int64_t K, int64_t nb, int64_t 
 }
 
 // MatMulQ4: y[m0:m0+rows, group g's columns] += the product, for rows m0..m0+rows-1 (a constant, so that the rows'
-// loops unroll).
-template <int rows>
+// loops unroll), on records with float offsets or without (symmetric blocks).
+template <int rows, bool Offsets>
 void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
 #if defined(LE_AVX512VNNI)
-  avx512vnni::q4_group_rows<rows>(j, g, m0);
+  avx512vnni::q4_group_rows<rows, Offsets>(j, g, m0);
 #elif defined(LE_AVX2)
-  avx2::q4_group_rows<rows>(j, g, m0);
+  avx2::q4_group_rows<rows, Offsets>(j, g, m0);
 #elif defined(LE_NEON)
-  neon::q4_group_rows<rows>(j, g, m0);
+  neon::q4_group_rows<rows, Offsets>(j, g, m0);
 #else
-  portable::q4_group_rows<rows>(j, g, m0);
+  portable::q4_group_rows<rows, Offsets>(j, g, m0);
 #endif
 }
 

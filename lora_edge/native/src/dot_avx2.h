@@ -87,18 +87,19 @@ inline float sum(const float* x, int64_t& k, int64_t k1) {
 
 // MatMulQ4's y[m0:m0+rows, group g's columns] += the product (matmul_q4.h's layout): as on AVX-512 VNNI, over two
 // halves of 8 columns: u8 x s8 pairs (maddubs, at most 2 * 15 * 127: no saturation) summed to int32 (madd with ones)
-template <int rows>
+template <int rows, bool Offsets>
 void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
+  constexpr int64_t rec = q4_record<Offsets>();
   const int64_t kp = j.nb * kQ4Block, c0 = g * kQ4Group, width = std::min(kQ4Group, j.N - c0);
-  const uint8_t* p = j.w + g * j.nb * kQ4Bytes;
+  const uint8_t* p = j.w + g * j.nb * rec;
   const int8_t* xq = j.x->q.data() + m0 * kp;
   const size_t st = (size_t)(m0 * j.nb);
   const float *d = j.x->d.data() + st, *zs = j.x->zero_share.data() + st, *bs = j.x->sums.data() + st;
   __m256 acc[rows][2];
   for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes) {
-    q4_prefetch(p);
+  for (int64_t b = 0; b < j.nb; ++b, p += rec) {
+    q4_prefetch<rec>(p);
     for (int h = 0; h < 2; ++h) {
       __m256i dot[rows];
       for (int r = 0; r < rows; ++r) dot[r] = _mm256_setzero_si256();
@@ -115,11 +116,12 @@ void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
         }
       }
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + kQ4Codes + 16 * h)));
-      const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + kQ4Codes + 32 + 16 * h)));
+      const __m256 o = Offsets ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + kQ4Codes + 32 + 16 * h))) : _mm256_setzero_ps();
       for (int r = 0; r < rows; ++r) {
         const size_t i = (size_t)(r * j.nb + b);
         const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(d[i]), _mm256_set1_ps(zs[i]));
-        acc[r][h] = _mm256_fmadd_ps(o, _mm256_set1_ps(bs[i]), _mm256_fmadd_ps(s, t, acc[r][h]));
+        acc[r][h] = _mm256_fmadd_ps(s, t, acc[r][h]);
+        if constexpr (Offsets) acc[r][h] = _mm256_fmadd_ps(o, _mm256_set1_ps(bs[i]), acc[r][h]);
       }
     }
   }

@@ -13,18 +13,19 @@ namespace lora_edge::avx512vnni {
 
 // MatMulQ4's y[m0:m0+rows, group g's columns] += the product (matmul_q4.h's layout): one lane per column, each block's
 // 32 codes as 4 vectors of low and high nibbles against x's codes broadcast 4 at a time.
-template <int rows>
+template <int rows, bool Offsets>
 void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
+  constexpr int64_t rec = q4_record<Offsets>();
   const int64_t kp = j.nb * kQ4Block, c0 = g * kQ4Group, width = std::min(kQ4Group, j.N - c0);
-  const uint8_t* p = j.w + g * j.nb * kQ4Bytes;
+  const uint8_t* p = j.w + g * j.nb * rec;
   const int8_t* xq = j.x->q.data() + m0 * kp;
   const size_t st = (size_t)(m0 * j.nb);
   const float *d = j.x->d.data() + st, *zs = j.x->zero_share.data() + st, *bs = j.x->sums.data() + st;
   __m512 acc[rows];
   for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0f);
-  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes) {
-    q4_prefetch(p);
+  for (int64_t b = 0; b < j.nb; ++b, p += rec) {
+    q4_prefetch<rec>(p);
     __m512i dot[rows];
     for (int r = 0; r < rows; ++r) dot[r] = _mm512_setzero_si512();
     for (int v = 0; v < 4; ++v) {
@@ -39,11 +40,12 @@ void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + kQ4Codes)));
-    const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + kQ4Codes + 32)));
+    const __m512 o = Offsets ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + kQ4Codes + 32))) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
       const size_t i = (size_t)(r * j.nb + b);
       const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(d[i]), _mm512_set1_ps(zs[i]));
-      acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(bs[i]), _mm512_fmadd_ps(s, t, acc[r]));
+      acc[r] = _mm512_fmadd_ps(s, t, acc[r]);
+      if constexpr (Offsets) acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(bs[i]), acc[r]);
     }
   }
   const __mmask16 keep = (__mmask16)((1u << width) - 1u);

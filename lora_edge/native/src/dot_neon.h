@@ -37,16 +37,17 @@ inline float32x4_t four_halves(const uint8_t* p) { return vcvt_f32_f16(vreinterp
 // MatMulQ4's y[m0:m0+rows, group g's columns] += the product (matmul_q4.h's layout): each 16 bytes of a vector v are
 // 4 columns' codes at k = 8 v .. 8 v + 3 (low nibbles) and 8 v + 4 .. 8 v + 7 (high), against x's codes broadcast
 // 4 at a time; 4 registers of 4 columns per row.
-template <int rows>
+template <int rows, bool Offsets>
 void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
+  constexpr int64_t rec = q4_record<Offsets>();
   const Q4Tile tile(j, g, m0);
   const uint8_t* p = tile.p;
   float32x4_t acc[rows][4];
   for (int r = 0; r < rows; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = vdupq_n_f32(0.f);
   const uint8x16_t low = vdupq_n_u8(0x0f);
-  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes) {
-    q4_prefetch(p);
+  for (int64_t b = 0; b < j.nb; ++b, p += rec) {
+    q4_prefetch<rec>(p);
     int32x4_t dot[rows][4];
     for (int r = 0; r < rows; ++r)
       for (int q = 0; q < 4; ++q) dot[r][q] = vdupq_n_s32(0);
@@ -63,11 +64,13 @@ void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
       }
     }
     for (int q = 0; q < 4; ++q) {
-      const float32x4_t s = four_halves(p + kQ4Codes + 8 * q), o = four_halves(p + kQ4Codes + 32 + 8 * q);
+      const float32x4_t s = four_halves(p + kQ4Codes + 8 * q);
+      const float32x4_t o = Offsets ? four_halves(p + kQ4Codes + 32 + 8 * q) : vdupq_n_f32(0.f);
       for (int r = 0; r < rows; ++r) {
         const size_t i = (size_t)(r * j.nb + b);
         const float32x4_t t = vsubq_f32(vmulq_n_f32(vcvtq_f32_s32(dot[r][q]), tile.d[i]), vdupq_n_f32(tile.zs[i]));
-        acc[r][q] = vfmaq_n_f32(vfmaq_f32(acc[r][q], s, t), o, tile.bs[i]);
+        acc[r][q] = vfmaq_f32(acc[r][q], s, t);
+        if constexpr (Offsets) acc[r][q] = vfmaq_n_f32(acc[r][q], o, tile.bs[i]);
       }
     }
   }

@@ -36,18 +36,19 @@ inline float sum(const float* x, int64_t k, int64_t k1, float acc) {
 }
 
 // MatMulQ4's y[m0:m0+rows, group g's columns] += the product (matmul_q4.h's layout), one column at a time.
-template <int rows>
+template <int rows, bool Offsets>
 void q4_group_rows(const Q4Job& j, int64_t g, int64_t m0) {
+  constexpr int64_t rec = q4_record<Offsets>();
   const int64_t kp = j.nb * kQ4Block, c0 = g * kQ4Group, width = std::min(kQ4Group, j.N - c0);
-  const uint8_t* p = j.w + g * j.nb * kQ4Bytes;
+  const uint8_t* p = j.w + g * j.nb * rec;
   const int8_t* xq = j.x->q.data() + m0 * kp;
   const size_t st = (size_t)(m0 * j.nb);
   const float *d = j.x->d.data() + st, *zs = j.x->zero_share.data() + st, *bs = j.x->sums.data() + st;
   float acc[rows][kQ4Group] = {};
-  for (int64_t b = 0; b < j.nb; ++b, p += kQ4Bytes)
+  for (int64_t b = 0; b < j.nb; ++b, p += rec)
     for (int64_t c = 0; c < width; ++c) {
       const float s = half_to_float((uint16_t)(p[kQ4Codes + 2 * c] | p[kQ4Codes + 2 * c + 1] << 8));
-      const float o = half_to_float((uint16_t)(p[kQ4Codes + 32 + 2 * c] | p[kQ4Codes + 33 + 2 * c] << 8));
+      const float o = Offsets ? half_to_float((uint16_t)(p[kQ4Codes + 32 + 2 * c] | p[kQ4Codes + 33 + 2 * c] << 8)) : 0.f;
       for (int64_t r = 0; r < rows; ++r) {
         const int8_t* xb = xq + r * kp + b * kQ4Block;
         int32_t dot = 0;

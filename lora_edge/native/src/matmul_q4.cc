@@ -30,17 +30,21 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t nb, QuantizedRo
 
 constexpr int64_t kQ4Rows = 4;  // rows of x per pass over a group's weights (a prompt pass reuses them from L1)
 
-void q4_groups(const Q4Job& j, int64_t g0, int64_t g1) {
-  for (int64_t g = g0; g < std::min(g1, j.G); ++g) {
-    int64_t m = 0;
-    for (; m + kQ4Rows <= j.M; m += kQ4Rows) q4_group_rows<kQ4Rows>(j, g, m);
-    switch (j.M - m) {
-      case 3: q4_group_rows<3>(j, g, m); break;
-      case 2: q4_group_rows<2>(j, g, m); break;
-      case 1: q4_group_rows<1>(j, g, m); break;
-      default: break;
-    }
+// Group g's columns for every row: tiles of kQ4Rows rows, then the remainder.
+template <bool Offsets>
+static void q4_group(const Q4Job& j, int64_t g) {
+  int64_t m = 0;
+  for (; m + kQ4Rows <= j.M; m += kQ4Rows) q4_group_rows<kQ4Rows, Offsets>(j, g, m);
+  switch (j.M - m) {
+    case 3: q4_group_rows<3, Offsets>(j, g, m); break;
+    case 2: q4_group_rows<2, Offsets>(j, g, m); break;
+    case 1: q4_group_rows<1, Offsets>(j, g, m); break;
+    default: break;
   }
+}
+
+void q4_groups(const Q4Job& j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < std::min(g1, j.G); ++g) j.offsets ? q4_group<true>(j, g) : q4_group<false>(j, g);
 }
 
 constexpr int64_t kQ4GroupsPerTask = 4;  // 64 columns per thread-pool task of a projection alone
@@ -62,10 +66,10 @@ Q4Job q4_job(const Ort::ConstValue& packed, const float* x, QuantizedRows& qx, f
              const char* op) {
   auto ws = packed.GetTensorTypeAndShapeInfo().GetShape();
   const int64_t nb = (K + kQ4Block - 1) / kQ4Block, G = (N + kQ4Group - 1) / kQ4Group;
-  if (ws.size() != 3 || ws[0] != G || ws[1] != nb || ws[2] != kQ4Bytes)
-    ORT_CXX_API_THROW(std::string(op) + ": packed must be (ceil(N / 16), ceil(K / 32), 320)", ORT_INVALID_ARGUMENT);
+  if (ws.size() != 3 || ws[0] != G || ws[1] != nb || (ws[2] != kQ4Bytes && ws[2] != kQ4SymBytes))
+    ORT_CXX_API_THROW(std::string(op) + ": packed must be (ceil(N / 16), ceil(K / 32), 320 or 288)", ORT_INVALID_ARGUMENT);
   quantize_rows(x, M, K, nb, qx);
-  return Q4Job{static_cast<const uint8_t*>(packed.GetTensorRawData()), &qx, y, M, N, nb, G};
+  return Q4Job{static_cast<const uint8_t*>(packed.GetTensorRawData()), &qx, y, M, N, nb, G, ws[2] == kQ4Bytes};
 }
 
 namespace {
