@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from onnx import TensorProto
 
 from ..models.spec import DecoderSpec
 from .activation import softcap
@@ -36,23 +37,37 @@ def _scale(spec: DecoderSpec) -> float:
 class FusedAttention:
     def __init__(self, g: GraphBuilder, spec: DecoderSpec, inv_freq: np.ndarray, inputs: DecoderInputs, ct) -> None:
         self.g, self.spec, self.inputs = g, spec, inputs
-        if spec.positions == "rope":  # one (max_pos, D/2) table of cos and sin for RotaryEmbedding
-            with g.scoped("rotary"):
-                positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
-                angles = positions * inv_freq.astype(np.float32)[None, :]  # (max_pos, D/2), as HF computes it
-                self.cos = g.weight("rotary.cos_cache", (np.cos(angles) * spec.rope_attention_scaling).astype(ct))
-                self.sin = g.weight("rotary.sin_cache", (np.sin(angles) * spec.rope_attention_scaling).astype(ct))
+        if spec.positions == "rope":
+            self.rows, self.cos, self.sin = self._rotary(g, spec, inv_freq, inputs.position_ids, ct)
         with g.scoped("mask"):  # GroupQueryAttention's: the keys per sequence less one, and the total length
             mask = inputs.attention_mask
             keys = g.op("ReduceSum", [mask, g.const([1])], keepdims=0)  # (B,)
             self.seqlens_k = g.op("Cast", [g.op("Sub", [keys, g.const(1)])], to=6)  # (B,) int32
             self.total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0)], to=6)  # scalar int32
 
+    @staticmethod
+    def _rotary(g: GraphBuilder, spec: DecoderSpec, inv_freq: np.ndarray, position_ids: str, ct) -> tuple[str, str, str]:
+        """RotaryEmbedding's inputs for this call's positions: cos and sin as a (B*S, D/2) table, and the (B, S)
+        rows that index it. A (max_positions, D/2) table in the weights would be 2 MiB for SmolLM2's 8192 positions,
+        resident once any row of it is read (page-cache folios are mapped whole); this is B*S rows of work a call."""
+        f32 = np.float32
+        with g.scoped("rotary"):
+            pos = g.op("Cast", [g.op("Reshape", [position_ids, g.const([-1, 1])])], to=1)  # (B*S, 1)
+            angles = g.op("Mul", [pos, g.weight("rotary.inv_freq", inv_freq.astype(f32)[None, :])])  # (B*S, D/2), as HF
+            tables = [g.op("Cos", [angles]), g.op("Sin", [angles])]
+            if spec.rope_attention_scaling != 1.0:
+                tables = [g.op("Mul", [t, g.const(spec.rope_attention_scaling, f32)]) for t in tables]
+            if ct is not f32:
+                tables = [g.op("Cast", [t], to=TensorProto.FLOAT16) for t in tables]
+            count = g.op("Size", [position_ids])  # B*S
+            rows = g.op("Reshape", [g.op("Range", [g.const(0), count, g.const(1)]), g.op("Shape", [position_ids])])
+            return rows, tables[0], tables[1]
+
     def __call__(self, i: int, q: str, k: str, v: str) -> str:
         """q (B, S, H*D), k and v (B, S, KV*D) -> (B, S, H*D)."""
         g, spec, H, KV = self.g, self.spec, self.spec.num_heads, self.spec.num_kv_heads
         if spec.positions == "rope":
-            rotary = [self.inputs.position_ids, self.cos, self.sin]
+            rotary = [self.rows, self.cos, self.sin]
             q = g.op("RotaryEmbedding", [q, *rotary], domain="com.microsoft", num_heads=H, interleaved=0)
             k = g.op("RotaryEmbedding", [k, *rotary], domain="com.microsoft", num_heads=KV, interleaved=0)
         past_k, past_v = self.inputs.past[i]
