@@ -7,7 +7,6 @@ import hashlib
 import os
 import platform
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +54,8 @@ def _arm_dotprod() -> bool:
         return "asimddp" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         pass
+    import subprocess  # (here, not at the top: the runtime imports this module to find the library, not to build it)
+
     try:
         run = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True, check=False)
         return run.stdout.strip() == "1"
@@ -116,6 +117,8 @@ def build(ort_include: Path | None = None, cxx: str | None = None, march: str = 
 
 def compile_library(out: Path, include: Path, march: str = "native", cxx: str | None = None, src: Path = SOURCE) -> Path:
     """Compile every ``src/*.cc`` into the shared library ``out`` (written whole, or not at all)."""
+    import subprocess  # (here, not at the top: the runtime imports this module to find the library, not to build it)
+
     compiler = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise KernelError("no C++ compiler found (c++, g++ or clang++); install one or set CXX")
