@@ -176,8 +176,8 @@ def main() -> None:
     for name in rows:
         peak = med(name, "peak_mib")
         parts = [f"{med(name, k):.1f}" if k in rows[name][0] else "-" for k in ("mapped", "anonymous", "libraries")]
-        vs = f"{peak / ref:.2f}x" if ref else "-"
-        print(f"| {name} | {peak:.0f} | {vs} | {med(name, 'tps'):.1f} | {' | '.join(parts)} |")
+        vs = f"{peak / ref:.3f}x" if ref else "-"
+        print(f"| {name} | {peak:.1f} | {vs} | {med(name, 'tps'):.1f} | {' | '.join(parts)} |")
     kept = rows["lora-edge, pages kept"]
     speed = statistics.median(a["tps"] / b["tps"] for a, b in zip(rows["lora-edge"], kept))
     same = all(r["tokens"] == first["tokens"] for r in rows["lora-edge"] + kept)
