@@ -138,3 +138,27 @@ def test_gguf_loader_gives_transformers_model():
     ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 282, 4649, 47]])
     with torch.no_grad():
         assert torch.equal(theirs(ids).logits, ours(ids).logits)
+
+
+def test_a_q4_0_gguf_base_is_told_of_zero_none(monkeypatch):
+    """An int4 export of a Q4_0 GGUF with the default float offsets says that --zero none keeps its blocks; a Q4_1
+    GGUF (the real one), or --zero given, says nothing."""
+    from types import SimpleNamespace
+
+    from lora_edge.compile.models.gguf_file import GGUFFile
+    from lora_edge.compile.pipeline import _note_q4_0_source
+    from lora_edge.config import ExportConfig, QuantConfig
+
+    path = real_gguf()
+    assert GGUFFile(path).block_type() == "Q4_1"
+    base = SimpleNamespace(source=path)
+
+    def notes(**quant) -> list[str]:
+        said = []
+        _note_q4_0_source(ExportConfig(base=path, output=Path("unused"), quant=QuantConfig(weights="int4", **quant)), base, said.append)
+        return said
+
+    assert notes() == []
+    monkeypatch.setattr(GGUFFile, "block_type", lambda self: "Q4_0")
+    assert len(notes()) == 1 and "--zero none" in notes()[0]
+    assert notes(zero="float") == [] and notes(zero="none") == []

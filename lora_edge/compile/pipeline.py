@@ -103,6 +103,7 @@ def replaced_weights(base: BaseModel, slots: dict[str, Slot]) -> dict:
 def quantize(cfg: ExportConfig, base: BaseModel, hf_model, weights: dict, slots: dict[str, Slot], progress: Progress):
     """The weights as the recipe stores them, and the manifest's record of it."""
     q = cfg.quant
+    _note_q4_0_source(cfg, base, progress)
     if q.weights is WeightType.FP32 and q.embedding_type is WeightType.FP32:
         return weights, quantization_record(q, {"fp32": len(base.linear_modules) + 1}, None, True)
     hessians = calibrate(base, hf_model, q, progress) if q.algo is QuantAlgo.GPTQ and q.weights is WeightType.INT4 else None
@@ -110,6 +111,19 @@ def quantize(cfg: ExportConfig, base: BaseModel, hf_model, weights: dict, slots:
         weights, counts, sizes = quantize_weights(weights, base.linear_modules, q, progress, hessians, step, q8_tables(cfg))
     weights.update(replaced_weights(base, slots))  # a module adapters may replace stays float: its weight is an input
     return weights, quantization_record(q, counts, sizes, "model.embed_tokens.weight" in base.weights)
+
+
+def _note_q4_0_source(cfg: ExportConfig, base: BaseModel, progress: Progress) -> None:
+    """A Q4_0 GGUF base quantized to int4 with float offsets: its blocks are re-fitted at 5 bits per weight, where
+    --zero none would keep them exactly at 4.5 (say so; the recipe stays what was asked for)."""
+    q = cfg.quant
+    if q.weights is not WeightType.INT4 or q.zero is not None or Path(base.source).suffix.lower() != ".gguf":
+        return
+    from .models.gguf_file import GGUFFile
+
+    if GGUFFile(Path(base.source)).block_type() == "Q4_0":
+        progress("note: the base's blocks are Q4_0; --zero none keeps them exactly, in 4.5 bits per weight "
+                 "(the default re-fits them with float offsets, 5 bits)")
 
 
 def q8_tables(cfg: ExportConfig) -> bool:

@@ -43,6 +43,15 @@ class GGUFFile:
         except (struct.error, UnicodeDecodeError, IndexError) as exc:
             raise ModelError(f"{self.path} is not a readable GGUF file ({exc}); the file is truncated or corrupt") from None
 
+    def block_type(self) -> str | None:
+        """The GGML type most of the 2-D weights are stored in ("Q4_0", "Q4_1", "F16", ...), or None without any."""
+        from collections import Counter
+
+        from gguf import GGMLQuantizationType
+
+        types = Counter(t.ggml_type for t in self.tensors.values() if len(t.dims) == 2)
+        return GGMLQuantizationType(types.most_common(1)[0][0]).name if types else None
+
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
 
