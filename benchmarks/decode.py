@@ -97,7 +97,7 @@ def recipe(q: str):
 
 def kinds_of(q: str, native: bool) -> tuple[str, ...]:
     """The package kinds built for recipe ``q``."""
-    extra = NATIVE_KINDS + ((NATIVE_MERGED,) if recipe(q).has_float_offsets else ()) if native else ()
+    extra = NATIVE_KINDS + ((NATIVE_MERGED,) if recipe(q).kernel_base_work else ()) if native else ()
     return ("branch", "merged", *extra)
 
 
@@ -106,7 +106,8 @@ def build(work: Path, base: Path, quants=QUANTS, native: bool = False) -> dict[s
     as branches, standard MatMuls) and, with ``native``, "-native" (the same branches on lora-edge's
     LoraDelta kernel, float16 A/B; the kernel is built first), "-native8" (int8 A/B, LoraDeltaQ8), "-native8a8"
     (w8a8: the same in the q8x order, int8 activations) and, for
-    recipes with float offsets, "-nativemerged" (merged, the offset correction on the kernel)."""
+    recipes whose base the kernel runs (int4 at block 32, float offsets or symmetric), "-nativemerged" (merged, the
+    int4 product on the kernel)."""
     from lora_edge.config import AdapterSpec, ExportConfig, Mode
     from lora_edge.compile.pipeline import export
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import lora_edge
 from lora_edge import profile as P
 from lora_edge.cli import cli
 from lora_edge.errors import InputError
@@ -269,6 +270,52 @@ def test_row_read_tensors_are_handed_back_after_every_call(tmp_path):
     maps[0].close()
     pages.release()
     assert gone not in pages.ranges and pages.ranges == []
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of ``path``'s pages the page cache holds (mincore on a mapping that touches none of them)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    vec = (ctypes.c_ubyte * (-(-len(m) // mmap.PAGESIZE)))()
+    buf = ctypes.c_char.from_buffer(m)
+    try:
+        ctypes.CDLL(None).mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(len(m)), vec)
+    finally:
+        del buf
+        m.close()
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_a_package_without_the_kernel_leaves_its_weights_out_of_the_page_cache(tiny_package, tmp_path):
+    """After loading a package whose weights ONNX Runtime copied into its own layout, the runtime asks the kernel
+    to drop the weights file's cached pages (rows read later come back a fault at a time, not a large folio each);
+    a file some other mapping still reads stays cached."""
+    import os
+    import shutil
+
+    from lora_edge.runtime.pages import evict_cached
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    data = pkg / "model.onnx.data"
+    with open(data, "rb+") as f:  # written back, then read into the page cache: what a first load leaves
+        os.fsync(f.fileno())
+        f.read()
+    assert _cached_pages(data) > 0
+    model = lora_edge.load(pkg)
+    assert _cached_pages(data) == 0
+    assert model.generate_ids([5, 17, 42], None, 4, 4)[0] == lora_edge.load(tiny_package).generate_ids([5, 17, 42], None, 4, 4)[0]
+    other = tmp_path / "other.bin"
+    other.write_bytes(np.arange(1 << 20, dtype=np.uint8).tobytes())
+    with open(other, "rb+") as f:
+        os.fsync(f.fileno())
+        f.read()
+    evict_cached(other)
+    assert _cached_pages(other) == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")

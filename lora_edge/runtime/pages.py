@@ -148,6 +148,27 @@ class RowReadPages:
             return False
 
 
+def evict_cached(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s clean page-cache pages that nothing maps. For a package whose weights ONNX
+    Runtime copies into its own layout while it loads (no native kernel), calls afterwards read only rows of the file
+    (the embedding's, by token). Loading read the file through, so the page cache holds it in large folios, and a
+    row's first fault maps its whole folio: up to 15 MiB of SmolLM2's table for one 34-token prompt, transiently (the
+    drop after the call takes it back, but the process's peak has counted it). Read again one fault at a time, a row
+    costs its own pages. A no-op where the file cannot be opened or posix_fadvise is missing."""
+    if not enabled or _libc() is None or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def give_back_freed() -> None:
     """Return the C heap's free pages to the system (glibc keeps what large loads freed, inside its heap, resident)."""
     libc = _libc()

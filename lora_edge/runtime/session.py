@@ -24,7 +24,7 @@ from ..errors import PackageError, RuntimeInputError
 from ..package.manifest import Manifest
 from ..package.store import read_manifest
 from .adapter_set import AdapterChoice, AdapterSet
-from .pages import RowReadPages, after_loading
+from .pages import RowReadPages, after_loading, evict_cached
 from .tokenizer import Tokenizer
 
 AdapterTensors = Mapping[str, ort.OrtValue]
@@ -59,6 +59,8 @@ class PackageModel:
             self._adapters.ship(name, root / file)
         self._row_pages = RowReadPages(root, manifest.graph.file + ".data")
         after_loading(root)
+        if not manifest.kernel:  # (the native kernel reads its int4 records and head table where they lie, every call)
+            evict_cached(root / (manifest.graph.file + ".data"))
 
     # -- facts ----------------------------------------------------------------------------
     @property
