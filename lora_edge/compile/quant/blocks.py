@@ -93,7 +93,7 @@ def block_params(v: np.ndarray, bits: int, zero: str, shrink: float = 1.0):
         zp = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, qmax)
         return scale, zp, np.zeros_like(scale)
     if zero == ZeroPoint.NONE:  # the block's largest magnitude lands on code 0, -2^(bits-1): the scale takes its sign
-        # (as llama.cpp's Q4_0/Q8_0 do), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other
+        # (as llama.cpp's Q4_0 does), so that level is not wasted: 2^(bits-1) steps on that side, one fewer on the other.
         # Stored in float16, as GGUF's Q4_0 stores it (the native kernel's records hold float16; a Q4_0 GGUF's blocks
         # come back exactly): rounded here so the codes are chosen against the stored values
         peak = np.where(-lo > hi, lo, hi)
