@@ -14,14 +14,14 @@ constexpr int64_t kQ8Tile = 16;
 constexpr int64_t kQ8TaskColumns = 256;
 
 void q8_columns(const Q8Job& j, int64_t n0, int64_t n1) {
-  const int64_t nb = j.nb, kp = nb * kQ8Block, row = nb * kQ8Block;
+  const int64_t nb = j.nb, row = nb * kQ8Block;  // a column's codes, and a row of x's
   const QuantizedRows& x = *j.x;
   for (int64_t c = n0; c < n1; c += kQ8Tile) {
     const int64_t c1 = std::min(n1, c + kQ8Tile);
     // the next tile runs ahead of the hardware prefetcher, which stops at each 4 KB page
     if (c1 < n1) prefetch_lines<2>(j.codes + c1 * row, 0, (size_t)(std::min(kQ8Tile, n1 - c1) * row));
     for (int64_t m = 0; m < j.M; ++m) {
-      const int8_t* xq = x.q.data() + m * kp;
+      const int8_t* xq = x.q.data() + m * row;
       const float* d = x.d.data() + m * nb;
       const int32_t* qsum = x.qsum.data() + m * nb;
       float* y = j.y + m * j.N;
