@@ -176,6 +176,15 @@ inline float* product_output(Ort::KernelContext& ctx, const Ort::ConstValue& x, 
   return ctx.GetOutput(0, shape).GetTensorMutableData<float>();
 }
 
+// Tasks 0..tasks-1 of fn(job, i): over the session's threads, or on this thread when there is only one.
+inline void run_tasks(Ort::KernelContext& ctx, void (*fn)(void*, size_t), size_t tasks, void* job) {
+  if (tasks == 1) {
+    fn(job, 0);
+  } else {
+    ctx.ParallelFor(fn, tasks, 0, job);
+  }
+}
+
 // What every lora_edge operator declares alike: a CPU kernel with one float32 output.
 template <class Op, class Kernel>
 struct CpuOpBase : Ort::CustomOpBase<Op, Kernel> {

@@ -55,11 +55,7 @@ static void run_q4_task(void* data, size_t index) {
 
 void run_q4(Ort::KernelContext& ctx, Q4Job& job) {
   const int64_t tasks = (job.G + kQ4GroupsPerTask - 1) / kQ4GroupsPerTask;
-  if (tasks == 1) {
-    run_q4_task(&job, 0);
-  } else {
-    ctx.ParallelFor(run_q4_task, (size_t)tasks, 0, &job);
-  }
+  run_tasks(ctx, run_q4_task, (size_t)tasks, &job);
 }
 
 Q4Job q4_job(const Ort::ConstValue& packed, const float* x, QuantizedRows& qx, float* y, int64_t M, int64_t K, int64_t N,

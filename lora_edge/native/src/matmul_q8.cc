@@ -60,11 +60,7 @@ struct MatMulQ8Kernel {
     Q8Job job{static_cast<const uint8_t*>(codes.GetTensorRawData()), static_cast<const uint16_t*>(scales.GetTensorRawData()),
               &qx, y, M, N, nb};
     const int64_t tasks = (N + kQ8TaskColumns - 1) / kQ8TaskColumns;
-    if (tasks == 1) {
-      run_q8_task(&job, 0);
-    } else {
-      ctx.ParallelFor(run_q8_task, (size_t)tasks, 0, &job);
-    }
+    run_tasks(ctx, run_q8_task, (size_t)tasks, &job);
   }
 };
 
