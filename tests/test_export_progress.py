@@ -140,7 +140,7 @@ def test_gguf_loader_gives_transformers_model():
         assert torch.equal(theirs(ids).logits, ours(ids).logits)
 
 
-def test_a_q4_0_gguf_base_is_told_of_zero_none(monkeypatch):
+def test_a_q4_0_gguf_base_is_told_of_zero_none():
     """An int4 export of a Q4_0 GGUF with the default float offsets says that --zero none keeps its blocks; a Q4_1
     GGUF (the real one), or --zero given, says nothing."""
     from types import SimpleNamespace
@@ -150,15 +150,14 @@ def test_a_q4_0_gguf_base_is_told_of_zero_none(monkeypatch):
     from lora_edge.config import ExportConfig, QuantConfig
 
     path = real_gguf()
-    assert GGUFFile(path).block_type() == "Q4_1"
-    base = SimpleNamespace(source=path)
+    assert GGUFFile(path).block_type() == "Q4_1"  # what load_base records as the base's source_blocks
 
-    def notes(**quant) -> list[str]:
+    def notes(blocks: str, **quant) -> list[str]:
         said = []
-        _note_q4_0_source(ExportConfig(base=path, output=Path("unused"), quant=QuantConfig(weights="int4", **quant)), base, said.append)
+        cfg = ExportConfig(base=path, output=Path("unused"), quant=QuantConfig(weights="int4", **quant))
+        _note_q4_0_source(cfg, SimpleNamespace(source_blocks=blocks), said.append)
         return said
 
-    assert notes() == []
-    monkeypatch.setattr(GGUFFile, "block_type", lambda self: "Q4_0")
-    assert len(notes()) == 1 and "--zero none" in notes()[0]
-    assert notes(zero="float") == [] and notes(zero="none") == []
+    assert notes("Q4_1") == []
+    assert len(notes("Q4_0")) == 1 and "--zero none" in notes("Q4_0")[0]
+    assert notes("Q4_0", zero="float") == [] and notes("Q4_0", zero="none") == []

@@ -117,11 +117,7 @@ def _note_q4_0_source(cfg: ExportConfig, base: BaseModel, progress: Progress) ->
     """A Q4_0 GGUF base quantized to int4 with float offsets: its blocks are re-fitted at 5 bits per weight, where
     --zero none would keep them exactly at 4.5 (say so; the recipe stays what was asked for)."""
     q = cfg.quant
-    if q.weights is not WeightType.INT4 or q.zero is not None or Path(base.source).suffix.lower() != ".gguf":
-        return
-    from .models.gguf_file import GGUFFile
-
-    if GGUFFile(Path(base.source)).block_type() == "Q4_0":
+    if q.weights is WeightType.INT4 and q.zero is None and base.source_blocks == "Q4_0":
         progress("note: the base's blocks are Q4_0; --zero none keeps them exactly, in 4.5 bits per weight "
                  "(the default re-fits them with float offsets, 5 bits)")
 

@@ -20,10 +20,11 @@ _GPT2_PRE = {"gpt2", "default", "llama-bpe", "olmo", "jais", "phi-2"}
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def tokenizer_files_from_gguf(path: Path) -> dict[str, bytes]:
+def tokenizer_files_from_gguf(path: Path, reader: GGUFFile | None = None) -> dict[str, bytes]:
+    """tokenizer.json and its config rebuilt from the GGUF's metadata (``reader``: the file already opened)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    reader = GGUFFile(path)
+    reader = reader or GGUFFile(path)
     kind = reader.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelError(

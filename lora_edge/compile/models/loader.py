@@ -126,10 +126,12 @@ def load_base(path: Path, step: Callable[[int, int], None] = lambda done, total:
     weights = family.internal_weights({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
     if spec.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+    source_blocks = None
     if kind == "gguf":
         from .gguf_tokenizer import tokenizer_files_from_gguf
 
-        tokenizer_files = tokenizer_files_from_gguf(path)
+        reader = GGUFFile(path)
+        tokenizer_files, source_blocks = tokenizer_files_from_gguf(path, reader), reader.block_type()
     else:
         tokenizer_files = {n: (path / n).read_bytes() for n in _TOKENIZER_FILES if (path / n).is_file()}
     hf_config = json.loads(model.config.to_json_string(use_diff=False))
@@ -141,6 +143,7 @@ def load_base(path: Path, step: Callable[[int, int], None] = lambda done, total:
         hf_config=hf_config,
         tokenizer_files=tokenizer_files,
         source=path.resolve(),
+        source_blocks=source_blocks,
         sha256=_sha256_files(weight_files),
         linear_modules=family.linear_modules(spec),
         other_modules=family.other_modules(spec),

@@ -26,6 +26,7 @@ class BaseModel:
     linear_modules: dict[str, LinearModule] = field(default_factory=dict)
     other_modules: frozenset[str] = frozenset()  # module paths that exist but are not LoRA-able here
     replaceable: frozenset[str] = frozenset()  # modules an adapter may replace outright (modules_to_save)
+    source_blocks: str | None = None  # a GGUF base's weight type ("Q4_0", "Q4_1", "F16", ...); None otherwise
 
     def weight_of(self, module: str) -> np.ndarray | None:
         """The float weight of ``module`` (out, in); a tied lm_head's is the embedding table."""
