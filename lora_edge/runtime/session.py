@@ -57,10 +57,11 @@ class PackageModel:
         self._adapters = AdapterSet(manifest, Storage.of(manifest), self.device)
         for name, file in manifest.adapter_files().items():
             self._adapters.ship(name, root / file)
-        self._row_pages = RowReadPages(root, manifest.graph.file + ".data")
+        weights = manifest.graph.file + ".data"  # the graph's external weights, as the exporter names them
+        self._row_pages = RowReadPages(root, weights)
         after_loading(root)
         if not manifest.kernel:  # (the native kernel reads its int4 records and head table where they lie, every call)
-            evict_cached(root / (manifest.graph.file + ".data"))
+            evict_cached(root / weights)
 
     # -- facts ----------------------------------------------------------------------------
     @property
